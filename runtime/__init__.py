@@ -1,0 +1,1 @@
+"""The 2PC runtime: ring arithmetic, the dealer, transports, and SecFormer's protocols."""

@@ -1,0 +1,213 @@
+"""Correlated randomness: the dealer's side and each computing party's side of one stream.
+
+The dealer shares one PRG seed with P0 and another with P1. Every correlation is a list of
+*sources* (uniform secrets; each party's share is drawn from its own seed, so sources cost
+no communication) and *derived* values computed from the sources by the dealer (a Beaver
+product, sin/cos of a mask, ...). P0's share of a derived value is drawn from P0's seed;
+P1 receives the one correction share `derived - share0` from the dealer. So the dealer
+sends exactly one correction per derived item, to one party (issue 2, item 3).
+
+All three roles run the *same protocol code*: the dealer runs it on `meta` tensors (shapes
+only, no data and no cost), and its `DealerCorrelations` generate the real material while
+handing meta placeholders to the protocol. P0 and P1 must request correlations in the
+same order, which they do because control flow in a protocol never depends on secrets.
+
+`ClearCorrelations` makes every source zero and every derived value `derive(0, ...)` held by
+P0: running a protocol in the clear with it (P1's shares all zero) executes exactly the
+party's fixed-point arithmetic, which is what the simulator does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .packing import pack, packed_nbytes, unpack
+from .prg import PRG
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Dom:
+    """The domain of a shared value: additive mod 2^bits or XOR over `bits` bits.
+
+    owner: None = secret-shared between P0 and P1; 0 or 1 = known to that party alone (the
+    other's share is zero), e.g. a private mask for a dealer-assisted product.
+    """
+
+    kind: str = "add"
+    bits: int = 64
+    owner: int | None = None
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = a + b if self.kind == "add" else a ^ b
+        return out if self.bits >= 64 else out & ((1 << self.bits) - 1)
+
+    def split(self, value: torch.Tensor, share0: torch.Tensor) -> torch.Tensor:
+        out = value - share0 if self.kind == "add" else value ^ share0
+        return out if self.bits >= 64 else out & ((1 << self.bits) - 1)
+
+
+RING = Dom("add", 64)
+
+
+def bits_dom(bits: int, owner: int | None = None) -> Dom:
+    return Dom("xor", bits, owner)
+
+
+def mod_dom(bits: int, owner: int | None = None) -> Dom:
+    return Dom("add", bits, owner)
+
+
+Source = tuple[Sequence[int], Dom]
+Derive = Callable[..., Sequence[torch.Tensor]]
+
+
+def _meta(shape: Sequence[int]) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=torch.int64, device="meta")
+
+
+class Correlations(ABC):
+    """Interface shared by the party, dealer and clear implementations."""
+
+    def __init__(self) -> None:
+        self._fixed_shapes: dict[str, list[Shape]] = {}
+
+    def random(self, shape: Sequence[int], dom: Dom = RING) -> torch.Tensor:
+        """This party's share of a fresh uniform secret in `dom`."""
+        return self.correlated([(shape, dom)])[0]
+
+    def correlated(self, sources: Sequence[Source], derive: Derive | None = None,
+                   out_doms: Sequence[Dom] = (), fixed: Sequence[str] = (),
+                   keep: str | None = None) -> list[torch.Tensor]:
+        """Shares of the sources, then of `derive(*sources, *fixed_values)` (one per out_dom).
+
+        keep: remember these sources under a key so a later call can pass them in `fixed`
+        (a fixed weight's mask, reused across inferences).
+        """
+        if keep is not None:
+            if keep in self._fixed_shapes:
+                raise KeyError(f"correlation key {keep!r} is already in use")
+            self._fixed_shapes[keep] = [tuple(s) for s, _ in sources]
+        out_shapes: list[Shape] = []
+        if derive is not None:
+            metas = [_meta(s) for s, _ in sources]
+            for key in fixed:
+                metas += [_meta(s) for s in self._fixed_shapes[key]]
+            out_shapes = [tuple(t.shape) for t in derive(*metas)]
+            if len(out_shapes) != len(out_doms):
+                raise ValueError("derive returned a different number of values than out_doms")
+        return self._draw(sources, derive, out_doms, out_shapes, fixed, keep)
+
+    @abstractmethod
+    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep) -> list[torch.Tensor]:
+        """Produce this role's shares (see `correlated`)."""
+
+
+class PartyCorrelations(Correlations):
+    """P0's or P1's view: sources and P0's derived shares from the seed, P1's from corrections."""
+
+    def __init__(self, party: int, prg: PRG) -> None:
+        super().__init__()
+        self.party = party
+        self.prg = prg
+        self._buf: torch.Tensor | None = None
+        self._pos = 0
+
+    def load_corrections(self, buf: torch.Tensor) -> None:
+        """P1: the dealer's correction stream for the next program (uint8 buffer)."""
+        self._buf, self._pos = buf, 0
+
+    def remaining_corrections(self) -> int:
+        return 0 if self._buf is None else self._buf.numel() - self._pos
+
+    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
+        out = []
+        for shape, dom in sources:
+            if dom.owner is None or dom.owner == self.party:
+                out.append(self.prg.ring(shape, dom.bits))
+            else:
+                out.append(torch.zeros(tuple(shape), dtype=torch.int64))
+        for shape, dom in zip(out_shapes, out_doms):
+            if self.party == 0:
+                out.append(self.prg.ring(shape, dom.bits))
+            else:
+                out.append(self._take(shape, dom.bits))
+        return out
+
+    def _take(self, shape: Shape, bits: int) -> torch.Tensor:
+        n = packed_nbytes(int(torch.Size(shape).numel()), bits)
+        if self._buf is None or self._pos + n > self._buf.numel():
+            raise RuntimeError(
+                "P1 ran out of dealer corrections: the dealer ran a different program "
+                "(check that all roles compiled the same artifact)")
+        chunk = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return unpack(chunk, shape, bits)
+
+
+class DealerCorrelations(Correlations):
+    """The dealer: mirrors both parties' seeds, computes derived values, emits P1's corrections."""
+
+    def __init__(self, prg0: PRG, prg1: PRG) -> None:
+        super().__init__()
+        self.prg0, self.prg1 = prg0, prg1
+        self._fixed_values: dict[str, list[torch.Tensor]] = {}
+        self.corrections: list[torch.Tensor] = []
+        self.correction_bytes = 0
+
+    def take_corrections(self) -> torch.Tensor:
+        """P1's correction stream since the last call, as one uint8 buffer."""
+        buf = torch.cat(self.corrections) if self.corrections else torch.zeros(0, dtype=torch.uint8)
+        self.corrections = []
+        return buf
+
+    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
+        secrets = []
+        for shape, dom in sources:
+            s0 = self.prg0.ring(shape, dom.bits) if dom.owner in (None, 0) else None
+            s1 = self.prg1.ring(shape, dom.bits) if dom.owner in (None, 1) else None
+            if s0 is None:
+                secrets.append(s1)
+            elif s1 is None:
+                secrets.append(s0)
+            else:
+                secrets.append(dom.combine(s0, s1))
+        if keep is not None:
+            self._fixed_values[keep] = secrets
+        if derive is not None:
+            args = list(secrets)
+            for key in fixed:
+                args += self._fixed_values[key]
+            for value, shape, dom in zip(derive(*args), out_shapes, out_doms):
+                share0 = self.prg0.ring(shape, dom.bits)
+                corr = pack(dom.split(value.to(torch.int64), share0), dom.bits)
+                self.corrections.append(corr)
+                self.correction_bytes += corr.numel()
+        return [_meta(s) for s, _ in sources] + [_meta(s) for s in out_shapes]
+
+
+class ClearCorrelations(Correlations):
+    """The simulator's view: all sources zero, derived values held entirely by P0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fixed_values: dict[str, list[torch.Tensor]] = {}
+
+    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
+        zeros = [torch.zeros(tuple(s), dtype=torch.int64) for s, _ in sources]
+        if keep is not None:
+            self._fixed_values[keep] = zeros
+        derived = []
+        if derive is not None:
+            args = list(zeros)
+            for key in fixed:
+                args += self._fixed_values[key]
+            for value, dom in zip(derive(*args), out_doms):
+                v = value.to(torch.int64)
+                derived.append(v if dom.bits >= 64 else v & ((1 << dom.bits) - 1))
+        return zeros + derived

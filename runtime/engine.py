@@ -1,0 +1,174 @@
+"""Drives protocol generators for one role: packs openings, talks to the peer, counts cost.
+
+`Role` is one of P0, P1 or the dealer with its persistent state (PRG streams, fixed
+correlations). `Role.run(program, *args)` runs one program: the dealer first runs it on
+meta tensors (the offline phase: before any input exists it produces P1's whole
+correction stream and sends it as one blob), then P0 and P1 run it online. The same
+function serves threads (`runtime.local`) and processes (`runtime.dist`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .context import CLEAR, DEALER, DEALER_MODE, P0, P1, PARTY, ROLE_NAMES, Context, clear_context
+from .correlations import DealerCorrelations, PartyCorrelations
+from .messages import ADD, SWAP, XOR, Counter, Msg, Protocol
+from .packing import pack, packed_nbytes, unpack
+from .prg import PRG, new_seed
+from .ring import FixedPoint
+from .transport import PeerError, Transport
+
+
+def _mask(t: torch.Tensor, bits: int) -> torch.Tensor:
+    return t if bits >= 64 else t & ((1 << bits) - 1)
+
+
+class Engine:
+    """Executes the rounds a protocol yields, for one role, and counts them."""
+
+    def __init__(self, ctx: Context, transport: Transport | None = None) -> None:
+        self.ctx = ctx
+        self.transport = transport
+        self.counter = Counter()
+
+    def run(self, gen: Protocol) -> Any:
+        try:
+            msgs = next(gen)
+            while True:
+                msgs = gen.send(self.step(msgs))
+        except StopIteration as stop:
+            return stop.value
+
+    def step(self, msgs: list[Msg]) -> list:
+        if not msgs:
+            return []
+        mode = self.ctx.mode
+        if mode == DEALER_MODE:
+            return [[torch.empty_like(t) for t in m.tensors] for m in msgs]
+        if mode == CLEAR:
+            return self._step_clear(msgs)
+        return self._step_party(msgs)
+
+    def _account(self, msgs: list[Msg], party: int) -> None:
+        self.counter.rounds += 1
+        seen = set()
+        for m in msgs:
+            sent = sum(packed_nbytes(t.numel(), m.bits) for t in m.tensors) if m.sends(party) else 0
+            recv = sum(packed_nbytes(t.numel(), m.bits) for t in m.tensors) if m.receives(party) else 0
+            first = m.tag not in seen
+            seen.add(m.tag)
+            self.counter.add(m.tag, sent, recv, first)
+
+    def _step_clear(self, msgs: list[Msg]) -> list:
+        self._account(msgs, P0)
+        out = []
+        for m in msgs:
+            if m.kind == SWAP:
+                out.append([torch.zeros_like(t) for t in m.tensors])
+            else:
+                out.append([_mask(t, m.bits) for t in m.tensors])
+        return out
+
+    def _step_party(self, msgs: list[Msg]) -> list:
+        me = self.ctx.party
+        peer = P1 if me == P0 else P0
+        self._account(msgs, me)
+        chunks, nbytes = [], 0
+        for m in msgs:
+            if m.sends(me):
+                chunks += [pack(_mask(t, m.bits), m.bits) for t in m.tensors]
+            if m.receives(me):
+                nbytes += sum(packed_nbytes(t.numel(), m.bits) for t in m.tensors)
+        payload = torch.cat(chunks) if chunks else None
+        buf = self.transport.exchange(peer, payload, nbytes)
+        out, pos = [], 0
+        for m in msgs:
+            if not m.receives(me):
+                out.append(None)
+                continue
+            res = []
+            for t in m.tensors:
+                n = packed_nbytes(t.numel(), m.bits)
+                theirs = unpack(buf[pos:pos + n], t.shape, m.bits)
+                pos += n
+                if m.kind == ADD:
+                    res.append(_mask(t + theirs, m.bits))
+                elif m.kind == XOR:
+                    res.append(_mask(t ^ theirs, m.bits))
+                else:
+                    res.append(theirs)
+            out.append(res)
+        return out
+
+
+def meta_like(x: Any) -> Any:
+    """Replace every tensor in a nested argument structure by a meta tensor of its shape."""
+    if isinstance(x, torch.Tensor):
+        return torch.empty(x.shape, dtype=torch.int64, device="meta")
+    if isinstance(x, (list, tuple)):
+        return type(x)(meta_like(v) for v in x)
+    if isinstance(x, dict):
+        return {k: meta_like(v) for k, v in x.items()}
+    return x
+
+
+class Role:
+    """One role's persistent state across programs (seeds, fixed masks, counters)."""
+
+    def __init__(self, rank: int, transport: Transport, fxp: FixedPoint | None = None,
+                 trunc: str = "exact") -> None:
+        self.rank = rank
+        self.transport = transport
+        self.fxp = fxp or FixedPoint()
+        self.trunc = trunc
+        self.ctx: Context | None = None
+        self.engine: Engine | None = None
+        self.dealer_bytes = 0
+
+    @property
+    def name(self) -> str:
+        return ROLE_NAMES[self.rank]
+
+    def setup(self) -> None:
+        """Key distribution: the dealer draws one seed per party and sends it (16 bytes each)."""
+        t = self.transport
+        if self.rank == DEALER:
+            s0, s1 = new_seed(), new_seed()
+            t.send(P0, torch.frombuffer(bytearray(s0), dtype=torch.uint8))
+            t.send(P1, torch.frombuffer(bytearray(s1), dtype=torch.uint8))
+            corr = DealerCorrelations(PRG(s0), PRG(s1))
+            self.ctx = Context(DEALER, DEALER_MODE, corr, self.fxp, self.trunc)
+        else:
+            seed = bytes(t.recv(DEALER, 16).tolist())
+            corr = PartyCorrelations(self.rank, PRG(seed))
+            self.ctx = Context(self.rank, PARTY, corr, self.fxp, self.trunc, private=PRG())
+        self.engine = Engine(self.ctx, t)
+
+    def run(self, program: Callable[..., Protocol], *args: Any) -> Any:
+        """Run one program: offline (dealer) then online (P0, P1). Returns this role's result."""
+        if self.ctx is None:
+            self.setup()
+        if self.rank == DEALER:
+            self.engine.run(program(self.ctx, *meta_like(args)))
+            buf = self.ctx.corr.take_corrections()
+            self.transport.send_blob(P1, buf)
+            self.dealer_bytes += buf.numel() + 8
+            return None
+        if self.rank == P1:
+            self.ctx.corr.load_corrections(self.transport.recv_blob(DEALER))
+        out = self.engine.run(program(self.ctx, *args))
+        if self.rank == P1 and self.ctx.corr.remaining_corrections():
+            raise PeerError("the dealer sent more correlated randomness than the program used: "
+                            "the roles are running different programs")
+        return out
+
+
+def run_clear(program: Callable[..., Protocol], *args: Any, fxp: FixedPoint | None = None,
+              trunc: str = "exact", ctx: Context | None = None) -> tuple[Any, Counter]:
+    """Run a program in the clear (P0 holds every value, P1's shares are zero): the simulator."""
+    ctx = ctx or clear_context(fxp, trunc)
+    engine = Engine(ctx)
+    return engine.run(program(ctx, *args)), engine.counter

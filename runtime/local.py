@@ -1,0 +1,81 @@
+"""Three roles as threads of this process, connected by `ThreadTransport` (tests, quick runs)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .context import DEALER, P0, P1
+from .engine import Role
+from .messages import Protocol
+from .ring import FixedPoint
+from .transport import PeerError, ThreadHub, ThreadTransport
+
+
+@dataclass
+class RunStats:
+    """What one program cost: online bytes sent by each party, rounds, dealer bytes."""
+
+    bytes_sent: dict[int, int]
+    rounds: int
+    dealer_bytes: int
+    by_tag: dict[str, dict[str, int]]
+
+
+class LocalCluster:
+    """P0, P1 and the dealer in threads. `run(program, args0, args1)` returns both outputs."""
+
+    def __init__(self, fxp: FixedPoint | None = None, trunc: str = "exact", timeout: float = 120.0) -> None:
+        self.hub = ThreadHub()
+        self.roles = [Role(r, ThreadTransport(self.hub, r, timeout), fxp, trunc) for r in (P0, P1, DEALER)]
+        self._in_parallel([lambda r=r: r.setup() for r in self.roles])
+
+    def _in_parallel(self, fns: Sequence[Callable[[], Any]]) -> list[Any]:
+        results: list[Any] = [None] * len(fns)
+        errors: list[BaseException | None] = [None] * len(fns)
+
+        def target(i: int) -> None:
+            try:
+                results[i] = fns[i]()
+            except BaseException as e:  # noqa: BLE001 - reported to the caller below
+                errors[i] = e
+                self.hub.fail(self.roles[i].rank, f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(len(fns))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # Report the root cause, not the peers that merely noticed it.
+        first = [e for e in errors if e is not None and not isinstance(e, PeerError)] or \
+                [e for e in errors if e is not None]
+        if first:
+            raise first[0]
+        return results
+
+    def run(self, program: Callable[..., Protocol], args0: Sequence[Any] = (),
+            args1: Sequence[Any] | None = None) -> tuple[Any, Any, RunStats]:
+        """Run `program(ctx, *args)` on all roles. The dealer gets meta copies of `args0`."""
+        args1 = args0 if args1 is None else args1
+        before = [dict(r.transport.bytes_sent) for r in self.roles]
+        rounds_before = [r.engine.counter.rounds for r in self.roles[:2]]
+        tags_before = {k: dict(v) for k, v in self.roles[0].engine.counter.by_tag.items()}
+        out = self._in_parallel([
+            lambda: self.roles[0].run(program, *args0),
+            lambda: self.roles[1].run(program, *args1),
+            lambda: self.roles[2].run(program, *args0),
+        ])
+        sent = {}
+        for i in (P0, P1):
+            peer = P1 if i == P0 else P0
+            sent[i] = self.roles[i].transport.bytes_sent.get(peer, 0) - before[i].get(peer, 0)
+        dealer = sum(self.roles[2].transport.bytes_sent.values()) - sum(before[2].values())
+        by_tag = {}
+        for k, v in self.roles[0].engine.counter.by_tag.items():
+            b = tags_before.get(k, {"bytes_sent": 0, "rounds": 0})
+            d = {"bytes_sent": v["bytes_sent"] - b["bytes_sent"], "rounds": v["rounds"] - b["rounds"]}
+            if d["bytes_sent"] or d["rounds"]:
+                by_tag[k] = d
+        rounds = self.roles[0].engine.counter.rounds - rounds_before[0]
+        return out[0], out[1], RunStats(sent, rounds, dealer, by_tag)

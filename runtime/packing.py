@@ -1,0 +1,56 @@
+"""Packing ring values into the fewest bytes their bit width needs, for the wire.
+
+A value known to lie in [0, 2^bits) travels in the smallest integer dtype that holds it;
+single bits are packed eight to a byte. Every byte that leaves a party goes through here,
+so the transport's byte count is the true cost of each opening.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def wire_dtype(bits: int) -> torch.dtype:
+    if bits <= 8:
+        return torch.uint8
+    if bits <= 16:
+        return torch.int16
+    if bits <= 32:
+        return torch.int32
+    return torch.int64
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes that `pack` produces for `numel` values of `bits` bits."""
+    if bits == 1:
+        return math.ceil(numel / 8)
+    return numel * torch.empty((), dtype=wire_dtype(bits)).element_size()
+
+
+def pack(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 values in [0, 2^bits) (or any int64 when bits == 64) -> flat uint8 buffer."""
+    flat = t.reshape(-1)
+    if bits == 1:
+        n = flat.numel()
+        pad = (-n) % 8
+        b = flat.to(torch.uint8) & 1
+        if pad:
+            b = torch.cat([b, torch.zeros(pad, dtype=torch.uint8)])
+        return (b.view(-1, 8) * _WEIGHTS).sum(dim=1, dtype=torch.uint8) if b.numel() else b
+    return flat.to(wire_dtype(bits)).contiguous().view(torch.uint8)
+
+
+def unpack(buf: torch.Tensor, shape: torch.Size | tuple[int, ...], bits: int) -> torch.Tensor:
+    """Inverse of `pack`: returns int64 values in [0, 2^bits) (full int64 when bits == 64)."""
+    numel = math.prod(shape)
+    if bits == 1:
+        b = (buf.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        return b.reshape(-1)[:numel].to(torch.int64).reshape(shape)
+    t = buf.view(wire_dtype(bits)).to(torch.int64).reshape(shape)
+    if bits < 64:
+        t = t & ((1 << bits) - 1)
+    return t

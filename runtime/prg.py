@@ -1,0 +1,48 @@
+"""Cryptographic pseudo-random generator: AES-128 in counter mode from `cryptography`.
+
+All masks and correlated randomness come from here (DESIGN.md: torch.Generator and NumPy
+generators are not cryptographic). A seed is 16 bytes from `os.urandom`; the dealer and
+one computing party that share a seed expand the identical stream, which is how the
+dealer hands out correlated randomness while sending only one correction per item.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+SEED_BYTES = 16
+
+
+def new_seed() -> bytes:
+    """A fresh 128-bit seed from the operating system's CSPRNG."""
+    return os.urandom(SEED_BYTES)
+
+
+class PRG:
+    """A stream of uniform bytes (AES-128-CTR keystream) with tensor-shaped draws."""
+
+    def __init__(self, seed: bytes | None = None) -> None:
+        seed = new_seed() if seed is None else seed
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"PRG seed must be {SEED_BYTES} bytes, got {len(seed)}")
+        self._enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
+        self.bytes_drawn = 0
+
+    def bytes(self, n: int) -> bytearray:
+        self.bytes_drawn += n
+        return bytearray(self._enc.update(bytes(n)))
+
+    def ring(self, shape: tuple[int, ...] | torch.Size, bits: int = 64) -> torch.Tensor:
+        """Uniform int64 tensor; for bits < 64, uniform in [0, 2^bits) (low bits of a full draw)."""
+        n = 1
+        for s in shape:
+            n *= int(s)
+        if n == 0:
+            return torch.zeros(shape, dtype=torch.int64)
+        t = torch.frombuffer(self.bytes(8 * n), dtype=torch.int64).reshape(shape)
+        if bits < 64:
+            t = t & ((1 << bits) - 1)
+        return t

@@ -1,0 +1,104 @@
+"""The ring Z_(2^64) held in torch.int64, fixed-point encoding, and exact ring matmul.
+
+int64 arithmetic in torch wraps modulo 2^64, which is exactly the ring we need, so
+additions and elementwise products of shares are native. Two things are not:
+
+* Fixed-point decoding must treat the int64 as a *signed* value (two's complement)
+  and divide, never floor-shift a share: CrypTen decodes negative values off by one
+  because it truncates toward zero on the reconstructed value's shares.
+* torch's int64 matmul has no BLAS path and is 15-80x slower than float64 on this
+  machine (measured: (128x768)@(768x3072) 3.3 s int64 vs 0.044 s float64). `ring_matmul`
+  splits both operands into three signed 22-bit limbs and runs the six limb products
+  whose weight is below 2^64 in float64, where every partial sum is an exact integer
+  (|limb| <= 2^21, so |product| <= 2^42, and K is chunked to <= 2^11: |sum| <= 2^53).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+RING_BITS = 64
+_LIMB_BITS = 22
+_MAX_K_CHUNK = 2048  # 2^42 * 2^11 = 2^53: float64 sums stay exact
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Fixed-point format: a real x is stored as round(x * 2^frac_bits) in Z_(2^64)."""
+
+    frac_bits: int = 16
+
+    @property
+    def scale(self) -> int:
+        return 1 << self.frac_bits
+
+    def encode(self, x: torch.Tensor | float, frac_bits: int | None = None) -> torch.Tensor:
+        """Encode reals as ring elements (round to nearest). Values must satisfy |x| < 2^(63-f)."""
+        f = self.frac_bits if frac_bits is None else frac_bits
+        t = torch.as_tensor(x, dtype=torch.float64)
+        limit = 2.0 ** (63 - f)
+        if t.numel() and bool((t.abs() >= limit).any()):
+            raise OverflowError(
+                f"value of magnitude {float(t.abs().max()):.3g} does not fit the fixed-point "
+                f"format with {f} fractional bits (limit 2^{63 - f}); lower frac_bits or rescale"
+            )
+        return torch.round(t * (1 << f)).to(torch.int64)
+
+    def decode(self, x: torch.Tensor, frac_bits: int | None = None) -> torch.Tensor:
+        """Decode ring elements to float64, reading them as signed two's-complement values."""
+        f = self.frac_bits if frac_bits is None else frac_bits
+        return x.to(torch.float64) / float(1 << f)
+
+
+def wrap(x: int) -> int:
+    """Map a Python int into the signed int64 range (mod 2^64)."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+def low_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x mod 2^bits as a non-negative int64 (bits < 64); identity for bits == 64."""
+    if bits >= 64:
+        return x
+    return x & ((1 << bits) - 1)
+
+
+def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
+    """Split int64 x into three signed limbs (float64) with x = l0 + l1*2^22 + l2*2^44 mod 2^64."""
+    half = 1 << (_LIMB_BITS - 1)
+    mask = (1 << _LIMB_BITS) - 1
+    out = []
+    rest = x
+    for _ in range(2):
+        limb = ((rest + half) & mask) - half  # balanced digit in [-2^21, 2^21)
+        out.append(limb.to(torch.float64))
+        rest = (rest - limb) >> _LIMB_BITS  # exact: rest - limb is divisible by 2^22
+    out.append(rest.to(torch.float64))  # top limb: |rest| < 2^20 after two arithmetic shifts
+    return out
+
+
+def _ring_product(a: torch.Tensor, b: torch.Tensor, op: Callable) -> torch.Tensor:
+    la, lb = _limbs(a), _limbs(b)
+    acc = None
+    for i in range(3):
+        for j in range(3 - i):  # weight 2^(22(i+j)) with i+j >= 3 vanishes mod 2^64
+            term = op(la[i], lb[j]).to(torch.int64) << (_LIMB_BITS * (i + j))
+            acc = term if acc is None else acc + term
+    return acc
+
+
+def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact (a @ b) mod 2^64 for int64 tensors (broadcasting like torch.matmul), via float64 limbs."""
+    if a.device.type == "meta" or b.device.type == "meta":
+        return torch.matmul(a, b)
+    k = a.shape[-1]
+    if k <= _MAX_K_CHUNK:
+        return _ring_product(a, b, torch.matmul)
+    acc = None
+    for s in range(0, k, _MAX_K_CHUNK):
+        part = _ring_product(a[..., s:s + _MAX_K_CHUNK], b[..., s:s + _MAX_K_CHUNK, :], torch.matmul)
+        acc = part if acc is None else acc + part
+    return acc
