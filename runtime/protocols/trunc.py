@@ -4,8 +4,8 @@ exact (default): one round, 1 bit each way, error at most 1 ulp, never catastrop
 |x| < 2^62. Add 2^62 so x' = x + 2^62 lies in [0, 2^63). Reading the shares u0, u1 as
 unsigned, u0 + u1 = x' + w*2^64 with the wrap bit w = msb(u0) OR msb(u1) (if both msbs
 are 0 the sum is below 2^64; if one is set and the sum did not wrap, x' >= 2^63 - a
-contradiction). So x'/2^k = (u0 >> k) + (u1 >> k) - w*2^(64-k) (+ a carry of at most 1 from
-the low bits), and w = a + b - ab for bits a, b that P0 and P1 hold privately. The product
+contradiction). So floor(x'/2^k) = (u0 >> k) + (u1 >> k) - w*2^(64-k) + c, where c in {0, 1}
+is the carry of the two low parts, which we drop (result at most 1 ulp low); and w = a + b - ab for bits a, b that P0 and P1 hold privately. The product
 ab comes from a dealer-assisted product of private bits: P0 sends a XOR u, P1 sends
 b XOR v (u, v uniform private bits from the dealer) and the dealer supplies shares of uv
 mod 2^k. Only bits masked by fresh uniform bits are ever sent.

@@ -1,0 +1,147 @@
+"""Sharing, opening, Beaver products, fixed operands and truncation, through every mode."""
+
+import pytest
+import torch
+
+from secformer_compiler.runtime.context import clear_context
+from secformer_compiler.runtime.engine import run_clear
+from secformer_compiler.runtime.local import LocalCluster
+from secformer_compiler.runtime.protocols import arith
+from secformer_compiler.runtime.protocols.trunc import trunc, trunc_cost
+from secformer_compiler.runtime.ring import FixedPoint
+
+FX = FixedPoint(16)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return LocalCluster(FX)
+
+
+def _both(cluster, program, x, y):
+    """Run in 2PC (x owned by P0, y by P1) and in the clear; return decoded outputs and stats."""
+    o0, o1, stats = cluster.run(program, (x, None), (None, y))
+    assert torch.equal(o0, o1)
+    clear, counter = run_clear(program, x, y)
+    assert counter.rounds == stats.rounds
+    return FX.decode(o0), FX.decode(clear), stats
+
+
+def _prog(op, xs, ys, truncate=True):
+    def program(ctx, x, y):
+        a = yield from arith.share(ctx, x, 0, xs)
+        b = yield from arith.share(ctx, y, 1, ys)
+        z = yield from op(ctx, a, b)
+        if truncate:
+            z = yield from trunc(ctx, z)
+        return (yield from arith.reveal(ctx, z))
+    return program
+
+
+@pytest.mark.parametrize("name,op,ref,xs,ys", [
+    ("mul", arith.mul, torch.mul, (6, 7), (6, 7)),
+    ("mul_broadcast", arith.mul, torch.mul, (3, 6, 7), (7,)),
+    ("matmul", arith.matmul, torch.matmul, (5, 9), (9, 4)),
+    ("bmm", arith.matmul, torch.matmul, (2, 3, 5, 9), (2, 3, 9, 4)),
+])
+def test_beaver_products_match_float(cluster, seed, name, op, ref, xs, ys):
+    xf, yf = torch.randn(xs, dtype=torch.float64) * 4, torch.randn(ys, dtype=torch.float64) * 4
+    got, clear, stats = _both(cluster, _prog(op, xs, ys), FX.encode(xf), FX.encode(yf))
+    want = ref(xf, yf)
+    k = xs[-1] if "matmul" in name or "bmm" in name else 1
+    tol = (k + 1) * 2 ** -15 + 16 * 2 ** -16  # encoding error of the inputs plus 1 ulp of truncation
+    assert (got - want).abs().max() <= tol
+    assert (got - clear).abs().max() <= 2 ** -16  # 2PC equals the simulator up to truncation's 1 ulp
+    # declared cost = counted cost: two input sharings, the product, the truncation, the reveal
+    zshape = ref(torch.empty(xs), torch.empty(ys)).shape
+    declared = (arith.share_cost(xs) + arith.share_cost(ys) + arith.beaver_cost(xs, ys)
+                + trunc_cost(zshape) + arith.reveal_cost(zshape))
+    assert stats.rounds == declared.rounds
+    # P0 sends its input, P1 its input; each sends product/trunc/reveal traffic
+    assert stats.bytes_sent[0] == declared.bytes - arith.share_cost(ys).bytes
+    assert stats.bytes_sent[1] == declared.bytes - arith.share_cost(xs).bytes
+
+
+def test_square_and_fixed_operand(cluster, seed):
+    xf = torch.randn(4, 8, dtype=torch.float64) * 3
+    wf = torch.randn(8, 5, dtype=torch.float64)
+
+    def program(ctx, x, w):
+        a = yield from arith.share(ctx, x, 0, (4, 8))
+        ws = yield from arith.share(ctx, w, 1, (8, 5))
+        fw = yield from arith.fix_operand(ctx, ws, "w")
+        sq = yield from trunc(ctx, (yield from arith.square(ctx, a)))
+        outs = []
+        for _ in range(2):  # the masked weight is reused; each call draws a fresh activation mask
+            outs.append((yield from trunc(ctx, (yield from arith.matmul_fixed(ctx, a, fw)))))
+        fg = yield from arith.fix_operand(ctx, ws[:4], "g")
+        g = yield from trunc(ctx, (yield from arith.mul_fixed(ctx, a[:, :5], fg)))
+        res = []
+        for t in (sq, *outs, g):
+            res.append((yield from arith.reveal(ctx, t)))
+        return res
+
+    o0, _, stats = cluster.run(program, (FX.encode(xf), None), (None, FX.encode(wf)))
+    sq, m1, m2, g = (FX.decode(t) for t in o0)
+    assert (sq - xf ** 2).abs().max() < 1e-3
+    assert (m1 - xf @ wf).abs().max() < 1e-3 and (m2 - xf @ wf).abs().max() < 1e-3
+    assert (g - xf[:, :5] * wf[:4]).abs().max() < 1e-3
+    by_fixed = arith.beaver_fixed_cost((4, 8)).bytes
+    assert by_fixed == 4 * 8 * 8  # only X - A is opened per inference
+
+
+def test_fixed_mask_opened_once_differs_across_sessions(seed):
+    """F = W - B must be masked by a uniform B: two sessions open different F for the same W."""
+    w = FX.encode(torch.ones(4, 4, dtype=torch.float64))
+
+    def program(ctx, w):
+        ws = yield from arith.share(ctx, w, 0, (4, 4))
+        fw = yield from arith.fix_operand(ctx, ws, "w")
+        return fw.masked
+
+    f1 = LocalCluster(FX).run(program, (w,), (None,))[0]
+    f2 = LocalCluster(FX).run(program, (w,), (None,))[0]
+    assert not torch.equal(f1, f2)
+
+
+@pytest.mark.parametrize("k", [1, 16, 32, 45])
+def test_exact_truncation_whole_range(cluster, k):
+    """|x| < 2^62: the result is floor(x / 2^k) or one less, never catastrophically wrong."""
+    g = torch.Generator().manual_seed(k)
+    mags = torch.randint(0, 62, (4000,), generator=g)
+    x = (torch.rand(4000, generator=g, dtype=torch.float64) * 2.0 ** mags.double()).to(torch.int64)
+    x = torch.where(torch.rand(4000, generator=g) < 0.5, -x, x)
+    x = torch.cat([x, torch.tensor([0, 1, -1, 2 ** 62 - 1, -(2 ** 62) + 1, 2 ** k, -(2 ** k)])])
+
+    shape = x.shape
+
+    def program(ctx, x):
+        s = yield from arith.share(ctx, x, 0, shape)
+        t = yield from trunc(ctx, s, k)
+        return (yield from arith.reveal(ctx, t))
+
+    out, _, stats = cluster.run(program, (x,), (None,))
+    floor = torch.div(x, 2 ** k, rounding_mode="floor")
+    diff = out - floor
+    assert diff.min() >= -1 and diff.max() <= 0
+    assert stats.rounds == 3 and stats.bytes_sent[1] == trunc_cost(x.shape).bytes + 8 * x.numel()
+    clear, _ = run_clear(program, x)
+    assert torch.equal(clear, floor)  # the simulator truncates exactly (P1's share is zero)
+
+
+def test_local_truncation_is_usually_right():
+    ctx = clear_context(FX)
+    x = FX.encode(torch.linspace(-100, 100, 1001, dtype=torch.float64))
+    assert torch.equal(arith_trunc_local(ctx, x), torch.div(x, 2 ** 16, rounding_mode="floor"))
+
+
+def arith_trunc_local(ctx, x):
+    from secformer_compiler.runtime.protocols.trunc import trunc_local
+    return trunc_local(ctx, x, 16)
+
+
+def test_share_requires_owner_tensor(cluster):
+    def program(ctx, x):
+        return (yield from arith.share(ctx, x, 0, (3,)))
+    with pytest.raises(ValueError, match="owner must pass"):
+        cluster.run(program, (None,), (None,))
