@@ -34,6 +34,7 @@ class Context:
     fxp: FixedPoint = field(default_factory=FixedPoint)
     trunc: str = "exact"
     private: PRG | None = None  # a party's own randomness (input sharing), not the dealer's
+    state: dict = field(default_factory=dict)  # per-session state (e.g. loaded fixed weights)
 
     @property
     def is_dealer(self) -> bool:

@@ -11,7 +11,7 @@ Products of fixed-point values carry 2f fractional bits; callers truncate (trunc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from ..context import CLEAR, P0, Context
 from ..correlations import RING
 from ..messages import SWAP, Msg, Protocol, open_add
-from ..ring import ring_matmul
+from ..ring import PreparedRHS, ring_matmul
 from .cost import Cost
 
 Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -127,6 +127,13 @@ class FixedOperand:
     key: str
     masked: torch.Tensor  # F = W - B (public)
     mask: torch.Tensor  # this party's share of B
+    _prepared: tuple | None = field(default=None, repr=False)
+
+    def prepared(self) -> tuple[PreparedRHS, PreparedRHS]:
+        """F and B_i split into matmul limbs once, reused by every inference."""
+        if self._prepared is None:
+            self._prepared = (PreparedRHS(self.masked), PreparedRHS(self.mask))
+        return self._prepared
 
 
 def fix_operand(ctx: Context, w: torch.Tensor, key: str) -> Protocol:
@@ -143,7 +150,8 @@ def fix_operand_cost(shape) -> Cost:
 def _beaver_fixed(ctx: Context, x: torch.Tensor, w: FixedOperand, op: Op) -> Protocol:
     a, c = ctx.corr.correlated([(x.shape, RING)], lambda a, b: [op(a, b)], [RING], fixed=[w.key])
     (e,) = yield from open_add(x - a)  # fresh activation mask every call
-    return op(x, w.masked) + op(e, w.mask) + c
+    masked, mask = w.prepared() if op is ring_matmul else (w.masked, w.mask)
+    return op(x, masked) + op(e, mask) + c
 
 
 def mul_fixed(ctx: Context, x: torch.Tensor, w: FixedOperand) -> Protocol:

@@ -17,8 +17,9 @@ n = bits - 1. The carry of two *privately held* n-bit words is a carry-lookahead
   level). Each level's ANDs share the P_hi operand and use one binary Beaver triple
   (A, B1, B2, A&B1, A&B2); P_hi ^ A, G_lo ^ B1, P_lo ^ B2 are opened together.
 
-Layout. Before level 0 each party bit-reverses its own (padded) private word, which is
-local. In bit-reversed order the partner of position i is position i + W/2 and it holds
+Layout. Before level 0 each party moves bit j of its own (padded) private word to position
+rev(j), the bit-reversal of the index (local: 3 delta swaps for 64 bits). In that order
+the partner of position i is position i + W/2 and it holds
 the bit just above, so each level's "compaction" is a shift by W/2 and a mask: the words
 halve in width every level and go on the wire at that width, without the pext-style
 shuffles an interleaved layout would need (about 6 word ops per level instead of ~60).
