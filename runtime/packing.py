@@ -50,7 +50,10 @@ def unpack(buf: torch.Tensor, shape: torch.Size | tuple[int, ...], bits: int) ->
     if bits == 1:
         b = (buf.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
         return b.reshape(-1)[:numel].to(torch.int64).reshape(shape)
-    t = buf.view(wire_dtype(bits)).to(torch.int64).reshape(shape)
+    dt = wire_dtype(bits)
+    if buf.storage_offset() % torch.empty((), dtype=dt).element_size():
+        buf = buf.clone()  # a slice of a larger stream may be misaligned for a wider view
+    t = buf.view(dt).to(torch.int64).reshape(shape)
     if bits < 64:
         t = t & ((1 << bits) - 1)
     return t

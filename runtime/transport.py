@@ -55,7 +55,8 @@ class Transport(ABC):
     def send_blob(self, peer: int, data: torch.Tensor) -> None:
         """Send a buffer whose size the receiver does not know (8-byte length header)."""
         self.send(peer, torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8))
-        self.send(peer, data)
+        if data.numel():
+            self.send(peer, data)
 
     def recv_blob(self, peer: int) -> torch.Tensor:
         n = int(self.recv(peer, 8).view(torch.int64)[0])

@@ -136,18 +136,28 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
         h = width // 2
         m = _ones(h)
         last = h == 1
-        g_hi, g_lo, p_hi = (g >> h) & m, g & m, (p >> h) & m
-        ys = [g_lo] if last else [g_lo, p & m]
+        # >> is arithmetic: only a 64-bit word can carry a sign bit into the high half.
+        p_hi = (p >> h) & m if width == 64 else p >> h
+        g_hi = (g >> h) & m if width == 64 else g >> h
+        ys = [g & m] if last else [g & m, p & m]
         triple = ctx.corr.correlated(
             [(shape, Dom("xor", h))] * (1 + len(ys)),
             lambda a, *bs: [a & b for b in bs], [Dom("xor", h)] * len(ys))
         a, bs, cs = triple[0], triple[1:1 + len(ys)], triple[1 + len(ys):]
-        d, *es = yield from _open_words([p_hi ^ a] + [y ^ b for y, b in zip(ys, bs)], h)
+        for y, b in zip(ys, bs):
+            y ^= b  # y is a fresh temporary: open y ^ B in place
+        d, *es = yield from _open_words([p_hi ^ a] + ys, h)
+        # x & y = x & e ^ d & B ^ A & B with x = d ^ A, y = e ^ B: XOR-linear in this
+        # party's share x_i of x = P_hi, so no term is added by one party only.
         ands = []
         for e, b, c in zip(es, bs, cs):
-            z = (d & b) ^ (a & e) ^ c  # (d^A)&(e^B) = d&e ^ d&B ^ A&e ^ A&B
-            ands.append(z ^ (d & e) if ctx.party == P0 else z)
-        g = g_hi ^ ands[0]
+            z = p_hi & e
+            b &= d
+            z ^= b
+            z ^= c
+            ands.append(z)
+        g_hi ^= ands[0]
+        g = g_hi
         if not last:
             p = ands[1]
         width = h
@@ -169,7 +179,12 @@ def _carry_bytes(numel_: int, n: int) -> int:
 
 
 def msb(ctx: Context, x: torch.Tensor, bits: int = 64) -> Protocol:
-    """XOR-shared bit (int64 0/1 per element) = [x < 0] for |x| < 2^(bits-1)."""
+    """XOR-shared bit (int64 0/1 per element) = [x < 0] for |x| < 2^(bits-1).
+
+    The bound is the caller's to guarantee (it cannot be checked on secret data); outside
+    it the result is the sign of x mod 2^bits read as a signed bits-bit integer.
+    Cost: `msb_cost` (1 + ceil(log2(bits-1)) rounds).
+    """
     _check_bits(bits)
     s = x & _ones(bits)  # local reduction mod 2^bits (2^bits divides 2^64)
     top = (s >> (bits - 1)) & 1
@@ -186,18 +201,22 @@ def msb_cost(shape, bits: int = 64) -> Cost:
 
 # --- comparisons (XOR-shared bits) ------------------------------------------------------
 
-def _neg_public(c):
+def _neg_public(c: int | torch.Tensor) -> int | torch.Tensor:
     return wrap(-c) if isinstance(c, int) else -c
 
 
-def lt_public(ctx: Context, x: torch.Tensor, c, bits: int = 64) -> Protocol:
+def _public(c: int | torch.Tensor) -> int | torch.Tensor:
+    return wrap(c) if isinstance(c, int) else c
+
+
+def lt_public(ctx: Context, x: torch.Tensor, c: int | torch.Tensor, bits: int = 64) -> Protocol:
     """[x < c] for public c (ring integer or int64 tensor, same scale); |x - c| < 2^(bits-1)."""
     return (yield from msb(ctx, ctx.add_public(x, _neg_public(c)), bits))
 
 
-def gt_public(ctx: Context, x: torch.Tensor, c, bits: int = 64) -> Protocol:
+def gt_public(ctx: Context, x: torch.Tensor, c: int | torch.Tensor, bits: int = 64) -> Protocol:
     """[x > c] for public c; |x - c| < 2^(bits-1)."""
-    return (yield from msb(ctx, ctx.add_public(-x, c), bits))
+    return (yield from msb(ctx, ctx.add_public(-x, _public(c)), bits))
 
 
 def lt(ctx: Context, x: torch.Tensor, y: torch.Tensor, bits: int = 64) -> Protocol:
@@ -242,8 +261,9 @@ def bit_mul(ctx: Context, bits_list: Sequence[torch.Tensor], z: torch.Tensor) ->
     out = ctx.corr.correlated(
         sources, lambda *v: list(v[:k]) + [r * v[k] for r in v[:k]], [RING] * (2 * k))
     r_xor, a, r_add, ra = out[:k], out[k], out[k + 1:2 * k + 1], out[2 * k + 1:]
-    cs, (e,) = yield from parallel(
-        open_xor(*[b ^ r for b, r in zip(bits_list, r_xor)], bits=1), open_add(z - a))
+    # the 8-byte opening goes first so the 1-bit one (any length) does not shift its offset
+    (e,), cs = yield from parallel(
+        open_add(z - a), open_xor(*[b ^ r for b, r in zip(bits_list, r_xor)], bits=1))
     res = []
     for c, rj, raj in zip(cs, r_add, ra):
         rz = rj * e + raj
