@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .context import DEALER, P0, P1
@@ -21,6 +21,13 @@ class RunStats:
     rounds: int
     dealer_bytes: int
     by_tag: dict[str, dict[str, int]]
+    # Optional, filled by runtime.launch.ProcessCluster (empty / None where not measured).
+    # online_s: wall time of P0's and P1's online phase, from a common start once P1 holds
+    # the dealer's blob; offline_s: the dealer's offline phase (program on meta tensors and
+    # sending the blob); sent_to[role][peer]: bytes each role sent to each peer in this run.
+    online_s: dict[int, float] = field(default_factory=dict)
+    offline_s: float | None = None
+    sent_to: dict[int, dict[int, int]] = field(default_factory=dict)
 
 
 class LocalCluster:

@@ -1,0 +1,227 @@
+"""ProcessCluster / DistTransport: real processes over gloo agree with LocalCluster, and fail fast.
+
+The first cluster of a session starts the preloaded fork server (~5 s: torch imports);
+later clusters start in ~0.1 s, so the failure tests each get a fresh cluster.
+"""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+import torch
+
+from secformer_compiler.runtime.context import DEALER, P0, P1
+from secformer_compiler.runtime.dist import DistInitError, init_dist
+from secformer_compiler.runtime.launch import ProcessCluster
+from secformer_compiler.runtime.local import LocalCluster
+from secformer_compiler.runtime.protocols import arith
+from secformer_compiler.runtime.protocols.trunc import trunc, trunc_cost
+from secformer_compiler.runtime.ring import FixedPoint
+from secformer_compiler.runtime.transport import PeerError
+
+FX = FixedPoint(16)
+TIMEOUT = 2.0  # seconds a role waits for a peer in the failure tests
+
+
+# Programs must be top-level functions: they are pickled to the role processes.
+
+def mul_program(ctx, x, y, shape):
+    a = yield from arith.share(ctx, x, 0, shape)
+    b = yield from arith.share(ctx, y, 1, shape)
+    z = yield from arith.mul(ctx, a, b)
+    z = yield from trunc(ctx, z)
+    return (yield from arith.reveal(ctx, z))
+
+
+def stall_program(ctx, x, shape, who, seconds):
+    a = yield from arith.share(ctx, x, 0, shape)
+    if ctx.party == who:  # ctx.party is 2 in the dealer
+        time.sleep(seconds)
+    return (yield from arith.reveal(ctx, a))
+
+
+def suicide_program(ctx, x, shape, who):
+    a = yield from arith.share(ctx, x, 0, shape)  # one round done: the kill is mid-run
+    if ctx.party == who:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return (yield from arith.reveal(ctx, a))
+
+
+def failing_program(ctx, x, shape):
+    a = yield from arith.share(ctx, x, 0, shape)
+    if ctx.party == P0:
+        raise ValueError("bad input in P0")
+    return (yield from arith.reveal(ctx, a))
+
+
+def _inputs(seed, n):
+    # the edges of a comfortable product range, zero, and random values in between
+    xf = torch.cat([torch.tensor([-1000.0, 1000.0, 0.0, -1.5, 2.0 ** -8]),
+                    (torch.rand(n - 5, dtype=torch.float64) - 0.5) * 200])
+    yf = torch.cat([torch.tensor([1000.0, -1000.0, 123.25, 0.0, -3.0]),
+                    (torch.rand(n - 5, dtype=torch.float64) - 0.5) * 200])
+    return xf, yf
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    kids = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        kids.add(int(pid))
+            except (OSError, IndexError):
+                pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with ProcessCluster(FX, timeout=30.0) as c:
+        yield c
+
+
+def test_process_cluster_matches_local(cluster, seed):
+    local = LocalCluster(FX)
+    for n in (16, 40):  # two runs in one session: seeds are set up once and stay in sync
+        xf, yf = _inputs(seed, n)
+        x, y = FX.encode(xf), FX.encode(yf)
+        shape = (n,)
+        p0, p1, ps = cluster.run(mul_program, (x, None, shape), (None, y, shape))
+        l0, l1, ls = local.run(mul_program, (x, None, shape), (None, y, shape))
+        assert torch.equal(p0, p1) and torch.equal(l0, l1)
+        # Different randomness, same value up to exact truncation's 1 ulp.
+        assert int((p0 - l0).abs().max()) <= 1
+        exact = x * y  # products of encodings fit: |xy| * 2^32 < 2^62
+        for out in (p0, l0):
+            assert int((out - torch.div(exact, 1 << 16, rounding_mode="floor")).abs().max()) <= 1
+        ref = xf * yf
+        err = (FX.decode(p0) - ref).abs()
+        bound = 2.0 ** -16 * (2 + xf.abs() + yf.abs())  # 1 ulp trunc + input rounding
+        assert bool((err <= bound).all()), float(err.max())
+        # Identical cost accounting, and it matches the declared costs.
+        assert ps.bytes_sent == ls.bytes_sent
+        assert ps.rounds == ls.rounds
+        assert ps.dealer_bytes == ls.dealer_bytes
+        assert ps.by_tag == ls.by_tag
+        declared = (arith.share_cost(shape) + arith.beaver_cost(shape, shape) + trunc_cost(shape)
+                    + arith.reveal_cost(shape))
+        assert ps.rounds == declared.rounds + 1  # share(x) and share(y) are separate rounds
+        assert ps.bytes_sent[P0] == ps.bytes_sent[P1] == declared.bytes
+        # Per-role stats and timings of the processes.
+        assert ps.sent_to[P0] == {P1: ps.bytes_sent[P0]} and ps.sent_to[P1] == {P0: ps.bytes_sent[P1]}
+        assert ps.sent_to[DEALER] == {P1: ps.dealer_bytes}
+        assert set(ps.online_s) == {P0, P1} and all(0 < t < 10 for t in ps.online_s.values())
+        assert ps.offline_s is not None and 0 < ps.offline_s < 10
+        print(f"n={n}: online {ps.online_s}, offline {ps.offline_s:.4f} s, {ps.bytes_sent} B")
+
+
+def test_killed_party_is_named_fast():
+    x = FX.encode(torch.arange(8.0))
+    with ProcessCluster(FX, timeout=TIMEOUT) as c:
+        c.run(mul_program, (x, None, (8,)), (None, x, (8,)))
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="P1 died") as info:
+            c.run(suicide_program, (x, (8,), P1), (None, (8,), P1))
+        took = time.monotonic() - t0
+    print(f"killed P1 noticed in {took:.3f} s: {info.value}")
+    assert info.value.peer == P1
+    assert "SIGKILL" in str(info.value)
+    assert took < TIMEOUT  # a dead peer is seen at once, not at the timeout
+    with pytest.raises(RuntimeError, match="closed after a failure"):
+        c.run(mul_program, (x, None, (8,)), (None, x, (8,)))
+
+
+def test_dealer_killed_between_runs_is_named():
+    x = FX.encode(torch.arange(8.0))
+    with ProcessCluster(FX, timeout=TIMEOUT) as c:
+        os.kill(c.pids[DEALER], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="dealer died") as info:
+            c.run(mul_program, (x, None, (8,)), (None, x, (8,)))
+        took = time.monotonic() - t0
+    print(f"killed dealer noticed in {took:.3f} s: {info.value}")
+    assert info.value.peer == DEALER and took < TIMEOUT
+
+
+@pytest.mark.parametrize("who, name", [(P1, "P1"), (DEALER, "dealer")])
+def test_stalled_role_times_out_naming_it(who, name):
+    x = FX.encode(torch.arange(8.0))
+    with ProcessCluster(FX, timeout=TIMEOUT) as c:
+        pids = dict(c.pids)
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match=f"{name} stalled") as info:
+            c.run(stall_program, (x, (8,), who, 60.0), (None, (8,), who, 60.0))
+        took = time.monotonic() - t0
+    print(f"stalled {name} reported after {took:.3f} s: {info.value}")
+    assert info.value.peer == who
+    assert f"timed out after {TIMEOUT:g} s" in str(info.value)
+    assert TIMEOUT * 0.9 < took < TIMEOUT + 3.0
+    assert not any(_alive(p) for p in pids.values())  # the sleeper was killed, not waited for
+
+
+def test_program_error_names_role_and_keeps_type():
+    x = FX.encode(torch.arange(8.0))
+    with ProcessCluster(FX, timeout=TIMEOUT) as c:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match="^P0: bad input in P0") as info:
+            c.run(failing_program, (x, (8,)), (None, (8,)))
+        took = time.monotonic() - t0
+    assert took < TIMEOUT  # the failing role exits, so its peers fail at once
+    assert any("raised in P0" in n for n in info.value.__notes__)
+    with ProcessCluster(FX, timeout=TIMEOUT) as c, pytest.raises(TypeError, match="top-level"):
+        c.run(lambda ctx: None)
+
+
+def test_close_leaves_no_processes():
+    before = _children()
+    x = FX.encode(torch.arange(4.0))
+    c = ProcessCluster(FX, timeout=TIMEOUT)
+    pids = list(c.pids.values())
+    assert all(_alive(p) for p in pids)
+    c.run(mul_program, (x, None, (4,)), (None, x, (4,)))
+    c.close()
+    c.close()  # idempotent
+    assert not any(_alive(p) for p in pids)
+    # Only multiprocessing's shared helpers (fork server, resource tracker) may remain.
+    assert _children() <= before | _helpers()
+    assert all(not p.is_alive() for p in c.procs)
+
+
+def _helpers() -> set[int]:
+    from multiprocessing import forkserver, resource_tracker
+    pids = {getattr(forkserver._forkserver, "_forkserver_pid", None),
+            getattr(resource_tracker._resource_tracker, "_pid", None)}
+    return {p for p in pids if p}
+
+
+def test_init_dist_errors_are_clear():
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        with pytest.raises(DistInitError, match=f"P0 could not serve the rendezvous on 127.0.0.1:{port}.*in use"):
+            init_dist(0, "127.0.0.1", port, timeout=1.0)
+    finally:
+        busy.close()
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    t0 = time.monotonic()
+    with pytest.raises(DistInitError, match=f"P1 could not reach the rendezvous at 127.0.0.1:{port} within 1 s"):
+        init_dist(1, "127.0.0.1", port, timeout=1.0)
+    assert time.monotonic() - t0 < 5.0
