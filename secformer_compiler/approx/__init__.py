@@ -1,0 +1,59 @@
+"""Approximations of Transformer nonlinearities as data: specs, float references, calibration.
+
+Importing this package registers every spec in `APPROXIMATIONS` (one module per op
+family). See `spec.py` for `ApproxSpec`, `measure.py` for how declared bounds are
+checked, and `goldschmidt.py` for pre-scale/iteration calibration.
+"""
+
+from . import gelu, goldschmidt, iterative, layernorm, softmax  # noqa: F401  (fill the registry)
+from .gelu import (
+    ERF_SINE_COEFFS,
+    ERF_SINE_PERIOD,
+    ERF_SINE_THRESHOLD,
+    fit_erf_sine_series,
+)
+from .goldschmidt import (
+    DEFAULT_TARGET_REL_ERR,
+    GOLDSCHMIDT_DEFAULTS,
+    GoldschmidtChoice,
+    GoldschmidtDefault,
+    calibrate_goldschmidt,
+    choose_goldschmidt,
+)
+from .measure import ErrorReport, measure_error, target_of
+from .spec import (
+    APPROXIMATIONS,
+    OPS,
+    ApproxSpec,
+    DuplicateApproximationError,
+    UnknownApproximationError,
+    approximation,
+    approximations_for,
+    get_approx,
+    register,
+)
+
+__all__ = [
+    "APPROXIMATIONS",
+    "DEFAULT_TARGET_REL_ERR",
+    "ERF_SINE_COEFFS",
+    "ERF_SINE_PERIOD",
+    "ERF_SINE_THRESHOLD",
+    "GOLDSCHMIDT_DEFAULTS",
+    "OPS",
+    "ApproxSpec",
+    "DuplicateApproximationError",
+    "ErrorReport",
+    "GoldschmidtChoice",
+    "GoldschmidtDefault",
+    "UnknownApproximationError",
+    "approximation",
+    "approximations_for",
+    "calibrate_goldschmidt",
+    "choose_goldschmidt",
+    "fit_erf_sine_series",
+    "get_approx",
+    "measure_error",
+    "register",
+    "target_of",
+]

@@ -1,0 +1,204 @@
+"""GeLU approximations: SecFormer's segmented Fourier erf, and the baselines.
+
+GeLU(x) = x/2 (1 + erf(x / sqrt 2)). SecFormer evaluates erf as -1 / a sine series / +1
+on three segments; the sine terms come from a one-round secure-sine protocol in which
+the parties open d = x + t mod P 2^f. That needs the period P to be a power of two (so
+P 2^f divides 2^64); the published series uses period 20 in u = x/sqrt 2, so we refit.
+
+Our series is in x itself (the runtime needs no 1/sqrt 2 scaling before the sine):
+
+    erf(x / sqrt 2) ~= sum_{k=1..K} beta_k sin(2 pi k x / P)   for |x| <= T,
+                       sign(x)                                   for |x| > T,
+
+with P = 16, T = 4, K = 7 and beta fitted by `fit_erf_sine_series` (np.linalg.lstsq on
+8001 equispaced points of [-T, T]). Why these: the error outside [-T, T] is
+|x| Phi(-|x|), 1.3e-4 at T = 4 (8e-4 at the paper's T = 2.5 sqrt 2 ~ 3.54); inside,
+the K = 7 series is within 7e-5 of erf, so the GeLU error is 1.4e-4 over all x. P = 8
+cannot fit [-4, 4]; P = 32 needs coefficients of size ~1e4 (ill-conditioned, fixed-point
+noise is multiplied by them); with P = 16, sum |beta_k| = 2.3, so f = 16 share noise on
+the sines adds < 1e-4. K = 8 gains nothing at T = 4 and costs one more sine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .iterative import CRYPTEN, PUMA, exp_limit, reciprocal_newton
+from .spec import approximation
+
+SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+ERF_SINE_PERIOD = 16  # int: the runtime checks it is a power of two
+ERF_SINE_THRESHOLD = 4.0
+# fit_erf_sine_series(16, 4.0, 7, 8001); tests/compiler/test_approximations.py refits.
+ERF_SINE_COEFFS = (
+    1.3258256851832724,
+    -0.2289757850407971,
+    0.4355951668163921,
+    -0.15878627671318069,
+    0.12019555172042225,
+    -0.030313100514413945,
+    0.010418461005737479,
+)
+
+# PUMA GeLU pieces, lowest degree first (BASELINES.md; SPU/PUMA source).
+PUMA_GELU_LEFT = (
+    -0.5054031199708174,
+    -0.42226581151983866,
+    -0.11807612951181953,
+    -0.011034134030615728,
+)
+PUMA_GELU_MID = (
+    0.008526321541038084,
+    0.5,
+    0.3603292692789629,
+    0.0,
+    -0.037688200365904236,
+    0.0,
+    0.0018067462606141187,
+)
+PUMA_GELU_BREAKS = (-4.0, -1.95, 3.0)
+
+
+def fit_erf_sine_series(
+    period: float, threshold: float, terms: int, points: int = 8001
+) -> tuple[float, ...]:
+    """Least-squares beta_1..beta_K: erf(x/sqrt 2) ~= sum beta_k sin(2 pi k x / P) on [-T, T]."""
+    x = np.linspace(-threshold, threshold, points)
+    basis = np.sin(2 * np.pi / period * np.outer(x, np.arange(1, terms + 1)))
+    target = np.array([math.erf(v / math.sqrt(2)) for v in x])
+    beta, *_ = np.linalg.lstsq(basis, target, rcond=None)
+    return tuple(float(b) for b in beta)
+
+
+def _poly(x: torch.Tensor, coeffs: tuple[float, ...]) -> torch.Tensor:
+    out = torch.zeros_like(x) + coeffs[-1]
+    for c in reversed(coeffs[:-1]):
+        out = out * x + c
+    return out
+
+
+@approximation(
+    "gelu.exact",
+    op="gelu",
+    method="exact",
+    domain=(-32.0, 32.0),
+    declared_max_abs_err=0.0,
+    source="torch.nn.functional.gelu, erf form (plaintext simulator only)",
+)
+def gelu_exact(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x)
+
+
+@approximation(
+    "gelu.secformer",
+    op="gelu",
+    method="fourier_erf",
+    domain=(-32.0, 32.0),
+    params={"period": ERF_SINE_PERIOD, "threshold": ERF_SINE_THRESHOLD, "coeffs": ERF_SINE_COEFFS},
+    declared_max_abs_err=1.5e-4,
+    source="SecFormer (Luo et al., Findings of ACL 2024), erf by a segmented Fourier series; "
+    "refit for a power-of-two period (this module's docstring)",
+    notes="the error is the same for every |x| > T, so it holds beyond the swept domain",
+)
+def gelu_fourier_erf(
+    x: torch.Tensor, *, period: float, threshold: float, coeffs: tuple[float, ...]
+) -> torch.Tensor:
+    """x/2 (1 + erf~) with erf~ = -1 | sum beta_k sin(2 pi k x / P) | +1 split at -T, T."""
+    series = torch.zeros_like(x)
+    for k, beta in enumerate(coeffs, start=1):
+        series = series + beta * torch.sin(x * (2 * math.pi * k / period))
+    erf = torch.where(x > threshold, 1.0, torch.where(x < -threshold, -1.0, series))
+    return 0.5 * x * (1 + erf)
+
+
+@approximation(
+    "gelu.quad",
+    op="gelu",
+    method="quad",
+    domain=(-4.0, 4.0),
+    params={"coeffs": (0.5, 0.25, 0.125)},
+    declared_max_abs_err=1.5002,
+    replacement=True,
+    source="MPCFormer (Li et al., ICLR 2023), Quad = 0.125x^2 + 0.25x + 0.5 (its training code)",
+    notes="a replacement, not an approximation: far from GeLU (1.5 at x = -4, 136 at |x| = 32), "
+    "so the model must be distilled with it; the bound is reported against exact GeLU",
+)
+def gelu_quad(x: torch.Tensor, *, coeffs: tuple[float, ...]) -> torch.Tensor:
+    return _poly(x, coeffs)
+
+
+@approximation(
+    "gelu.puma",
+    op="gelu",
+    method="piecewise_poly",
+    domain=(-32.0, 32.0),
+    params={"breaks": PUMA_GELU_BREAKS, "left": PUMA_GELU_LEFT, "mid": PUMA_GELU_MID},
+    declared_max_abs_err=0.02,
+    source=PUMA + " (GeLU: 0 | cubic | degree-6 | x split at -4, -1.95, 3)",
+    notes="the worst error, 0.0199, is the jump at x = 3 (the degree-6 piece gives 3.0199)",
+)
+def gelu_puma(
+    x: torch.Tensor,
+    *,
+    breaks: tuple[float, float, float],
+    left: tuple[float, ...],
+    mid: tuple[float, ...],
+) -> torch.Tensor:
+    """0 for x < -4; left cubic on [-4, -1.95); mid polynomial on [-1.95, 3]; x for x > 3."""
+    b0, b1, b2 = breaks
+    out = torch.where(x > b2, x, _poly(x, mid))
+    out = torch.where(x < b1, _poly(x, left), out)
+    return torch.where(x < b0, torch.zeros_like(x), out)
+
+
+def sigmoid_crypten(
+    x: torch.Tensor, *, exp_iterations: int, reciprocal_iterations: int, reciprocal_initial: float
+) -> torch.Tensor:
+    """CrypTen sigmoid ("reciprocal" method): 1 / (1 + exp(-|x|)), mirrored for x < 0."""
+    negative = x < 0
+    pos = torch.where(negative, -x, x)
+    denom = 1 + exp_limit(-pos, iterations=exp_iterations)
+    y = reciprocal_newton(
+        denom, iterations=reciprocal_iterations, exp_iterations=0, initial=reciprocal_initial
+    )
+    return torch.where(negative, 1 - y, y)
+
+
+@approximation(
+    "gelu.crypten",
+    op="gelu",
+    method="tanh_sigmoid",
+    domain=(-20.0, 20.0),
+    params={
+        "cubic": 0.044715,
+        "exp_iterations": 9,
+        "reciprocal_iterations": 3,
+        "reciprocal_initial": 0.75,
+    },
+    declared_max_abs_err=8.5e-4,
+    source=CRYPTEN + " (tanh = 2 sigmoid(2x) - 1; sigmoid overrides exp_iterations = 9, "
+    "reciprocal_nr_iters = 3, reciprocal_initial = 0.75)",
+    notes="breaks down for |x| > ~23.5, where 2 sqrt(2/pi)(x + 0.044715 x^3) exceeds 2^10 "
+    "and exp(-|y|) = (1 - |y|/512)^512 becomes a huge even power (all-MiniLM-L6-v2 sees 24.7)",
+)
+def gelu_crypten(
+    x: torch.Tensor,
+    *,
+    cubic: float,
+    exp_iterations: int,
+    reciprocal_iterations: int,
+    reciprocal_initial: float,
+) -> torch.Tensor:
+    """0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))), tanh(z) = 2 sigmoid(2z) - 1 as in CrypTen."""
+    z = SQRT_2_OVER_PI * (x + cubic * x * x * x)
+    s = sigmoid_crypten(
+        2 * z,
+        exp_iterations=exp_iterations,
+        reciprocal_iterations=reciprocal_iterations,
+        reciprocal_initial=reciprocal_initial,
+    )
+    return 0.5 * x * (1 + (2 * s - 1))
