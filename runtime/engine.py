@@ -107,7 +107,7 @@ class Engine:
 def meta_like(x: Any) -> Any:
     """Replace every tensor in a nested argument structure by a meta tensor of its shape."""
     if isinstance(x, torch.Tensor):
-        return torch.empty(x.shape, dtype=torch.int64, device="meta")
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
     if isinstance(x, (list, tuple)):
         return type(x)(meta_like(v) for v in x)
     if isinstance(x, dict):

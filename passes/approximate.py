@@ -1,0 +1,114 @@
+"""`approximate`: choose each nonlinearity's MPC method and parameters from a preset.
+
+Every `gelu`, `layernorm`, `softmax` and `tanh` node gets `method` (the name of an
+`ApproxSpec` in `secformer_compiler.approx`, or "exact") and `params` (the spec's
+parameters, possibly calibrated). `graph.meta["approximations"]` maps node name -> spec
+(for `cm.report()`: method, declared error bound, domain, source).
+
+Presets (methods per op; see docs in `secformer_compiler/approx/*.py` and BASELINES.md):
+
+| preset                  | gelu            | layernorm           | softmax        |
+| secformer (default)     | gelu.secformer  | layernorm.secformer | softmax.2quad  |
+| mpcformer               | gelu.quad       | layernorm.secformer | softmax.2quad  |
+| puma                    | gelu.puma       | layernorm.puma      | softmax.puma   |
+| crypten                 | gelu.crypten    | layernorm.crypten   | softmax.crypten|
+| secformer-exact-softmax | gelu.secformer  | layernorm.secformer | softmax.crypten|
+| exact                   | gelu.exact      | layernorm.exact     | softmax.exact  |
+
+`tanh` (BERT's pooler) uses `tanh.crypten` (2 sigmoid(2x) - 1) where such a spec is
+registered, else `tanh.exact`, recorded in `graph.meta["approximation_notes"]`.
+
+Overrides: `{"softmax": "puma"}` (a preset name: that preset's method for the op),
+`{"softmax": "softmax.puma"}` (a spec name), or `{<node name>: <spec name>}` for one node.
+
+Calibration: `{node name: (lo, hi)}`, the measured range of the Goldschmidt input (var + eps
+for layernorm, 2Quad row sums for softmax). Specs with `prescale`/`iterations` params are
+re-derived for that range by `approx.calibrate_goldschmidt` (declared bound = achieved
+error); without calibration a spec keeps its documented conservative defaults
+(`approx.GOLDSCHMIDT_DEFAULTS`: var + eps in [1e-3, 1e3], row sums in [1, 8192]).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..errors import CompileError, Problem
+from ..ir import Graph
+from .registry import register_pass
+
+APPROXIMATED_OPS = ("gelu", "layernorm", "softmax", "tanh")
+
+PRESETS: dict[str, dict[str, str]] = {
+    "secformer": {"gelu": "gelu.secformer", "layernorm": "layernorm.secformer", "softmax": "softmax.2quad",
+                  "tanh": "tanh.crypten"},
+    "mpcformer": {"gelu": "gelu.quad", "layernorm": "layernorm.secformer", "softmax": "softmax.2quad",
+                  "tanh": "tanh.crypten"},
+    "puma": {"gelu": "gelu.puma", "layernorm": "layernorm.puma", "softmax": "softmax.puma", "tanh": "tanh.crypten"},
+    "crypten": {"gelu": "gelu.crypten", "layernorm": "layernorm.crypten", "softmax": "softmax.crypten",
+                "tanh": "tanh.crypten"},
+    "secformer-exact-softmax": {"gelu": "gelu.secformer", "layernorm": "layernorm.secformer",
+                                "softmax": "softmax.crypten", "tanh": "tanh.crypten"},
+    "exact": {"gelu": "gelu.exact", "layernorm": "layernorm.exact", "softmax": "softmax.exact",
+              "tanh": "tanh.exact"},
+}
+FALLBACK = {"tanh.crypten": "tanh.exact"}  # ops the approximation registry may not cover yet
+
+
+def _registry() -> Any:
+    from .. import approx  # imported lazily: the approximation package is optional for the IR
+
+    return approx
+
+
+def resolve_method(op: str, preset: str, overrides: Mapping[str, str], node_name: str) -> str:
+    """The spec name for one node: node override > op override > preset."""
+    if preset not in PRESETS:
+        raise CompileError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    choice = overrides.get(node_name) or overrides.get(op) or PRESETS[preset][op]
+    if "." in choice:
+        return choice
+    if choice not in PRESETS:
+        raise CompileError(f"override {op}={choice!r} is neither a preset ({', '.join(PRESETS)}) "
+                           f"nor an approximation name like '{op}.puma'")
+    return PRESETS[choice][op]
+
+
+@register_pass("approximate")
+def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str, str] | None = None,
+                calibration: Mapping[str, Any] | None = None) -> Graph:
+    """Attach method and params to every gelu / layernorm / softmax / tanh node."""
+    graph = graph.copy()  # the input graph keeps its methods (re-approximate after calibrating)
+    overrides = dict(overrides or {})
+    unknown = [k for k in overrides if k not in APPROXIMATED_OPS and k not in graph]
+    if unknown:
+        raise CompileError(f"overrides name neither an op ({', '.join(APPROXIMATED_OPS)}) nor a node: {unknown}")
+    approx = _registry()
+    chosen, notes, problems = {}, [], []
+    for n in graph:
+        if n.op not in APPROXIMATED_OPS:
+            continue
+        name = resolve_method(n.op, preset, overrides, n.name)
+        if name not in approx.APPROXIMATIONS and name in FALLBACK:
+            notes.append(f"%{n.name}: no {name} approximation registered; using {FALLBACK[name]}")
+            name = FALLBACK[name]
+        if not name.startswith(n.op + "."):
+            problems.append(Problem(f"method {name!r} does not approximate {n.op}", n.module_path, n.name))
+            continue
+        if name not in approx.APPROXIMATIONS:
+            if name == f"{n.op}.exact":  # the exact function needs no spec
+                n.attrs.update(method=name, params={})
+                continue
+            problems.append(Problem(f"no approximation named {name!r}", n.module_path, n.name))
+            continue
+        spec = approx.get_approx(name)
+        rng = (calibration or {}).get(n.name)
+        if rng is not None and "prescale" in spec.params and "iterations" in spec.params:
+            lo, hi = rng
+            spec = approx.calibrate_goldschmidt(spec, float(lo), float(hi))
+        n.attrs.update(method=name, params=dict(spec.params))
+        chosen[n.name] = spec
+    if problems:
+        raise CompileError(f"{len(problems)} approximation(s) could not be chosen:", problems,
+                           hint="registered: " + ", ".join(sorted(approx.APPROXIMATIONS)))
+    graph.meta = {**graph.meta, "approximations": chosen, "preset": preset, "approximation_notes": notes}
+    return graph

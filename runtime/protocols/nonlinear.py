@@ -1,0 +1,247 @@
+"""SecFormer's non-linear layers: GeLU (segments + Fourier erf), LayerNorm and 2Quad softmax.
+
+* `gelu_secformer`: gelu(x) = x [x > T] + [|x| <= T] x G(x), G = (1 + erf_fourier)/2,
+  erf_fourier(x) = sum_k beta_k sin(2 pi k x / P) ~ erf(x / sqrt 2) on [-T, T] (the
+  coefficients are for x itself; the sqrt 2 is folded into the fit).
+* `layernorm_goldschmidt`: LayerNorm over the last dim with a Goldschmidt 1/sqrt(var + eps).
+* `softmax_2quad`: (x + c)^2 / sum (x + c)^2 with a 0/1 attention mask and a Goldschmidt
+  reciprocal of the row sum.
+
+Parameters (Fourier coefficients, thresholds, pre-scales, iteration counts) are inputs:
+the calibration in `secformer_compiler.approximations` chooses them. Every protocol has a
+`*_cost(...)` formula that the tests compare with the transport's count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..context import Context
+from ..messages import Protocol, parallel
+from . import arith
+from .arith import FixedOperand
+from .compare import bit_mul, bit_mul_cost, gt_public, lt_public, msb_cost, not_bit
+from .cost import Cost
+from .goldschmidt import (_reciprocal_core, _reciprocal_core_cost, _rescale, _rescale_cost,
+                          _rsqrt_core, _rsqrt_core_cost, fixed_const, prescale_const,
+                          recip_fracs, rsqrt_frac)
+from .sine import bits_times_x, bits_times_x_cost, x_sine_series, x_sine_series_cost
+from .trunc import trunc, trunc_cost
+
+# --- GeLU -------------------------------------------------------------------------------------
+
+
+def gelu_secformer(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period: int,
+                   threshold: float, bits: int = 64) -> Protocol:
+    """SecFormer GeLU for x at f fractional bits; the comparisons need |x| + T < 2^(bits-1-f).
+
+    Rounds: max(comparison rounds, 2) + 1 (8 at bits=64, 7 at bits=32). Schedule:
+      rounds 1..7: s_hi = [x > T] and s_lo = [x < -T] (compare.py), and in parallel
+        round 1: x G(x) at 3f bits from one opening of x - a (sine.x_sine_series),
+        round 2: truncate it to f bits;
+      last round: s_mid = 1 ^ s_hi ^ s_lo (local: the segments are disjoint, at most one
+        of s_hi, s_lo is set), then s_mid * xG (compare.bit_mul) and s_hi * x, which reuses
+        the opening of x - a from round 1 and so opens only s_hi's masked bit.
+    For |x| > T, x G(x) is garbage (the series is periodic, and the 3f-bit product may even
+    exceed the exact truncation's 2^62 bound); that is harmless because s_mid = 0 there and
+    s_mid * z = 0 in the ring for every z.
+    """
+    f = ctx.f
+    t = round(threshold * (1 << f))
+    half = [b / 2 for b in coeffs]  # G = 1/2 + sum (beta_k / 2) sin(.)
+
+    def g_path() -> Protocol:
+        xg, opened = yield from x_sine_series(ctx, x, half, period, const=0.5, bit_masks=1)
+        xg = yield from trunc(ctx, xg, 2 * f)  # 3f -> f; |x G| <= T (1/2 + sum|beta|/2) here
+        return xg, opened
+
+    s_hi, s_lo, (xg, opened) = yield from parallel(
+        gt_public(ctx, x, t, bits), lt_public(ctx, x, -t, bits), g_path())
+    s_mid = not_bit(ctx, s_hi ^ s_lo)
+    (mid,), (hi,) = yield from parallel(bit_mul(ctx, [s_mid], xg),
+                                        bits_times_x(ctx, opened, [s_hi]))
+    return mid + hi
+
+
+def gelu_secformer_cost(shape, bits: int = 64, mode: str = "exact") -> Cost:
+    cmp = msb_cost(shape, bits)
+    g = x_sine_series_cost(shape) + trunc_cost(shape, mode)
+    return (cmp | cmp | g) + (bit_mul_cost([shape], shape) | bits_times_x_cost([shape]))
+
+
+# --- LayerNorm --------------------------------------------------------------------------------
+
+_R_EXTRA = 12  # extra fractional bits of 1/sigma before the final product (see below)
+
+
+def _ln_plan(n: int, prescale: float, f: int, center_first: bool) -> dict:
+    """Public constants of one LayerNorm: every shift the protocol and its cost use.
+
+    var_mult / 2^var_shift ~ prescale / n^2 (or / n when centered), rounded *down* so that
+    p' var stays in the rsqrt domain; its bit count is capped by the overflow bound
+    x0 2^(2f + var_shift) < 2^62 (x0 = p' var < 3, hence 2f + var_shift <= 59).
+    """
+    scale = n if center_first else n * n
+    var_mult, var_shift = fixed_const(prescale / scale, max_shift=59 - 2 * f, round_down=True)
+    p_eff = var_mult * scale / 2.0 ** var_shift
+    j = 0 if center_first else n.bit_length() - 1  # D' = n d is rescaled by 2^-j (see below)
+    y_mult, y_shift = fixed_const(math.sqrt(p_eff) * (1 << j) / (1 if center_first else n))
+    return dict(var_mult=var_mult, var_shift=var_shift, p_eff=p_eff, j=j, y_mult=y_mult,
+                y_shift=y_shift, r_frac=f + _R_EXTRA, mean_shift=46 - f)
+
+
+def layernorm_effective_prescale(n: int, prescale: float, f: int = 16,
+                                 center_first: bool = False) -> float:
+    """The prescale the protocol actually applies to var (<= prescale): calibrate with it."""
+    return _ln_plan(n, prescale, f, center_first)["p_eff"]
+
+
+def layernorm_goldschmidt(ctx: Context, x: torch.Tensor, weight: torch.Tensor | FixedOperand | None,
+                          bias: torch.Tensor | None, eps: float, prescale: float, iters: int,
+                          center_first: bool = False) -> Protocol:
+    """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
+
+    weight: a FixedOperand (arith.fix_operand, the usual case: only x's mask is opened), a
+    secret share, or None; bias: a share or None. prescale * (var + eps) must lie in the
+    rsqrt domain (0, 3) (`layernorm_effective_prescale` gives the factor actually used).
+
+    One pass (default), 4 + 2 iters rounds: with S = sum x and D' = n x - S = n d (local,
+    exact), the variance comes from V = n sum x^2 - S^2 = n^2 var (at 2f bits) without
+    computing the mean first:
+      round 1: x^2, S^2 and D' * weight (Beaver products, in parallel);
+      round 2: x0 = trunc(V p'/n^2 + eps p') and Z = trunc(D' w) by f + j, j = floor(log2 n),
+               so Z = (n / 2^j) d w at f bits (truncations in parallel);
+      2 iters rounds: r = rsqrt(x0) with the public start y_0 = sqrt(p') 2^j / n, so that
+               r = (2^j / n) / sqrt(var + eps);
+      then Z * r (Beaver, r broadcast) and one truncation; + bias (local).
+    Overflow: the ring is exact mod 2^64, so the terms of V may wrap freely; only the
+    truncated values must be below 2^62: V p'/n^2 at 2f + var_shift bits is x0 2^59 at
+    most (x0 < 3: fine), n d w 2^(2f) needs |d w| < 2^30 / n, and the final product
+    (d w / sigma) 2^(2f + 12) needs |d w / sigma| < 2^18. The catch is p'/n^2: its
+    constant must be >= 2^-27, i.e. var < 3 2^27 / n^2 (682 for n = 768); beyond that use
+    center_first=True (one more round: mean by a high-precision public 1/n, then
+    d = x - mean; var < 3 2^27 / n).
+    """
+    f = ctx.f
+    n = x.shape[-1]
+    plan = _ln_plan(n, prescale, f, center_first)
+    fx = rsqrt_frac(f)
+    s = x.sum(-1, keepdim=True)
+    if center_first:
+        # mean = S round(2^k / n) / 2^k: error |S| 2^-k / 2, at most |mean| 2^(f + k) < 2^62
+        k = plan["mean_shift"]
+        mean = yield from trunc(ctx, s * round(2.0 ** k / n), k)
+        d = x - mean
+    else:
+        d = n * x - s  # n (x - mean), exact
+
+    def products() -> Protocol:
+        if center_first:
+            sq = yield from arith.square(ctx, d)
+            v = sq.sum(-1, keepdim=True)  # n var at 2f bits
+        else:
+            sq_x, sq_s = yield from parallel(arith.square(ctx, x), arith.square(ctx, s))
+            v = n * sq_x.sum(-1, keepdim=True) - sq_s  # n^2 var at 2f bits (may wrap: fine)
+        return v
+
+    def weighted() -> Protocol:
+        if weight is None:
+            return d, f
+        if isinstance(weight, FixedOperand):
+            z = yield from arith.mul_fixed(ctx, d, weight)
+        else:
+            z = yield from arith.mul(ctx, d, weight)
+        return z, 2 * f
+
+    v, (z, z_frac) = yield from parallel(products(), weighted())
+    vs = v * plan["var_mult"]  # p' var at 2f + var_shift bits
+    vs = ctx.add_public(vs, round(eps * plan["p_eff"] * 2.0 ** (2 * f + plan["var_shift"])))
+    x0, z = yield from parallel(trunc(ctx, vs, 2 * f + plan["var_shift"] - fx),
+                                _rescale(ctx, z, z_frac + plan["j"], f))
+    r = yield from _rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"], iters, plan["r_frac"])
+    out = yield from arith.mul(ctx, z, r)
+    out = yield from trunc(ctx, out, plan["r_frac"])
+    return out if bias is None else out + bias
+
+
+def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str = "fixed",
+                               center_first: bool = False, f: int = 16,
+                               mode: str = "exact") -> Cost:
+    """weight: "fixed" (FixedOperand), "secret" (a share of shape (n,)) or "none"."""
+    n = shape[-1]
+    rows = tuple(shape[:-1]) + (1,)
+    plan = _ln_plan(n, prescale, f, center_first)
+    t, t_rows = trunc_cost(shape, mode), trunc_cost(rows, mode)
+    pre = t_rows if center_first else Cost()
+    if center_first:
+        var = arith.square_cost(shape)
+    else:
+        var = arith.square_cost(shape) | arith.square_cost(rows)
+    if weight == "fixed":
+        wc, z_frac = arith.beaver_fixed_cost(shape), 2 * f
+    elif weight == "secret":
+        wc, z_frac = arith.beaver_cost(shape, (n,)), 2 * f
+    elif weight == "none":
+        wc, z_frac = Cost(), f
+    else:
+        raise ValueError(f"weight must be 'fixed', 'secret' or 'none', got {weight!r}")
+    return (pre + (var | wc) + (t_rows | _rescale_cost(shape, z_frac + plan["j"], f, mode))
+            + _rsqrt_core_cost(rows, plan["y_shift"], iters, plan["r_frac"], f, mode)
+            + arith.beaver_cost(shape, rows) + t)
+
+
+# --- 2Quad softmax ----------------------------------------------------------------------------
+
+def _softmax_plan(prescale: float, f: int) -> tuple[int, int, int]:
+    mult, shift = prescale_const(prescale)
+    # the row sum times mult is p' sum < 2 at 2f + shift bits: below 2^62 needs 2f + shift <= 60
+    if 2 * f + shift > 60:
+        raise ValueError(f"prescale {prescale} is too small for {f} fractional bits")
+    return mult, shift, 2 * f + 12  # 1/sum is kept at 2f + 12 bits: q/sum <= 1 at 3f + 12 < 2^62
+
+
+def softmax_2quad(ctx: Context, x: torch.Tensor, dim: int = -1, c: float = 5.0,
+                  mask: torch.Tensor | None = None, *, prescale: float, iters: int) -> Protocol:
+    """2Quad: q / sum(q) with q = (x + c)^2 * mask; mask is a public 0/1 tensor (broadcast).
+
+    Masked positions contribute 0 (DESIGN.md), not (-large + c)^2. prescale * row sum must
+    lie in goldschmidt.RECIPROCAL_DOMAIN (approximations.choose_goldschmidt picks it from a
+    declared row-sum range; a power of two is exact and allows p sum down to 2^-16).
+    Rounds 4 + 2 iters:
+      round 1: (x + c)^2 (Beaver square, 2f bits), masked by a local product;
+      round 2: q = trunc(.) and the pre-scaled row sum trunc(p' sum) in parallel (the
+               prescale rides on a truncation that the sum needs anyway);
+      2 iters rounds: r = 1/sum from the Goldschmidt reciprocal, kept at 2f + 12 bits
+               (1/sum is small: f bits alone would lose its relative precision);
+      then q r (Beaver, r broadcast over the row) and one truncation.
+    """
+    f = ctx.f
+    mult, shift, r_frac = _softmax_plan(prescale, f)
+    shape = x.shape
+    x = x.movedim(dim, -1)
+    q2 = yield from arith.square(ctx, ctx.add_public(x, round(c * (1 << f))))
+    if mask is not None:  # public 0/1, broadcast against x (local product)
+        q2 = q2 * ctx.pub(torch.as_tensor(mask).to(torch.int64).expand(shape).movedim(dim, -1))
+    s = q2.sum(-1, keepdim=True) * mult  # p' sum at 2f + shift bits
+    q, y0 = yield from parallel(trunc(ctx, q2, f),
+                                _rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters)[0]))
+    r = yield from _reciprocal_core(ctx, y0, mult, shift, iters, r_frac)
+    out = yield from arith.mul(ctx, q, r)
+    out = yield from trunc(ctx, out, r_frac)
+    return out.movedim(-1, dim)
+
+
+def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int = 16,
+                       mode: str = "exact") -> Cost:
+    shape = list(shape)
+    n = shape.pop(dim if dim >= 0 else len(shape) + dim)
+    full, rows = tuple(shape) + (n,), tuple(shape) + (1,)
+    mult, shift, r_frac = _softmax_plan(prescale, f)
+    t = trunc_cost(full, mode)
+    y0 = _rescale_cost(rows, 2 * f + shift, recip_fracs(f, mult, iters)[0], mode)
+    return (arith.square_cost(full) + (t | y0)
+            + _reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode)
+            + arith.beaver_cost(full, rows) + t)

@@ -1,0 +1,190 @@
+"""Secure sine series: shares of sum_k beta_k sin(2 pi k x / P) in one round (SecFormer).
+
+Protocol (DESIGN.md, "The SecFormer protocols, done right"). Let M = P * 2^f, with the
+period P a power of two so that M divides 2^64 and "x mod M" is a local operation on
+shares. The dealer draws a mask t uniform in Z_M and deals shares (f fractional bits) of
+S_k = sin(2 pi k t / M) and C_k = cos(2 pi k t / M) for every frequency k. The parties
+open d = (x + t) mod M, which is uniform in Z_M whatever x is (a one-time pad mod M), and
+finish locally with
+
+    sin(2 pi k (d - t) / M) = sin(2 pi k d / M) C_k - cos(2 pi k d / M) S_k,
+
+where the public factors sin(.)/cos(.) of d, with beta_k folded in, are encoded with
+`scale_frac` fractional bits. The result carries f + scale_frac fractional bits (2f by
+default); callers truncate it, or fold that truncation into a later one. Because the
+series is P-periodic and d is taken mod M, every ring value x is a valid input: there is
+no input range to respect (the approximation's own segment is the caller's business).
+
+`x_sine_series` fuses the series with a product by x, the way GeLU needs x * G(x): a
+single uniform ring mask a serves as x's Beaver mask *and* as the sine mask (t = -a mod M
+is uniform in Z_M when a is uniform in Z_(2^64)). Opening e = x - a (8 bytes) reveals
+d = e mod M for free, and with the dealer's shares of a*S_k and a*C_k,
+x * C_k = e * C_k + [a C_k]: so x * (c + sum_k beta_k sin(2 pi k x / P)) costs one round
+and one 8-byte opening, instead of sine (1 round), truncation, Beaver (16 bytes) and a
+second truncation. The dealer sends 4K values per element instead of 2K + 1 (offline).
+The opened e can be reused for later products b * x of XOR-shared bits b (`bits_times_x`):
+their masks are drawn in the same correlation, so such a product opens only b's masked
+bit. Reusing e is safe: it was already public, and each bit has a fresh mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..context import Context
+from ..correlations import RING, Dom
+from ..messages import Protocol, open_add, open_xor
+from .arith import numel
+from .cost import Cost, bits_bytes
+
+
+def _check_period(period: int | float) -> int:
+    p = int(period)
+    if p != period or p <= 0 or p & (p - 1):
+        raise ValueError(f"the sine period must be a power of two (so that P * 2^f divides "
+                         f"2^64 and the opening mod P * 2^f is exact), got {period}")
+    return p
+
+
+def _mod_bits(period: int, f: int) -> int:
+    bits = _check_period(period).bit_length() - 1 + f
+    if bits > 63:
+        raise ValueError(f"period {period} with {f} fractional bits needs a {bits}-bit modulus")
+    return bits
+
+
+def trig_of_mask(t: torch.Tensor, k_max: int, mod_bits: int, f: int) -> list[torch.Tensor]:
+    """[sin(2 pi k t/M) for k=1..K] + [cos(...)], t read mod M = 2^mod_bits, encoded with f bits.
+
+    Runs in the dealer (on real masks and, for shapes, on meta tensors) and in the simulator.
+    """
+    tm = (t & ((1 << mod_bits) - 1)).to(torch.float64) * (2 * math.pi / (1 << mod_bits))
+    sins = [torch.round(torch.sin(k * tm) * (1 << f)).to(torch.int64) for k in range(1, k_max + 1)]
+    coss = [torch.round(torch.cos(k * tm) * (1 << f)).to(torch.int64) for k in range(1, k_max + 1)]
+    return sins + coss
+
+
+def _public_factors(d: torch.Tensor, coeffs: Sequence[float], mod_bits: int, frac: int):
+    """round(beta_k sin(2 pi k d/M) 2^frac), round(beta_k cos(2 pi k d/M) 2^frac) for public d."""
+    dm = (d & ((1 << mod_bits) - 1)).to(torch.float64) * (2 * math.pi / (1 << mod_bits))
+    scale = float(1 << frac)
+    us, vs = [], []
+    for k, beta in enumerate(coeffs, 1):
+        us.append(torch.round(beta * scale * torch.sin(k * dm)).to(torch.int64))
+        vs.append(torch.round(beta * scale * torch.cos(k * dm)).to(torch.int64))
+    return us, vs
+
+
+# --- the plain series ---------------------------------------------------------------------
+
+def sine_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period: int,
+                scale_frac: int | None = None) -> Protocol:
+    """Share of sum_k coeffs[k-1] sin(2 pi k x / period), at f + scale_frac fractional bits.
+
+    x: share at f fractional bits (any value: the series is periodic). One round, opening
+    one (log2(period) + f)-bit value per element. Fresh mask per call.
+    """
+    f = ctx.f
+    frac = f if scale_frac is None else scale_frac
+    mb = _mod_bits(period, f)
+    k_max = len(coeffs)
+    out = ctx.corr.correlated([(x.shape, Dom("add", mb))],
+                              lambda t: trig_of_mask(t, k_max, mb, f), [RING] * (2 * k_max))
+    t, sins, coss = out[0], out[1:1 + k_max], out[1 + k_max:]
+    (d,) = yield from open_add(x + t, bits=mb)  # (x + t) mod M: uniform, t is fresh
+    us, vs = _public_factors(d, coeffs, mb, frac)
+    acc = ctx.zeros(x.shape)
+    for u, v, s, c in zip(us, vs, sins, coss):
+        acc = acc + u * c - v * s  # sin(a - b) = sin a cos b - cos a sin b, b = 2 pi k t / M
+    return acc
+
+
+def sine_series_cost(shape, period: int, f: int = 16) -> Cost:
+    return Cost(1, bits_bytes(numel(shape), _mod_bits(period, f)))
+
+
+# --- fused with a product by x -------------------------------------------------------------
+
+@dataclass
+class OpenedX:
+    """x = e + a with e public (opened by `x_sine_series`), plus masks for later bit products.
+
+    x: this party's share of x.
+    r_xor / r_add: this party's XOR and additive shares of fresh uniform bits r_j;
+    ra: its shares of r_j * a. `bits_times_x` consumes them in order.
+    """
+
+    x: torch.Tensor
+    e: torch.Tensor
+    r_xor: list[torch.Tensor]
+    r_add: list[torch.Tensor]
+    ra: list[torch.Tensor]
+
+
+def x_sine_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period: int,
+                  const: float = 0.0, scale_frac: int | None = None,
+                  bit_masks: int = 0) -> Protocol:
+    """(share of x * (const + sum_k beta_k sin(2 pi k x / P)), OpenedX), in one round.
+
+    The product carries 2f + scale_frac fractional bits (3f by default). It is exact in the
+    ring, so the real value is right whenever it fits (|x * series| < 2^(63 - 3f)). Opens
+    only e = x - a (8 bytes per element). `bit_masks` extra bit masks are drawn for
+    `bits_times_x` (see the module docstring).
+    """
+    f = ctx.f
+    frac = f if scale_frac is None else scale_frac
+    mb = _mod_bits(period, f)
+    k_max = len(coeffs)
+    n_bits = bit_masks
+
+    def derive(a, *rs):
+        trig = trig_of_mask(a, k_max, mb, f)
+        return trig + [a * v for v in trig] + list(rs) + [r * a for r in rs]
+
+    sources = [(x.shape, RING)] + [(x.shape, Dom("xor", 1))] * n_bits
+    out = ctx.corr.correlated(sources, derive, [RING] * (4 * k_max + 2 * n_bits))
+    a, r_xor = out[0], out[1:1 + n_bits]
+    rest = out[1 + n_bits:]
+    sins, coss = rest[:k_max], rest[k_max:2 * k_max]
+    a_sins, a_coss = rest[2 * k_max:3 * k_max], rest[3 * k_max:4 * k_max]
+    r_add, ra = rest[4 * k_max:4 * k_max + n_bits], rest[4 * k_max + n_bits:]
+
+    (e,) = yield from open_add(x - a)  # uniform in the ring; e mod M = (x + t) mod M, t = -a
+    # x = e + a, so sin(2 pi k x/M) = sin(2 pi k e/M) C_k + cos(2 pi k e/M) S_k with S, C of a.
+    us, vs = _public_factors(e, coeffs, mb, frac)
+    acc = x * round(const * 2.0 ** (f + frac))
+    for u, v, s, c, a_s, a_c in zip(us, vs, sins, coss, a_sins, a_coss):
+        x_c = e * c + a_c  # shares of x * C_k (e public, [a C_k] from the dealer)
+        x_s = e * s + a_s
+        acc = acc + u * x_c + v * x_s
+    return acc, OpenedX(x, e, list(r_xor), list(r_add), list(ra))
+
+
+def x_sine_series_cost(shape) -> Cost:
+    return Cost(1, 8 * numel(shape))
+
+
+def bits_times_x(ctx: Context, opened: OpenedX, bits_list: Sequence[torch.Tensor]) -> Protocol:
+    """[b_j * x] for XOR-shared bits b_j (shape of x), reusing the opened e = x - a. One round.
+
+    Opens c_j = b_j ^ r_j (1 bit each); b x = c x + (1 - 2c) r x with r x = r e + [r a].
+    """
+    if len(bits_list) > len(opened.r_xor):
+        raise ValueError("bits_times_x: more bits than masks drawn by x_sine_series(bit_masks=...)")
+    n = len(bits_list)
+    r_xor, r_add, ra = opened.r_xor[:n], opened.r_add[:n], opened.ra[:n]
+    del opened.r_xor[:n], opened.r_add[:n], opened.ra[:n]  # each mask is used once
+    cs = yield from open_xor(*[b ^ r for b, r in zip(bits_list, r_xor)], bits=1)
+    res = []
+    for c, rj, raj in zip(cs, r_add, ra):
+        rx = rj * opened.e + raj  # shares of r * x: x = e + a
+        res.append(c * opened.x + (1 - 2 * c) * rx)
+    return res
+
+
+def bits_times_x_cost(bit_shapes: Sequence) -> Cost:
+    return Cost(1, sum(bits_bytes(numel(s), 1) for s in bit_shapes))
