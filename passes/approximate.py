@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 from ..errors import CompileError, Problem
 from ..ir import Graph
+from . import registry
 from .registry import register_pass
 
 APPROXIMATED_OPS = ("gelu", "layernorm", "softmax", "tanh")
@@ -88,6 +89,8 @@ def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str,
         if n.op not in APPROXIMATED_OPS:
             continue
         name = resolve_method(n.op, preset, overrides, n.name)
+        if name not in approx.APPROXIMATIONS and not registry._plugins_loaded:
+            registry.load_plugins()  # a plugin package may register the approximation
         if name not in approx.APPROXIMATIONS and name in FALLBACK:
             notes.append(f"%{n.name}: no {name} approximation registered; using {FALLBACK[name]}")
             name = FALLBACK[name]

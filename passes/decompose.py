@@ -13,7 +13,6 @@ argument values it cannot handle; `check_support` reports those with the missing
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -156,7 +155,9 @@ def _drop(c: Ctx) -> None:
 # -- arithmetic -------------------------------------------------------------------------
 
 def _combine(c: Ctx, kind: str, a: Any, b: Any) -> Node:
-    sa, sb = _scalar(a), _scalar(b)
+    # A public scalar operand may become an attribute only if it does not broadcast the other.
+    sa = _scalar(a) if not isinstance(b, Node) or b.shape == c.node.shape else None
+    sb = _scalar(b) if not isinstance(a, Node) or a.shape == c.node.shape else None
     last = dict(last=True)
     if kind == "add":
         if sb is not None or sa is not None:
@@ -290,4 +291,4 @@ def decompose_aten(graph: Graph) -> Graph:
     return rw.finish()
 
 
-__all__ = ["RULES", "Rule", "rule", "Ctx", "bind_args", "decompose_aten", "math"]
+__all__ = ["RULES", "Rule", "rule", "Ctx", "bind_args", "decompose_aten"]

@@ -20,7 +20,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .errors import CompileError, Problem
+from .errors import CompileError
 from .ir import Graph, Node, Ref, dtype_tag
 
 DEFAULT_PUBLIC_INPUTS = ("attention_mask",)
@@ -86,7 +86,7 @@ def import_program(ep: ExportedProgram, example_inputs: Any = None,
     state = {**ep.state_dict, **ep.constants}
     g = Graph(meta={"level": "aten", "public_examples": {}, "assumptions": []})
     user_names = [s.arg.name for s in sig.input_specs if s.kind == InputKind.USER_INPUT]
-    examples = dict(zip(user_names, _flat_inputs(example_inputs))) if example_inputs is not None else {}
+    examples = _examples_by_name(user_names, example_inputs) if example_inputs is not None else {}
     env: dict[torch.fx.Node, str] = {}
     for fx in ep.graph.nodes:
         shape, dtype = _tensor_meta(fx.meta.get("val"))
@@ -109,10 +109,13 @@ def import_program(ep: ExportedProgram, example_inputs: Any = None,
     return g
 
 
-def _flat_inputs(example_inputs: Any) -> list[Any]:
+def _examples_by_name(user_names: list[str], example_inputs: Any) -> dict[str, torch.Tensor]:
+    """Keyword tensors by name; positional tensors fill the remaining input names in order."""
     args, kwargs = split_inputs(example_inputs)
-    leaves = list(args) + list(kwargs.values())
-    return [x for x in leaves if isinstance(x, torch.Tensor)]
+    out = {k: v for k, v in kwargs.items() if k in user_names and isinstance(v, torch.Tensor)}
+    rest = [n for n in user_names if n not in out]
+    out.update(zip(rest, [a for a in args if isinstance(a, torch.Tensor)]))
+    return out
 
 
 def _import_placeholder(g: Graph, name: str, spec: Any, state: dict, shape: Any, dtype: str,
@@ -195,4 +198,4 @@ def build_ir(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secf
     return PassManager(pipeline or DEFAULT_PIPELINE, options).run(graph)
 
 
-__all__ = ["trace", "import_program", "build_ir", "split_inputs", "Problem"]
+__all__ = ["trace", "import_program", "build_ir", "split_inputs", "DEFAULT_PUBLIC_INPUTS"]

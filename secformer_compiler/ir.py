@@ -282,6 +282,17 @@ defop("where", ("cond", "a", "b"), level="frontend", check=_check_where,
       infer=_via_torch(lambda a, c, x, y: torch.where(c, x, y)), doc="cond ? a : b with a public cond.")
 
 MPC_OPS = tuple(n for n, d in OPS.items() if d.level == "mpc")
+
+
+def describe_ops(level: str | None = None) -> str:
+    """The op table as text: `name(args; attrs) [level]  doc`, one line per op."""
+    lines = []
+    for d in OPS.values():
+        if level is None or d.level == level:
+            attrs = list(d.attrs) + [f"{a}?" for a in d.optional_attrs]
+            sig = ", ".join(d.args) + ("; " + ", ".join(attrs) if attrs else "")
+            lines.append(f"{d.name}({sig}) [{d.level}]  {d.doc}".rstrip())
+    return "\n".join(lines)
 ATEN_LEVEL_OPS = ("input", "weight", "constant", "public_fn")
 
 

@@ -103,7 +103,7 @@ def _int_valued(node: Node) -> bool:
 
 @rule("input")
 def _input(ctx, node, ins):
-    return ctx.state["inputs"][node.attrs["name"]]
+    return ctx.state["inputs"][node.name]
 
 
 @rule("weight")

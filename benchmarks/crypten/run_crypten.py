@@ -775,6 +775,7 @@ def run_bert(args, provider):
                    layers=cfg["layers"], hidden=cfg["hidden"], heads=cfg["heads"], ffn=cfg["ffn"],
                    max_abs_err=float((yp - ref).abs().max()),
                    max_abs_err_vs_exact=float((yp - exact).abs().max()),
+                   max_abs_err_crypten_decode=float((y.get_plain_text().double() - ref).abs().max()),
                    ref_vs_exact_max_abs_err=float((ref - exact).abs().max()),
                    finite=bool(torch.isfinite(yp).all()), breakdown=sec.acc,
                    **_stats_record(walls, stats))
@@ -870,6 +871,7 @@ def main():
     procs = [ctx.Process(target=_party, args=(r, 2, port, args.provider, args, q), daemon=False)
              for r in range(nproc)]
     t_start = time.time()
+    load_before = os.getloadavg()
     for p in procs:
         p.start()
     results, errors = {}, []
@@ -885,7 +887,7 @@ def main():
             continue
         (results.__setitem__(rank, payload) if status == "ok" else errors.append(f"rank {rank}:\n{payload}"))
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=5 if errors else 120)
         if p.is_alive():
             p.terminate()
     if errors:
@@ -911,6 +913,7 @@ def main():
             provider=args.provider,
             crypten_logged_per_party=[r0["crypten_logged"], r1["crypten_logged"]],
             machine=machine,
+            load_average_1_5_15min_before_after=[list(load_before), list(os.getloadavg())],
             command=command,
         )
         if "breakdown" in r0:
@@ -951,8 +954,8 @@ def _print_table(records, args):
                               f"{v['bytes_sent'] / MiB:.0f} MiB"
                               for k, v in r["breakdown_party0"].items())
             print(f"  {r['config']} breakdown (party 0): {parts}")
-        if "torch_wall_s" in r:
-            print(f"  float32 torch, exact functions, 1 thread: {r['torch_wall_s']:.3f} s")
+    if records and "torch_wall_s" in records[0]:
+        print(f"  float32 torch, exact functions, 1 thread: {records[0]['torch_wall_s']:.3f} s")
 
 
 if __name__ == "__main__":

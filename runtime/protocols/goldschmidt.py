@@ -113,14 +113,14 @@ def effective_prescale(p: float) -> float:
     return mult * 2.0 ** -shift
 
 
-def _rescale(ctx: Context, v: torch.Tensor, frm: int, to: int) -> Protocol:
+def rescale(ctx: Context, v: torch.Tensor, frm: int, to: int) -> Protocol:
     """Change the number of fractional bits: truncate (one round) or shift left (local)."""
     if frm > to:
         return (yield from trunc(ctx, v, frm - to))
     return v << (to - frm) if to > frm else v
 
 
-def _rescale_cost(shape, frm: int, to: int, mode: str) -> Cost:
+def rescale_cost(shape, frm: int, to: int, mode: str) -> Cost:
     return trunc_cost(shape, mode) if frm > to else Cost()
 
 
@@ -155,7 +155,7 @@ def recip_fracs(f: int, mult: int, iters: int) -> list[int]:
     return fys
 
 
-def _reciprocal_core(ctx: Context, y0: torch.Tensor, mult: int, shift: int, iters: int,
+def reciprocal_core(ctx: Context, y0: torch.Tensor, mult: int, shift: int, iters: int,
                      out_frac: int) -> Protocol:
     """(mult 2^-shift) / y0 at out_frac bits, for y0 (recip_fracs(...)[0] bits) in the domain.
 
@@ -172,7 +172,7 @@ def _reciprocal_core(ctx: Context, y0: torch.Tensor, mult: int, shift: int, iter
     x = mult * ctx.add_public(-y0, 2 << fy)
     xf = fy + shift
     if iters == 1:
-        return (yield from _rescale(ctx, x, xf, out_frac))
+        return (yield from rescale(ctx, x, xf, out_frac))
     sq = yield from square(ctx, y0)
     y = yield from trunc(ctx, (y0 << (fy + 1)) - sq, 2 * fy - fys[1])  # y_1 = y_0 (2 - y_0)
     fy = fys[1]
@@ -188,25 +188,25 @@ def _reciprocal_core(ctx: Context, y0: torch.Tensor, mult: int, shift: int, iter
         xy = x * e + g * a + ca  # Beaver: x = g + c, y = e + a
         x_new = (x << (fy + 1)) - xy  # x (2 - y) at xf + fy bits
         if last:
-            return (yield from _rescale(ctx, x_new, xf + fy, out_frac))
+            return (yield from rescale(ctx, x_new, xf + fy, out_frac))
         y_new = (y << (fy + 1)) - _powers(ctx, e, a, a2)  # y (2 - y) at 2 fy bits
         y, x = yield from parallel(trunc(ctx, y_new, 2 * fy - fys[i]),
-                                   _rescale(ctx, x_new, xf + fy, f + X_GUARD + shift))
+                                   rescale(ctx, x_new, xf + fy, f + X_GUARD + shift))
         fy, xf = fys[i], f + X_GUARD + shift
 
 
-def _reciprocal_core_cost(shape, mult: int, shift: int, iters: int, out_frac: int, f: int,
+def reciprocal_core_cost(shape, mult: int, shift: int, iters: int, out_frac: int, f: int,
                           mode: str) -> Cost:
     n, t = numel(shape), trunc_cost(shape, mode)
     fys = recip_fracs(f, mult, iters)
     if iters == 1:
-        return _rescale_cost(shape, fys[0] + shift, out_frac, mode)
+        return rescale_cost(shape, fys[0] + shift, out_frac, mode)
     total = Cost(1, 8 * n) + t
     xf = fys[0] + shift
     for i in range(2, iters):
         total = total + Cost(1, 16 * n) + (t | t)
         xf = f + X_GUARD + shift
-    return total + Cost(1, 16 * n) + _rescale_cost(shape, xf + fys[iters - 1], out_frac, mode)
+    return total + Cost(1, 16 * n) + rescale_cost(shape, xf + fys[iters - 1], out_frac, mode)
 
 
 def reciprocal_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters: int, *,
@@ -222,9 +222,9 @@ def reciprocal_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters
     if iters < 1:
         raise ValueError("Goldschmidt needs at least one iteration")
     mult, shift = prescale_const(prescale)
-    y = yield from _rescale(ctx, y if scaled_input else y * mult,
+    y = yield from rescale(ctx, y if scaled_input else y * mult,
                             f if scaled_input else f + shift, recip_fracs(f, mult, iters)[0])
-    return (yield from _reciprocal_core(ctx, y, mult, shift, iters,
+    return (yield from reciprocal_core(ctx, y, mult, shift, iters,
                                         f if out_frac is None else out_frac))
 
 
@@ -232,9 +232,9 @@ def reciprocal_goldschmidt_cost(shape, prescale: float, iters: int, *, scaled_in
                                 out_frac: int | None = None, f: int = 16,
                                 mode: str = "exact") -> Cost:
     mult, shift = prescale_const(prescale)
-    pre = _rescale_cost(shape, f if scaled_input else f + shift, recip_fracs(f, mult, iters)[0],
+    pre = rescale_cost(shape, f if scaled_input else f + shift, recip_fracs(f, mult, iters)[0],
                         mode)
-    return pre + _reciprocal_core_cost(shape, mult, shift, iters,
+    return pre + reciprocal_core_cost(shape, mult, shift, iters,
                                        f if out_frac is None else out_frac, f, mode)
 
 
@@ -252,7 +252,7 @@ def rsqrt_frac(f: int) -> int:
     return 19
 
 
-def _rsqrt_core(ctx: Context, x0: torch.Tensor, mult: int, shift: int, iters: int,
+def rsqrt_core(ctx: Context, x0: torch.Tensor, mult: int, shift: int, iters: int,
                 out_frac: int) -> Protocol:
     """(mult/2^shift) / sqrt(x0) at out_frac fractional bits, for x0 (rsqrt_frac bits) in (0, 3).
 
@@ -265,7 +265,7 @@ def _rsqrt_core(ctx: Context, x0: torch.Tensor, mult: int, shift: int, iters: in
     y = mult * ctx.add_public(-x0, 3 << fx)
     yf = fx + shift + 1
     if iters == 1:
-        return (yield from _rescale(ctx, y, yf, out_frac))
+        return (yield from rescale(ctx, y, yf, out_frac))
     x = x0
     for i in range(1, iters + 1):
         first, last = i == 1, i == iters
@@ -287,27 +287,27 @@ def _rsqrt_core(ctx: Context, x0: torch.Tensor, mult: int, shift: int, iters: in
             y_new = ((3 * y) << fx) - yx  # y (3 - x) = 2 y m at yf + fx bits
             y_frac = yf + fx + 1  # read with one more fractional bit it is y m
             if last:
-                return (yield from _rescale(ctx, y_new, y_frac, out_frac))
+                return (yield from rescale(ctx, y_new, y_frac, out_frac))
         x2, x3 = _powers(ctx, e, a, a2, a3)
         cubic = ((9 * x) << (2 * fx)) - ((6 * x2) << fx) + x3  # x (3 - x)^2 = 4 x m^2 at 3 fx
         if first:
             x = yield from trunc(ctx, cubic, 2 * fx + 2)
         else:
             x, y = yield from parallel(trunc(ctx, cubic, 2 * fx + 2),
-                                       _rescale(ctx, y_new, y_frac, f + shift))
+                                       rescale(ctx, y_new, y_frac, f + shift))
             yf = f + shift
 
 
-def _rsqrt_core_cost(shape, shift: int, iters: int, out_frac: int, f: int, mode: str) -> Cost:
+def rsqrt_core_cost(shape, shift: int, iters: int, out_frac: int, f: int, mode: str) -> Cost:
     n, t, fx = numel(shape), trunc_cost(shape, mode), rsqrt_frac(f)
     if iters == 1:
-        return _rescale_cost(shape, fx + shift + 1, out_frac, mode)
+        return rescale_cost(shape, fx + shift + 1, out_frac, mode)
     total = Cost(1, 8 * n) + t
     yf = fx + shift + 1
     for _ in range(2, iters):
-        total = total + Cost(1, 16 * n) + (t | _rescale_cost(shape, yf + fx + 1, f + shift, mode))
+        total = total + Cost(1, 16 * n) + (t | rescale_cost(shape, yf + fx + 1, f + shift, mode))
         yf = f + shift
-    return total + Cost(1, 16 * n) + _rescale_cost(shape, yf + fx + 1, out_frac, mode)
+    return total + Cost(1, 16 * n) + rescale_cost(shape, yf + fx + 1, out_frac, mode)
 
 
 def rsqrt_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters: int, *,
@@ -323,10 +323,10 @@ def rsqrt_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters: int
     if iters < 1:
         raise ValueError("Goldschmidt needs at least one iteration")
     p_eff, mult, shift = _rsqrt_prescale(prescale, scaled_input)
-    y = yield from _rescale(ctx, y if scaled_input else y * mult,
+    y = yield from rescale(ctx, y if scaled_input else y * mult,
                             f if scaled_input else f + shift, rsqrt_frac(f))
     cm, cs = fixed_const(math.sqrt(p_eff))
-    return (yield from _rsqrt_core(ctx, y, cm, cs, iters, f if out_frac is None else out_frac))
+    return (yield from rsqrt_core(ctx, y, cm, cs, iters, f if out_frac is None else out_frac))
 
 
 def _rsqrt_prescale(prescale: float, scaled_input: bool) -> tuple[float, int, int]:
@@ -339,6 +339,6 @@ def _rsqrt_prescale(prescale: float, scaled_input: bool) -> tuple[float, int, in
 def rsqrt_goldschmidt_cost(shape, prescale: float, iters: int, *, scaled_input: bool = False,
                            out_frac: int | None = None, f: int = 16, mode: str = "exact") -> Cost:
     p_eff, _, shift = _rsqrt_prescale(prescale, scaled_input)
-    pre = _rescale_cost(shape, f if scaled_input else f + shift, rsqrt_frac(f), mode)
+    pre = rescale_cost(shape, f if scaled_input else f + shift, rsqrt_frac(f), mode)
     _, cs = fixed_const(math.sqrt(p_eff))
-    return pre + _rsqrt_core_cost(shape, cs, iters, f if out_frac is None else out_frac, f, mode)
+    return pre + rsqrt_core_cost(shape, cs, iters, f if out_frac is None else out_frac, f, mode)

@@ -25,9 +25,9 @@ from . import arith
 from .arith import FixedOperand
 from .compare import bit_mul, bit_mul_cost, gt_public, lt_public, msb_cost, not_bit
 from .cost import Cost
-from .goldschmidt import (_reciprocal_core, _reciprocal_core_cost, _rescale, _rescale_cost,
-                          _rsqrt_core, _rsqrt_core_cost, fixed_const, prescale_const,
-                          recip_fracs, rsqrt_frac)
+from .goldschmidt import (fixed_const, prescale_const, recip_fracs, reciprocal_core,
+                          reciprocal_core_cost, rescale, rescale_cost, rsqrt_core,
+                          rsqrt_core_cost, rsqrt_frac)
 from .sine import bits_times_x, bits_times_x_cost, x_sine_series, x_sine_series_cost
 from .trunc import trunc, trunc_cost
 
@@ -121,9 +121,11 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor, weight: torch.Tensor | 
     truncated values must be below 2^62: V p'/n^2 at 2f + var_shift bits is x0 2^59 at
     most (x0 < 3: fine), n d w 2^(2f) needs |d w| < 2^30 / n, and the final product
     (d w / sigma) 2^(2f + 12) needs |d w / sigma| < 2^18. The catch is p'/n^2: its
-    constant must be >= 2^-27, i.e. var < 3 2^27 / n^2 (682 for n = 768); beyond that use
-    center_first=True (one more round: mean by a high-precision public 1/n, then
-    d = x - mean; var < 3 2^27 / n).
+    constant must be >= 2^-27, i.e. var < 3 2^27 / n^2 (682 for n = 768), and it has
+    only log2(p 2^27 / n^2) bits, so p' is up to 1/mult below p (3% at p = 0.03 for
+    n = 768: calibrate iterations at `layernorm_effective_prescale`). For large variances
+    use center_first=True (one more round: the mean by a public round(2^k / n) with
+    k = 46 - f, then d = x - mean; var < 3 2^27 / n).
     """
     f = ctx.f
     n = x.shape[-1]
@@ -160,8 +162,8 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor, weight: torch.Tensor | 
     vs = v * plan["var_mult"]  # p' var at 2f + var_shift bits
     vs = ctx.add_public(vs, round(eps * plan["p_eff"] * 2.0 ** (2 * f + plan["var_shift"])))
     x0, z = yield from parallel(trunc(ctx, vs, 2 * f + plan["var_shift"] - fx),
-                                _rescale(ctx, z, z_frac + plan["j"], f))
-    r = yield from _rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"], iters, plan["r_frac"])
+                                rescale(ctx, z, z_frac + plan["j"], f))
+    r = yield from rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"], iters, plan["r_frac"])
     out = yield from arith.mul(ctx, z, r)
     out = yield from trunc(ctx, out, plan["r_frac"])
     return out if bias is None else out + bias
@@ -188,8 +190,8 @@ def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str =
         wc, z_frac = Cost(), f
     else:
         raise ValueError(f"weight must be 'fixed', 'secret' or 'none', got {weight!r}")
-    return (pre + (var | wc) + (t_rows | _rescale_cost(shape, z_frac + plan["j"], f, mode))
-            + _rsqrt_core_cost(rows, plan["y_shift"], iters, plan["r_frac"], f, mode)
+    return (pre + (var | wc) + (t_rows | rescale_cost(shape, z_frac + plan["j"], f, mode))
+            + rsqrt_core_cost(rows, plan["y_shift"], iters, plan["r_frac"], f, mode)
             + arith.beaver_cost(shape, rows) + t)
 
 
@@ -227,8 +229,8 @@ def softmax_2quad(ctx: Context, x: torch.Tensor, dim: int = -1, c: float = 5.0,
         q2 = q2 * ctx.pub(torch.as_tensor(mask).to(torch.int64).expand(shape).movedim(dim, -1))
     s = q2.sum(-1, keepdim=True) * mult  # p' sum at 2f + shift bits
     q, y0 = yield from parallel(trunc(ctx, q2, f),
-                                _rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters)[0]))
-    r = yield from _reciprocal_core(ctx, y0, mult, shift, iters, r_frac)
+                                rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters)[0]))
+    r = yield from reciprocal_core(ctx, y0, mult, shift, iters, r_frac)
     out = yield from arith.mul(ctx, q, r)
     out = yield from trunc(ctx, out, r_frac)
     return out.movedim(-1, dim)
@@ -241,7 +243,7 @@ def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int
     full, rows = tuple(shape) + (n,), tuple(shape) + (1,)
     mult, shift, r_frac = _softmax_plan(prescale, f)
     t = trunc_cost(full, mode)
-    y0 = _rescale_cost(rows, 2 * f + shift, recip_fracs(f, mult, iters)[0], mode)
+    y0 = rescale_cost(rows, 2 * f + shift, recip_fracs(f, mult, iters)[0], mode)
     return (arith.square_cost(full) + (t | y0)
-            + _reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode)
+            + reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode)
             + arith.beaver_cost(full, rows) + t)

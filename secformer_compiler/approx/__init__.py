@@ -5,7 +5,7 @@ family). See `spec.py` for `ApproxSpec`, `measure.py` for how declared bounds ar
 checked, and `goldschmidt.py` for pre-scale/iteration calibration.
 """
 
-from . import gelu, goldschmidt, iterative, layernorm, softmax  # noqa: F401  (fill the registry)
+from . import gelu, goldschmidt, iterative, layernorm, softmax, tanh  # noqa: F401  (fill the registry)
 from .gelu import (
     ERF_SINE_COEFFS,
     ERF_SINE_PERIOD,

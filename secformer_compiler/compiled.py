@@ -1,0 +1,176 @@
+"""`compile(model)` and the `CompiledModel` it returns: simulate, run under 2PC, cost, report.
+
+The compiled model plays the model owner (it splits the weights into two shares, one per
+computing party) and the client (it encodes and splits the inputs, and reconstructs the
+outputs from the parties' shares). P0, P1 and the dealer only ever see shares, masked
+openings and correlated randomness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import float_interp
+from .frontend import build_ir
+from .ir import Graph
+from .mpc_interp import infer_program, load_program, plan_fixed
+from .runtime.context import clear_context
+from .runtime.engine import run_clear
+from .runtime.prg import PRG
+from .runtime.ring import FixedPoint
+
+
+def client_encode(graph: Graph, fxp: FixedPoint, inputs: Any) -> dict[str, torch.Tensor]:
+    """Plaintext inputs -> ring tensors by input node: token ids one-hot (scale 0), reals at f bits,
+    public inputs unchanged."""
+    out = {}
+    for name, v in float_interp.bind_inputs(graph, inputs).items():
+        node = graph[name]
+        kind = node.attrs["kind"]
+        if kind == "ids":
+            vocab = node.meta.get("vocab") or _vocab_of(graph, name)
+            if int(v.max()) >= vocab or int(v.min()) < 0:
+                raise ValueError(f"input {node.attrs['name']}: token id out of range [0, {vocab})")
+            out[name] = torch.nn.functional.one_hot(v.to(torch.int64), vocab).to(torch.int64)
+        elif kind == "float":
+            out[name] = fxp.encode(v.double())
+        else:
+            out[name] = v
+    return out
+
+
+def _vocab_of(graph: Graph, ids_name: str) -> int:
+    for n in graph:
+        if n.op == "embedding" and n.inputs[0] == ids_name:
+            return graph[n.inputs[1]].shape[0]
+    raise ValueError(f"secret ids input {ids_name} feeds no embedding")
+
+
+def split_shares(values: Mapping[str, torch.Tensor], prg: PRG | None = None) -> tuple[dict, dict]:
+    """Additive shares (x - r, r) with r uniform from a cryptographic PRG."""
+    prg = prg or PRG()
+    s0, s1 = {}, {}
+    for k, v in values.items():
+        r = prg.ring(v.shape)
+        s0[k], s1[k] = v - r, r
+    return s0, s1
+
+
+def _load(ctx, graph, weights):
+    return load_program(ctx, graph, weights)
+
+
+def _infer(ctx, graph, inputs):
+    return infer_program(ctx, graph, inputs)
+
+
+@dataclass
+class RunResult:
+    """Outputs of a 2PC run with what it cost (bytes per party, rounds, dealer bytes)."""
+
+    outputs: tuple[torch.Tensor, ...]
+    stats: Any
+    load_stats: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+class CompiledModel:
+    """A model compiled to the MPC IR. See `compile`."""
+
+    def __init__(self, graph: Graph, fxp: FixedPoint | None = None, trunc: str = "exact",
+                 preset: str = "secformer") -> None:
+        self.graph = graph
+        self.fxp = fxp or FixedPoint()
+        self.trunc = trunc
+        self.preset = preset
+        plan_fixed(graph)
+        self._ring_weights = {k: self.fxp.encode(v.detach().double()) for k, v in graph.weights.items()}
+
+    @property
+    def program(self) -> Graph:
+        """The MPC IR (print it for the readable text form)."""
+        return self.graph
+
+    def _public_split(self, enc: dict) -> tuple[dict, dict]:
+        secret = {k: v for k, v in enc.items() if self.graph[k].secret}
+        public = {k: v for k, v in enc.items() if not self.graph[k].secret}
+        s0, s1 = split_shares(secret)
+        return {**s0, **public}, {**s1, **public}
+
+    def simulate(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        """Run the approximated fixed-point program in the clear (the parties' exact arithmetic)."""
+        inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)
+        ctx = clear_context(self.fxp, self.trunc)
+        run_clear(_load, self.graph, self._ring_weights, ctx=ctx)
+        outs, counter = run_clear(_infer, self.graph, client_encode(self.graph, self.fxp, inputs), ctx=ctx)
+        self.last_simulation_counter = counter
+        return tuple(self.fxp.decode(o).float() for o in outs)
+
+    def float(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        """The program in float64 with exact nonlinearities (the original model's function)."""
+        inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)
+        return tuple(o.float() for o in float_interp.run(self.graph, inputs))
+
+    def run(self, *args: Any, processes: bool = False, timeout: float = 300.0, cluster: Any = None,
+            **kwargs: Any) -> RunResult:
+        """Real 2PC: P0, P1 and the dealer as threads (default) or processes (processes=True)."""
+        inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)
+        own = cluster is None
+        if own:
+            if processes:
+                from .runtime.launch import ProcessCluster
+                cluster = ProcessCluster(self.fxp, self.trunc, timeout=timeout)
+            else:
+                from .runtime.local import LocalCluster
+                cluster = LocalCluster(self.fxp, self.trunc, timeout=timeout)
+        try:
+            w0, w1 = split_shares(self._ring_weights)
+            _, _, load_stats = cluster.run(_load, (self.graph, w0), (self.graph, w1))
+            i0, i1 = self._public_split(client_encode(self.graph, self.fxp, inputs))
+            o0, o1, stats = cluster.run(_infer, (self.graph, i0), (self.graph, i1))
+        finally:
+            if own and hasattr(cluster, "close"):
+                cluster.close()
+        outs = tuple(self.fxp.decode(a + b).float() for a, b in zip(o0, o1))
+        return RunResult(outs, stats, load_stats)
+
+    def report(self) -> str:
+        """The chosen approximations, their parameters and declared error bounds."""
+        lines = [f"preset: {self.preset}; fixed point: {self.fxp.frac_bits} fractional bits; "
+                 f"truncation: {self.trunc}"]
+        approx = self.graph.meta.get("approximations", {})
+        for n in self.graph:
+            if n.op in ("gelu", "layernorm", "softmax", "tanh"):
+                spec = approx.get(n.name)
+                bound = getattr(spec, "declared_max_abs_err", None)
+                params = {k: (f"[{len(v)} values]" if isinstance(v, (list, tuple)) and len(v) > 4 else v)
+                          for k, v in (n.attrs.get("params") or {}).items()}
+                lines.append(f"  %{n.name:<24} {n.attrs.get('method')!s:<22} err<={bound}  {params}  # {n.module_path}")
+        return "\n".join(lines)
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secformer",
+            calibration: Sequence[Any] | None = None, frac_bits: int = 16, trunc: str = "exact",
+            overrides: Mapping[str, str] | None = None, **per_op: str) -> CompiledModel:
+    """Compile `model` for 2PC inference.
+
+    Args:
+        model: a HuggingFace Transformer or any nn.Module made of supported ops.
+        example_inputs: tuple or dict of tensors fixing the (static) input shapes.
+        preset: "secformer" (default), "mpcformer", "puma", "crypten",
+            "secformer-exact-softmax", or "exact" (simulator only).
+        calibration: sample inputs (a list of tuples/dicts like example_inputs); each
+            approximated op's input range is measured on them and its pre-scale and iteration
+            count chosen to meet the declared bound. Without it: documented conservative defaults.
+        per_op / overrides: per-op methods, e.g. softmax="puma".
+    """
+    graph = build_ir(model, example_inputs, preset=preset, overrides=overrides, **per_op)
+    if calibration:
+        from .calibrate import measure_ranges
+        ranges = measure_ranges(graph, calibration)
+        graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
+                         calibration=ranges, **per_op)
+    return CompiledModel(graph, FixedPoint(frac_bits), trunc, preset)

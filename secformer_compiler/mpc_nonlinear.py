@@ -1,0 +1,118 @@
+"""2PC/simulator rules for the approximated nonlinearities: (op, method) -> protocol.
+
+`method` is the name of an approximation spec (secformer_compiler/approx); its `params`
+(as the `approximate` pass attached them, possibly calibrated) are passed to the protocol.
+`*.exact` methods are for the simulator only: they decode P0's value (which is the whole
+value in the clear simulator), apply the exact function and re-encode; a real party
+refuses them, because no protocol computes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .mpc_interp import _fixed_key, nonlinear
+from .runtime.context import CLEAR, Context
+from .runtime.messages import Protocol
+from .runtime.protocols import arith, baselines, nonlinear as nl
+from .runtime.protocols.trunc import trunc
+
+
+def _mask(node, ins):
+    return ins[1] if len(ins) > 1 else None
+
+
+def _exact(fn: Callable[..., torch.Tensor]):
+    def rule(ctx: Context, node, ins, params) -> Any:
+        if ctx.mode != CLEAR:
+            raise RuntimeError(f"{node.op} method 'exact' runs only in the simulator (preset 'exact'); "
+                               "choose an approximating preset for 2PC")
+        x = ctx.fxp.decode(ins[0])
+        others = [ctx.fxp.decode(v) if n.secret else v.double()
+                  for v, n in zip(ins[1:], node.meta["in_nodes"][1:])]
+        return ctx.fxp.encode(fn(node, x, *others))
+    return rule
+
+
+def _ln_exact(node, x, w=None, b=None):
+    k = node.attrs["dims"]
+    return torch.nn.functional.layer_norm(x, x.shape[-k:], w, b, node.attrs["eps"])
+
+
+def _sm_exact(node, x, mask=None):
+    if mask is not None:
+        x = x.masked_fill(mask == 0, float("-inf"))
+    out = torch.softmax(x, node.attrs["dim"])
+    return out if mask is None else out * mask
+
+
+def _gelu_exact(node, x):
+    return torch.nn.functional.gelu(x, approximate=node.attrs.get("approximate", "none"))
+
+
+nonlinear("gelu", "gelu.exact", "exact")(_exact(_gelu_exact))
+nonlinear("tanh", "tanh.exact", "exact")(_exact(lambda node, x: torch.tanh(x)))
+nonlinear("layernorm", "layernorm.exact", "exact")(_exact(_ln_exact))
+nonlinear("softmax", "softmax.exact", "exact")(_exact(_sm_exact))
+
+
+@nonlinear("gelu", "gelu.secformer")
+def _gelu_secformer(ctx, node, ins, p) -> Protocol:
+    return nl.gelu_secformer(ctx, ins[0], p["coeffs"], int(p["period"]), float(p["threshold"]),
+                             bits=int(p.get("bits", 64)))
+
+
+def _flatten_trailing(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x if k == 1 else x.reshape(*x.shape[:-k], -1)
+
+
+@nonlinear("layernorm", "layernorm.secformer")
+def _layernorm_secformer(ctx, node, ins, p) -> Protocol:
+    k = node.attrs["dims"]
+    x = _flatten_trailing(ins[0], k)
+    w = ctx.state["fixed"][_fixed_key(node, 1)] if len(ins) > 1 else None
+    if w is not None and k > 1:
+        raise NotImplementedError("layernorm over several trailing dims with a gain")
+    b = ins[2] if len(ins) > 2 else None
+    out = yield from nl.layernorm_goldschmidt(ctx, x, w, b, float(node.attrs["eps"]),
+                                              float(p["prescale"]), int(p["iterations"]))
+    return out.reshape(ins[0].shape)
+
+
+@nonlinear("layernorm", "layernorm.crypten")
+def _layernorm_crypten(ctx, node, ins, p) -> Protocol:
+    """CrypTen's LayerNorm: mean, variance, Newton inverse square root, scale and shift."""
+    k = node.attrs["dims"]
+    x = _flatten_trailing(ins[0], k)
+    n = x.shape[-1]
+    from .mpc_interp import scale_public
+    mu = yield from scale_public(ctx, x.sum(-1, keepdim=True), 1.0 / n)
+    d = x - mu
+    sq = yield from arith.square(ctx, d)
+    var = yield from trunc(ctx, sq.sum(-1, keepdim=True))
+    var = yield from scale_public(ctx, var, 1.0 / n)
+    var = ctx.add_public(var, ctx.fxp.encode(float(node.attrs["eps"])))
+    r = yield from baselines.rsqrt_newton(ctx, var, int(p["iterations"]), int(p["exp_iterations"]))
+    y = yield from trunc(ctx, (yield from arith.mul(ctx, d, r)))
+    if len(ins) > 1:
+        y = yield from trunc(ctx, (yield from arith.mul_fixed(ctx, y, ctx.state["fixed"][_fixed_key(node, 1)])))
+    if len(ins) > 2:
+        y = y + ins[2]
+    return y.reshape(ins[0].shape)
+
+
+@nonlinear("softmax", "softmax.2quad")
+def _softmax_2quad(ctx, node, ins, p) -> Protocol:
+    return nl.softmax_2quad(ctx, ins[0], node.attrs["dim"], float(p["c"]), _mask(node, ins),
+                            prescale=float(p["prescale"]), iters=int(p["iterations"]))
+
+
+@nonlinear("softmax", "softmax.crypten")
+def _softmax_crypten(ctx, node, ins, p) -> Protocol:
+    iters, exp_n = int(p["reciprocal_iterations"]), int(p["exp_iterations"])
+
+    def recip(c, s):
+        return baselines.reciprocal_newton(c, s, iters, exp_n)
+    return baselines.softmax_exp(ctx, ins[0], node.attrs["dim"], _mask(node, ins), exp_n=exp_n, recip=recip)
