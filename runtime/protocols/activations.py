@@ -66,6 +66,7 @@ class _Masked:
         self.ctx, self.shape = ctx, tuple(shape)
         self.names, self.nr = list(ring) + list(bits), len(ring)
         self.plan: dict[str, Terms] = {}
+        self.public: dict[str, torch.Tensor] = {}
         keys = set()
         for terms in polys:
             for _, powers in terms:
@@ -88,7 +89,6 @@ class _Masked:
         self.src = dict(zip(self.names, got[:len(self.names)]))
         self.dealt = dict(zip(self.keys, got[len(self.names):]))
         self.dealt.update({self._key({v: 1}): self.src[v] for v in ring})
-        self.public: dict[str, torch.Tensor] = {}
 
     def _key(self, powers: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(powers.get(v, 0) for v in self.names)
@@ -258,8 +258,9 @@ def tanh_secformer(ctx: Context, x: torch.Tensor, coeffs: Sequence[float] = TANH
     """-1 | sum beta_k sin(2 pi k x / P) | +1 split at -T, T (spec tanh.secformer).
 
     The secure sine (one opening, mod P 2^f) and its truncation run alongside the two
-    comparisons; then tanh = m S + 2 [x > T] - 1 with m = 1 ^ [x < -T] ^ [x > T] (the
-    segments are disjoint, so m [x > T] = 0): a bit_mul and a b2a in one round.
+    comparisons; then with m = 1 ^ [x < -T] ^ [x > T] and h = [x > T] (disjoint segments:
+    m h = 0), tanh = m S + (1 - m)(2h - 1) = m (S + 1) + 2h - 1: a bit_mul and a b2a in
+    one round.
     |x| < 2^(bits - 1 - f) for the comparisons; the sine takes any x.
     """
     f = ctx.f
@@ -271,7 +272,7 @@ def tanh_secformer(ctx: Context, x: torch.Tensor, coeffs: Sequence[float] = TANH
     lo, hi, s = yield from parallel(_lt(ctx, x, -threshold, bits), _gt(ctx, x, threshold, bits),
                                     series())
     mid = not_bit(ctx, lo ^ hi)
-    (ms,), hi_a = yield from parallel(bit_mul(ctx, [mid], s), b2a(ctx, hi))
+    (ms,), hi_a = yield from parallel(bit_mul(ctx, [mid], ctx.add_public(s, 1 << f)), b2a(ctx, hi))
     return ctx.add_public(ms + (hi_a << (f + 1)), wrap(-(1 << f)))
 
 
@@ -305,12 +306,20 @@ def _n_doubled(pre: int, cmp_rounds: int, per_square: int, n: int) -> int:
     return total.index(min(total))
 
 
+def _signed(terms: Terms, extra: Mapping[str, int]) -> list:
+    """(1 - 2 neg) * prod(extra) * terms."""
+    out = []
+    for c, pw in terms:
+        out += [(c, {**extra, **pw}), (-2 * c, {"neg": 1, **extra, **pw})]
+    return out
+
+
 def _sigmoid_setup(ctx: Context, x: torch.Tensor, pre_rounds: int, bits: int, n: int,
-                   f_y: int, f_d: int, extra: Mapping[str, Terms], final) -> tuple[_Masked, int]:
-    """Masks and polynomials of the exp chains, the select, Newton and the caller's final step.
+                   f_y: int, extra: Mapping[str, Terms]) -> tuple[_Masked, int]:
+    """Masks and polynomials of the exp chains, the select, Newton 1-2 and the caller's `extra`.
 
     Chain secrets: p_j, m_j (squaring j of 1 - t and 1 + t, j <= k + 1), s_j (after the
-    select); then Eh, Ec (E at f_d and F_CUBIC bits) and y (y2 at f_y bits).
+    select); then Eh, Ec (E at two precisions) and y (y2 at f_y bits).
     """
     per = 1 + trunc_cost((1,), ctx.trunc).rounds
     k = _n_doubled(pre_rounds, msb_cost((1,), bits).rounds, per, n)
@@ -321,9 +330,6 @@ def _sigmoid_setup(ctx: Context, x: torch.Tensor, pre_rounds: int, bits: int, n:
     # select-and-square: (u+ + neg (u- - u+))^2 = u+^2 + neg (u-^2 - u+^2), as neg^2 = neg
     plan["sel"] = [(1, {p: 2}), (1, {"neg": 1, m: 2}), (-1, {"neg": 1, p: 2})]
     plan["y2"] = [(c << ((3 - j) * F_CUBIC), {"Ec": j}) for j, c in enumerate(Y2_NUM)]
-    # Newton step 3: y3 = 2 y2 - y2^2 (1 + E), at 2 f_y + f_d bits
-    y3 = [(1 << (1 + f_y + f_d), {"y": 1}), (-(1 << f_d), {"y": 2}), (-1, {"y": 2, "Eh": 1})]
-    plan["out"] = final(y3)
     plan.update(extra)
     ring = [v for v in ("x",) if any(v in pw for t in plan.values() for _, pw in t)]
     M = _Masked(ctx, x.shape, ring + chain + ["Eh", "Ec", "y"], ["neg"], list(plan.values()))
@@ -388,19 +394,19 @@ def gelu_crypten(ctx: Context, x: torch.Tensor, bits: int = 64, *, cubic: float 
     """
     _check_sigmoid(exp_iterations, reciprocal_iterations, reciprocal_initial)
     f, n = ctx.f, exp_iterations
-    f_y = (57 - f) // 4
-    f_d = 57 - f - 2 * f_y
-    s = f + 2 * f_y + f_d
-
-    def final(y3: Terms) -> Terms:  # neg x + (1 - 2 neg) x y3 at s bits
-        terms: list = [(1 << (s - f), {"neg": 1, "x": 1})]
-        for c, pw in y3:
-            terms += [(c, {"x": 1, **pw}), (-2 * c, {"neg": 1, "x": 1, **pw})]
-        return terms
+    # gelu = A + B: A = neg x + (1 - 2 neg) x (2 y2 - y2^2) at f + 2 f_y bits (|A| <= |x|);
+    # B = -(1 - 2 neg) x y2^2 E at f + 2 f_y + f_d bits: |B| <= |x| exp(-|w|) < 0.25 leaves
+    # room for E at 21 bits (its error is multiplied by |x|). Truncated separately.
+    f_d = 21
+    f_y = (63 - f - f_d) // 2
+    s_a, s_b = f + 2 * f_y, f + 2 * f_y + f_d
+    out_a = [(1 << (s_a - f), {"neg": 1, "x": 1})] + _signed(
+        [(1 << (1 + f_y), {"y": 1}), (-1, {"y": 2})], {"x": 1})
+    out_b = _signed([(-1, {"y": 2, "Eh": 1})], {"x": 1})
 
     pre = 1 + 2 * trunc_cost((1,), ctx.trunc).rounds
     cube = [(1, {"x": 3})]
-    M, k = _sigmoid_setup(ctx, x, pre, bits, n, f_y, f_d, {"cube": cube}, final)
+    M, k = _sigmoid_setup(ctx, x, pre, bits, n, f_y, {"cube": cube, "A": out_a, "B": out_b})
     c1 = 2 * math.sqrt(2 / math.pi) / 2 ** n  # t = w / 2^n = c1 (x + cubic x^3)
     k_t = 59 - f  # t at 59 bits from x and x3 (f bits each); |t| < 2 where the result is used
 
@@ -413,13 +419,15 @@ def gelu_crypten(ctx: Context, x: torch.Tensor, bits: int = 64, *, cubic: float 
         return ctx.add_public(-t, one), ctx.add_public(t, one)
 
     yield from _sigmoid_run(ctx, M, k, n, f_y, f_d, x, bits, front())
-    return (yield from trunc(ctx, M.eval(M.plan["out"]), s - f))
+    a, b = yield from parallel(trunc(ctx, M.eval(M.plan["A"]), s_a - f),
+                               trunc(ctx, M.eval(M.plan["B"]), s_b - f))
+    return a + b
 
 
 def gelu_crypten_cost(shape, bits: int = 64, exp_iterations: int = 9, mode: str = "exact") -> Cost:
     t = trunc_cost(shape, mode)
     pre = _open_cost(shape, 1) + t + t
-    return _sigmoid_cost(shape, pre, bits, exp_iterations, mode) + t
+    return _sigmoid_cost(shape, pre, bits, exp_iterations, mode) + Cost(t.rounds, 2 * t.bytes)
 
 
 def tanh_crypten(ctx: Context, x: torch.Tensor, bits: int = 64, *, exp_iterations: int = 9,
@@ -438,13 +446,10 @@ def tanh_crypten(ctx: Context, x: torch.Tensor, bits: int = 64, *, exp_iteration
     if shift < 0:
         raise ValueError(f"tanh_crypten: needs f + exp_iterations - 1 <= {F_CHAIN}")
 
-    def final(y3: Terms) -> Terms:  # (1 - 2 neg)(2 y3 - 1) at s bits
-        terms: list = [(-(1 << s), {}), (1 << (s + 1), {"neg": 1})]
-        for c, pw in y3:
-            terms += [(2 * c, pw), (-4 * c, {"neg": 1, **pw})]
-        return terms
-
-    M, k = _sigmoid_setup(ctx, x, 0, bits, n, f_y, f_d, {}, final)
+    # (1 - 2 neg)(2 y3 - 1) at s bits, y3 = 2 y2 - y2^2 (1 + E)
+    y3x2 = [(1 << (2 + f_y + f_d), {"y": 1}), (-(2 << f_d), {"y": 2}), (-2, {"y": 2, "Eh": 1}),
+            (-(1 << s), {})]
+    M, k = _sigmoid_setup(ctx, x, 0, bits, n, f_y, {"out": _signed(y3x2, {})})
 
     def front() -> Protocol:
         t = x << shift
