@@ -14,13 +14,18 @@ is where the fractional-bit choices below come from. A value outside its branch 
 polynomial at x = 30, an exp of the wrong sign) may overflow: that is harmless because it
 is multiplied by a 0 bit, exactly, in the ring.
 
-Costs per element and party with exact truncation (T = 1/8 byte, msb64 = 7 rounds and
-32.25 bytes; `*_cost` below, checked against the transport in the tests):
-    gelu_quad       2 rounds   8 + T
-    gelu_puma       8 rounds   3 msb64 + 32 + 6 T           (polynomials in 4 rounds, hidden)
-    tanh_secformer  8 rounds   2 msb64 + 12 + 3 T           (P = 16: a 20-bit sine opening)
-    gelu_crypten   25 rounds   msb64 + 120 + 16 T  (exp_iterations 9)
-    tanh_crypten   22 rounds   msb64 + 128 + 15 T
+Truncation: the masked-polynomial protocols (puma, crypten) hold values at 2^56..2^61,
+where SecureML-style local truncation fails with probability ~|v|/2^63 per element, so
+they always truncate exactly (trunc_exact); gelu_quad and tanh_secformer truncate values at
+2f bits and follow the context's mode.
+
+Costs per element and party at bits=64 (T = 1/8 byte: a truncation or a 1-bit opening;
+msb64 = 7 rounds, 32.25 bytes). `*_cost` below; the tests check them against the transport:
+    gelu_quad       2 rounds     8 +   T =   8.125 bytes
+    gelu_puma       8 rounds    32 +  6T + 3 msb64 = 129.5   (polynomials in 4 rounds, hidden)
+    tanh_secformer  8 rounds    12 +  3T + 2 msb64 =  76.875 (P = 16: a 20-bit sine opening)
+    gelu_crypten   25 rounds   128 + 18T +   msb64 = 162.5   (exp_iterations = 9)
+    tanh_crypten   22 rounds   136 + 17T +   msb64 = 170.375
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from .compare import (b2a, b2a_cost, bit_mul, bit_mul_cost, gt_public, lt_public
                       not_bit)
 from .cost import Cost, bits_bytes
 from .sine import sine_series, sine_series_cost
-from .trunc import trunc, trunc_cost
+from .trunc import trunc, trunc_cost, trunc_exact
 
 Terms = Sequence[tuple[int, Mapping[str, int]]]  # sum of coef * prod(var ** exponent)
 
@@ -230,10 +235,10 @@ def gelu_puma(ctx: Context, x: torch.Tensor, bits: int = 64, *,
 
     def polys() -> Protocol:
         yield from M.open({"x": x})
-        x3 = yield from trunc(ctx, M.eval(cube), 2 * f)
+        x3 = yield from trunc_exact(ctx, M.eval(cube), 2 * f)
         yield from M.open({"x3": x3})
-        return (yield from parallel(trunc(ctx, M.eval(pl), f + PUMA_FRAC),
-                                    trunc(ctx, M.eval(pm), f + PUMA_FRAC)))
+        return (yield from parallel(trunc_exact(ctx, M.eval(pl), f + PUMA_FRAC),
+                                    trunc_exact(ctx, M.eval(pm), f + PUMA_FRAC)))
 
     lo, l1, hi, (p_l, p_m) = yield from parallel(
         _lt(ctx, x, b0, bits), _lt(ctx, x, b1, bits), _gt(ctx, x, b2, bits), polys())
@@ -242,8 +247,8 @@ def gelu_puma(ctx: Context, x: torch.Tensor, bits: int = 64, *,
     return M.eval(out_terms)
 
 
-def gelu_puma_cost(shape, bits: int = 64, mode: str = "exact") -> Cost:
-    t = trunc_cost(shape, mode)
+def gelu_puma_cost(shape, bits: int = 64) -> Cost:
+    t = trunc_cost(shape)
     polys = _open_cost(shape, 1) + t + _open_cost(shape, 1) + Cost(t.rounds, 2 * t.bytes)
     cmp = msb_cost(shape, bits)
     phase = Cost(max(cmp.rounds, polys.rounds), 3 * cmp.bytes + polys.bytes)
@@ -315,13 +320,13 @@ def _signed(terms: Terms, extra: Mapping[str, int]) -> list:
 
 
 def _sigmoid_setup(ctx: Context, x: torch.Tensor, pre_rounds: int, bits: int, n: int,
-                   f_y: int, extra: Mapping[str, Terms]) -> tuple[_Masked, int]:
+                   extra: Mapping[str, Terms], extra_ring: Sequence[str]) -> tuple[_Masked, int]:
     """Masks and polynomials of the exp chains, the select, Newton 1-2 and the caller's `extra`.
 
     Chain secrets: p_j, m_j (squaring j of 1 - t and 1 + t, j <= k + 1), s_j (after the
     select); then Eh, Ec (E at two precisions) and y (y2 at f_y bits).
     """
-    per = 1 + trunc_cost((1,), ctx.trunc).rounds
+    per = 1 + trunc_cost((1,)).rounds
     k = _n_doubled(pre_rounds, msb_cost((1,), bits).rounds, per, n)
     chain = [f"{s}{j}" for j in range(1, k + 2) for s in "pm"]
     chain += [f"s{j}" for j in range(k + 2, n + 1)]
@@ -331,8 +336,7 @@ def _sigmoid_setup(ctx: Context, x: torch.Tensor, pre_rounds: int, bits: int, n:
     plan["sel"] = [(1, {p: 2}), (1, {"neg": 1, m: 2}), (-1, {"neg": 1, p: 2})]
     plan["y2"] = [(c << ((3 - j) * F_CUBIC), {"Ec": j}) for j, c in enumerate(Y2_NUM)]
     plan.update(extra)
-    ring = [v for v in ("x",) if any(v in pw for t in plan.values() for _, pw in t)]
-    M = _Masked(ctx, x.shape, ring + chain + ["Eh", "Ec", "y"], ["neg"], list(plan.values()))
+    M = _Masked(ctx, x.shape, [*extra_ring, *chain, "Eh", "Ec", "y"], ["neg"], list(plan.values()))
     M.plan = plan
     return M, k
 
@@ -345,7 +349,7 @@ def _sigmoid_run(ctx: Context, M: _Masked, k: int, n: int, f_y: int, f_d: int, x
         u = yield from front
         for j in range(1, k + 1):
             yield from M.open({f"p{j}": u[0], f"m{j}": u[1]})
-            u = yield from parallel(*[trunc(ctx, M.eval(M.plan[v]), F_CHAIN)
+            u = yield from parallel(*[trunc_exact(ctx, M.eval(M.plan[v]), F_CHAIN)
                                       for v in (f"p{j}", f"m{j}")])
         return u
 
@@ -353,19 +357,19 @@ def _sigmoid_run(ctx: Context, M: _Masked, k: int, n: int, f_y: int, f_d: int, x
     yield from M.open({f"p{k + 1}": up, f"m{k + 1}": um}, {"neg": neg})
     sq = M.eval(M.plan["sel"])
     for j in range(k + 2, n + 1):
-        u = yield from trunc(ctx, sq, F_CHAIN)
+        u = yield from trunc_exact(ctx, sq, F_CHAIN)
         yield from M.open({f"s{j}": u})
         sq = M.eval(M.plan[f"s{j}"])
-    eh, ec = yield from parallel(trunc(ctx, sq, 2 * F_CHAIN - f_d),
-                                 trunc(ctx, sq, 2 * F_CHAIN - F_CUBIC))
+    eh, ec = yield from parallel(trunc_exact(ctx, sq, 2 * F_CHAIN - f_d),
+                                 trunc_exact(ctx, sq, 2 * F_CHAIN - F_CUBIC))
     yield from M.open({"Eh": eh, "Ec": ec})
-    y2 = yield from trunc(ctx, M.eval(M.plan["y2"]), 3 * F_CUBIC + 8 - f_y)
+    y2 = yield from trunc_exact(ctx, M.eval(M.plan["y2"]), 3 * F_CUBIC + 8 - f_y)
     yield from M.open({"y": y2})
 
 
-def _sigmoid_cost(shape, pre: Cost, bits: int, n: int, mode: str) -> Cost:
+def _sigmoid_cost(shape, pre: Cost, bits: int, n: int) -> Cost:
     """Cost of `_sigmoid_run` after a front of cost `pre` (the caller adds its last truncation)."""
-    t = trunc_cost(shape, mode)
+    t = trunc_cost(shape)
     cmp = msb_cost(shape, bits)
     per = 1 + t.rounds
     k = _n_doubled(pre.rounds, cmp.rounds, per, n)
@@ -388,9 +392,9 @@ def gelu_crypten(ctx: Context, x: torch.Tensor, bits: int = 64, *, cubic: float 
     x (neg ? 1 - y : y) = neg x + (1 - 2 neg) x y. Schedule: open x (x^3), truncate x^3,
     truncate t = w/2^n to 30 bits; square 1 - t and 1 + t side by side until msb(x) is
     done, then one select-and-square; the remaining squarings; Newton steps 1-2 as one
-    cubic in E (17 bits); step 3 and the products with x and neg as one polynomial at
-    f + 2*10 + 21 = 57 bits, truncated. x^3 at 3f bits needs |x| < 25.4 (f = 16); the
-    reference itself breaks for |x| > ~23.5 (spec notes).
+    cubic in E (17 bits); step 3 and the products with x and neg as two polynomials (below),
+    truncated in parallel. x^3 at 3f bits needs |x| < 25.4 (f = 16); the reference itself
+    breaks for |x| > ~23.5 (spec notes).
     """
     _check_sigmoid(exp_iterations, reciprocal_iterations, reciprocal_initial)
     f, n = ctx.f, exp_iterations
@@ -404,30 +408,30 @@ def gelu_crypten(ctx: Context, x: torch.Tensor, bits: int = 64, *, cubic: float 
         [(1 << (1 + f_y), {"y": 1}), (-1, {"y": 2})], {"x": 1})
     out_b = _signed([(-1, {"y": 2, "Eh": 1})], {"x": 1})
 
-    pre = 1 + 2 * trunc_cost((1,), ctx.trunc).rounds
+    pre = 1 + 2 * trunc_cost((1,)).rounds
     cube = [(1, {"x": 3})]
-    M, k = _sigmoid_setup(ctx, x, pre, bits, n, f_y, {"cube": cube, "A": out_a, "B": out_b})
+    M, k = _sigmoid_setup(ctx, x, pre, bits, n, {"cube": cube, "A": out_a, "B": out_b}, ["x"])
     c1 = 2 * math.sqrt(2 / math.pi) / 2 ** n  # t = w / 2^n = c1 (x + cubic x^3)
     k_t = 59 - f  # t at 59 bits from x and x3 (f bits each); |t| < 2 where the result is used
 
     def front() -> Protocol:
         yield from M.open({"x": x})
-        x3 = yield from trunc(ctx, M.eval(cube), 2 * f)
-        t = yield from trunc(ctx, _fixed(c1, k_t) * x + _fixed(c1 * cubic, k_t) * x3,
+        x3 = yield from trunc_exact(ctx, M.eval(cube), 2 * f)
+        t = yield from trunc_exact(ctx, _fixed(c1, k_t) * x + _fixed(c1 * cubic, k_t) * x3,
                              f + k_t - F_CHAIN)
         one = wrap(1 << F_CHAIN)
         return ctx.add_public(-t, one), ctx.add_public(t, one)
 
     yield from _sigmoid_run(ctx, M, k, n, f_y, f_d, x, bits, front())
-    a, b = yield from parallel(trunc(ctx, M.eval(M.plan["A"]), s_a - f),
-                               trunc(ctx, M.eval(M.plan["B"]), s_b - f))
+    a, b = yield from parallel(trunc_exact(ctx, M.eval(M.plan["A"]), s_a - f),
+                               trunc_exact(ctx, M.eval(M.plan["B"]), s_b - f))
     return a + b
 
 
-def gelu_crypten_cost(shape, bits: int = 64, exp_iterations: int = 9, mode: str = "exact") -> Cost:
-    t = trunc_cost(shape, mode)
+def gelu_crypten_cost(shape, bits: int = 64, exp_iterations: int = 9) -> Cost:
+    t = trunc_cost(shape)
     pre = _open_cost(shape, 1) + t + t
-    return _sigmoid_cost(shape, pre, bits, exp_iterations, mode) + Cost(t.rounds, 2 * t.bytes)
+    return _sigmoid_cost(shape, pre, bits, exp_iterations) + Cost(t.rounds, 2 * t.bytes)
 
 
 def tanh_crypten(ctx: Context, x: torch.Tensor, bits: int = 64, *, exp_iterations: int = 9,
@@ -449,7 +453,7 @@ def tanh_crypten(ctx: Context, x: torch.Tensor, bits: int = 64, *, exp_iteration
     # (1 - 2 neg)(2 y3 - 1) at s bits, y3 = 2 y2 - y2^2 (1 + E)
     y3x2 = [(1 << (2 + f_y + f_d), {"y": 1}), (-(2 << f_d), {"y": 2}), (-2, {"y": 2, "Eh": 1}),
             (-(1 << s), {})]
-    M, k = _sigmoid_setup(ctx, x, 0, bits, n, f_y, {"out": _signed(y3x2, {})})
+    M, k = _sigmoid_setup(ctx, x, 0, bits, n, {"out": _signed(y3x2, {})}, [])
 
     def front() -> Protocol:
         t = x << shift
@@ -458,8 +462,8 @@ def tanh_crypten(ctx: Context, x: torch.Tensor, bits: int = 64, *, exp_iteration
         yield  # makes this a generator; it sends nothing
 
     yield from _sigmoid_run(ctx, M, k, n, f_y, f_d, x, bits, front())
-    return (yield from trunc(ctx, M.eval(M.plan["out"]), s - f))
+    return (yield from trunc_exact(ctx, M.eval(M.plan["out"]), s - f))
 
 
-def tanh_crypten_cost(shape, bits: int = 64, exp_iterations: int = 9, mode: str = "exact") -> Cost:
-    return _sigmoid_cost(shape, Cost(), bits, exp_iterations, mode) + trunc_cost(shape, mode)
+def tanh_crypten_cost(shape, bits: int = 64, exp_iterations: int = 9) -> Cost:
+    return _sigmoid_cost(shape, Cost(), bits, exp_iterations) + trunc_cost(shape)

@@ -1,0 +1,66 @@
+"""compile() end to end: simulator vs float, 2PC vs simulator, static cost vs counted cost."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import secformer_compiler as sc
+from secformer_compiler.cost import missing_cost_rules, program_cost
+from secformer_compiler.mpc_interp import RULES
+from secformer_compiler.ir import OPS
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100, max_position_embeddings=64)
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    x = {"input_ids": ids, "attention_mask": mask}
+    cal = [{"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": mask} for _ in range(3)]
+    return model, x, cal
+
+
+def test_every_mpc_op_has_a_2pc_rule_and_a_cost_rule():
+    mpc_ops = [op for op, d in OPS.items() if d.level == "mpc"]
+    assert [op for op in mpc_ops if op not in RULES] == []
+    assert missing_cost_rules() == []
+
+
+def test_exact_simulator_matches_float_model(tiny_bert):
+    model, x, _ = tiny_bert
+    cm = sc.compile(model, x, preset="exact", frac_bits=24)
+    got = cm.simulate(**x)[0]
+    want = model(**x).last_hidden_state
+    assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["secformer", "secformer-exact-softmax"])
+def test_2pc_equals_simulator_and_cost_model_equals_counts(tiny_bert, preset):
+    model, x, cal = tiny_bert
+    cm = sc.compile(model, x, preset=preset, calibration=cal)
+    sim = cm.simulate(**x)[0]
+    res = cm.run(**x)
+    # same fixed-point program; only exact truncation's random 1-ulp carries differ
+    assert (res.outputs[0] - sim).abs().max() < 5e-3
+    # close to the float model (2Quad differs from softmax, so loosely for secformer)
+    tol = 0.3 if preset == "secformer" else 0.05
+    assert (sim - model(**x).last_hidden_state).abs().max() < tol
+    static = program_cost(cm.graph)
+    counted = cm.last_simulation_counter
+    assert static.rounds == counted.rounds == res.stats.rounds
+    assert static.bytes_per_party == counted.bytes_sent == res.stats.bytes_sent[0] == res.stats.bytes_sent[1]
+    for name, c in static.by_node.items():
+        row = res.stats.by_tag.get(name, {"bytes_sent": 0, "rounds": 0})
+        assert (row["bytes_sent"], row["rounds"]) == (c.bytes, c.rounds), name
+
+
+def test_report_lists_approximations(tiny_bert):
+    model, x, cal = tiny_bert
+    cm = sc.compile(model, x, calibration=cal)
+    text = cm.report()
+    assert "gelu.secformer" in text and "softmax.2quad" in text and "layernorm.secformer" in text
+    assert "linear" in str(cm.program)
