@@ -83,12 +83,14 @@ class Correlations(ABC):
 
     def correlated(self, sources: Sequence[Source], derive: Derive | None = None,
                    out_doms: Sequence[Dom] = (), fixed: Sequence[str] = (),
-                   keep: str | None = None) -> list[torch.Tensor]:
+                   keep: str | None = None, zero_at_zero: bool = False) -> list[torch.Tensor]:
         """Shares of the sources, then of `derive(*sources, *fixed_values)` (one per out_dom).
 
         keep: remember these sources under a key so a later call can pass them in `fixed`
         (a fixed weight's mask, reused across inferences).
+        zero_at_zero: derive(0, ...) is 0 (Beaver products); lets the simulator skip it.
         """
+        self._zero_at_zero = zero_at_zero
         if keep is not None:
             if keep in self._fixed_shapes:
                 raise KeyError(f"correlation key {keep!r} is already in use")
@@ -203,7 +205,9 @@ class ClearCorrelations(Correlations):
         if keep is not None:
             self._fixed_values[keep] = zeros
         derived = []
-        if derive is not None:
+        if derive is not None and self._zero_at_zero:
+            derived = [torch.zeros(s, dtype=torch.int64) for s in out_shapes]
+        elif derive is not None:
             args = list(zeros)
             for key in fixed:
                 args += self._fixed_values[key]

@@ -103,23 +103,22 @@ class _Masked:
 
         A secret is e + m: (e + m)^k = sum_j C(k, j) e^(k-j) m^j. A bit is c + (1 - 2c) r.
         """
-        if any(powers.get(b, 0) > 1 for b in self.names[self.nr:]):
-            raise ValueError("a bit is its own square: use exponent 1")
         cur = {(): coef}
         for i, v in enumerate(self.names):
             k = powers.get(v, 0)
+            if i >= self.nr and k > 1:
+                raise ValueError("a bit is its own square: use exponent 1")
+            if coef is None or not k:
+                parts = [(j, None if coef is None else 1) for j in range(k + 1)]
+            elif i >= self.nr:
+                c = self.public[v]
+                parts = [(0, c), (1, 1 - 2 * c)]
+            else:
+                parts = [(j, _mul(math.comb(k, j), self._epow(v, k - j))) for j in range(k + 1)]
             nxt: dict = {}
             for key, cf in cur.items():
-                if i >= self.nr:  # bit
-                    c = self.public.get(v)
-                    opts = [(0, cf)] if not k else [
-                        (0, None if cf is None else _mul(cf, c)),
-                        (1, None if cf is None else _mul(cf, 1 - 2 * c))]
-                else:
-                    opts = [(j, None if cf is None else
-                             _mul(_mul(cf, math.comb(k, j)), self._epow(v, k - j)))
-                            for j in range(k + 1)]
-                for j, val in opts:
+                for j, part in parts:
+                    val = None if cf is None else _mul(cf, part)
                     nk = key + (j,)
                     nxt[nk] = val if nk not in nxt or val is None else nxt[nk] + val
             cur = nxt

@@ -85,7 +85,7 @@ def matmul_public(ctx: Context, x: torch.Tensor, w: torch.Tensor) -> torch.Tenso
 
 def _beaver(ctx: Context, x: torch.Tensor, y: torch.Tensor, op: Op) -> Protocol:
     a, b, c = ctx.corr.correlated([(x.shape, RING), (y.shape, RING)],
-                                  lambda a, b: [op(a, b)], [RING])
+                                  lambda a, b: [op(a, b)], [RING], zero_at_zero=True)
     e, f = yield from open_add(x - a, y - b)
     # x*y = x*f + e*b + c, with x = e + a (each party uses its own share of x): the local
     # terms are the party's shares of x*f, e*b and c, so no public product is added twice.
@@ -108,7 +108,7 @@ def beaver_cost(x_shape, y_shape) -> Cost:
 
 def square(ctx: Context, x: torch.Tensor) -> Protocol:
     """x*x with one opening: (e + a)^2 = e^2 + 2ea + a^2."""
-    a, c = ctx.corr.correlated([(x.shape, RING)], lambda a: [a * a], [RING])
+    a, c = ctx.corr.correlated([(x.shape, RING)], lambda a: [a * a], [RING], zero_at_zero=True)
     (e,) = yield from open_add(x - a)
     z = 2 * e * a + c
     return ctx.add_public(z, e * e)
@@ -148,7 +148,8 @@ def fix_operand_cost(shape) -> Cost:
 
 
 def _beaver_fixed(ctx: Context, x: torch.Tensor, w: FixedOperand, op: Op) -> Protocol:
-    a, c = ctx.corr.correlated([(x.shape, RING)], lambda a, b: [op(a, b)], [RING], fixed=[w.key])
+    a, c = ctx.corr.correlated([(x.shape, RING)], lambda a, b: [op(a, b)], [RING], fixed=[w.key],
+                               zero_at_zero=True)
     (e,) = yield from open_add(x - a)  # fresh activation mask every call
     masked, mask = w.prepared() if op is ring_matmul else (w.masked, w.mask)
     return op(x, masked) + op(e, mask) + c
