@@ -114,28 +114,15 @@ class CompiledModel:
         inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)
         return tuple(o.float() for o in float_interp.run(self.graph, inputs))
 
-    def run(self, *args: Any, processes: bool = False, timeout: float = 300.0, cluster: Any = None,
-            **kwargs: Any) -> RunResult:
-        """Real 2PC: P0, P1 and the dealer as threads (default) or processes (processes=True)."""
+    def session(self, processes: bool = False, timeout: float = 300.0) -> "Session":
+        """Start P0, P1 and the dealer and load the weights once; then `session.infer(...)`."""
+        return Session(self, processes=processes, timeout=timeout)
+
+    def run(self, *args: Any, processes: bool = False, timeout: float = 300.0, **kwargs: Any) -> RunResult:
+        """Real 2PC of one input: P0, P1 and the dealer as threads (default) or processes."""
         inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)
-        own = cluster is None
-        if own:
-            if processes:
-                from .runtime.launch import ProcessCluster
-                cluster = ProcessCluster(self.fxp, self.trunc, timeout=timeout)
-            else:
-                from .runtime.local import LocalCluster
-                cluster = LocalCluster(self.fxp, self.trunc, timeout=timeout)
-        try:
-            w0, w1 = split_shares(self._ring_weights)
-            _, _, load_stats = cluster.run(_load, (self.graph, w0), (self.graph, w1))
-            i0, i1 = self._public_split(client_encode(self.graph, self.fxp, inputs))
-            o0, o1, stats = cluster.run(_infer, (self.graph, i0), (self.graph, i1))
-        finally:
-            if own and hasattr(cluster, "close"):
-                cluster.close()
-        outs = tuple(self.fxp.decode(a + b).float() for a, b in zip(o0, o1))
-        return RunResult(outs, stats, load_stats)
+        with self.session(processes=processes, timeout=timeout) as sess:
+            return sess.infer(inputs)
 
     def report(self) -> str:
         """The chosen approximations, their parameters and declared error bounds."""
@@ -174,3 +161,40 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
                          calibration=ranges, **per_op)
     return CompiledModel(graph, FixedPoint(frac_bits), trunc, preset)
+
+
+class Session:
+    """A running deployment of one compiled model: the weights are shared and loaded once
+    (W - B opened for every fixed operand), then any number of inferences."""
+
+    def __init__(self, cm: CompiledModel, processes: bool = False, timeout: float = 300.0) -> None:
+        self.cm = cm
+        if processes:
+            from .runtime.launch import ProcessCluster
+            self.cluster = ProcessCluster(cm.fxp, cm.trunc, timeout=timeout)
+        else:
+            from .runtime.local import LocalCluster
+            self.cluster = LocalCluster(cm.fxp, cm.trunc, timeout=timeout)
+        try:
+            w0, w1 = split_shares(cm._ring_weights)  # the model owner's split
+            _, _, self.load_stats = self.cluster.run(_load, (cm.graph, w0), (cm.graph, w1))
+        except BaseException:
+            self.close()
+            raise
+
+    def infer(self, *args: Any, **kwargs: Any) -> RunResult:
+        inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)
+        i0, i1 = self.cm._public_split(client_encode(self.cm.graph, self.cm.fxp, inputs))
+        o0, o1, stats = self.cluster.run(_infer, (self.cm.graph, i0), (self.cm.graph, i1))
+        outs = tuple(self.cm.fxp.decode(a + b).float() for a, b in zip(o0, o1))
+        return RunResult(outs, stats, self.load_stats)
+
+    def close(self) -> None:
+        if hasattr(self.cluster, "close"):
+            self.cluster.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
