@@ -10,13 +10,19 @@ Presets (methods per op; see docs in `secformer_compiler/approx/*.py` and BASELI
 | preset                  | gelu            | layernorm           | softmax        |
 | secformer (default)     | gelu.secformer  | layernorm.secformer | softmax.2quad  |
 | mpcformer               | gelu.quad       | layernorm.secformer | softmax.2quad  |
-| puma                    | gelu.puma       | layernorm.puma      | softmax.puma   |
+| puma                    | gelu.puma       | layernorm.secformer*| softmax.puma*  |
 | crypten                 | gelu.crypten    | layernorm.crypten   | softmax.crypten|
 | secformer-exact-softmax | gelu.secformer  | layernorm.secformer | softmax.crypten|
 | exact                   | gelu.exact      | layernorm.exact     | softmax.exact  |
 
-`tanh` (BERT's pooler) uses `tanh.crypten` (2 sigmoid(2x) - 1) where such a spec is
-registered, else `tanh.exact`, recorded in `graph.meta["approximation_notes"]`.
+* PUMA normalises by the highest set bit for its reciprocal and inverse square root; that
+needs a bit decomposition this runtime does not have, so under 2PC the `puma` preset uses
+calibrated Goldschmidt for both (mpc_nonlinear.py). `layernorm.puma` remains available to
+the float reference and as an override for simulation studies.
+
+`tanh` (BERT's pooler) uses SecFormer's segmented sine series (`tanh.secformer`, the same
+secure-sine protocol as its GeLU) in the SecFormer presets and CrypTen's 2 sigmoid(2x) - 1
+(`tanh.crypten`) in the baselines.
 
 Overrides: `{"softmax": "puma"}` (a preset name: that preset's method for the op),
 `{"softmax": "softmax.puma"}` (a spec name), or `{<node name>: <spec name>}` for one node.
@@ -41,14 +47,17 @@ APPROXIMATED_OPS = ("gelu", "layernorm", "softmax", "tanh")
 
 PRESETS: dict[str, dict[str, str]] = {
     "secformer": {"gelu": "gelu.secformer", "layernorm": "layernorm.secformer", "softmax": "softmax.2quad",
-                  "tanh": "tanh.crypten"},
+                  "tanh": "tanh.secformer"},
     "mpcformer": {"gelu": "gelu.quad", "layernorm": "layernorm.secformer", "softmax": "softmax.2quad",
                   "tanh": "tanh.crypten"},
-    "puma": {"gelu": "gelu.puma", "layernorm": "layernorm.puma", "softmax": "softmax.puma", "tanh": "tanh.crypten"},
+    # PUMA's own rsqrt (highest-set-bit normalisation) has no 2PC protocol here: its preset
+    # uses SecFormer's calibrated Goldschmidt LayerNorm (simulate layernorm.puma by override).
+    "puma": {"gelu": "gelu.puma", "layernorm": "layernorm.secformer", "softmax": "softmax.puma",
+             "tanh": "tanh.crypten"},
     "crypten": {"gelu": "gelu.crypten", "layernorm": "layernorm.crypten", "softmax": "softmax.crypten",
                 "tanh": "tanh.crypten"},
     "secformer-exact-softmax": {"gelu": "gelu.secformer", "layernorm": "layernorm.secformer",
-                                "softmax": "softmax.crypten", "tanh": "tanh.crypten"},
+                                "softmax": "softmax.crypten", "tanh": "tanh.secformer"},
     "exact": {"gelu": "gelu.exact", "layernorm": "layernorm.exact", "softmax": "softmax.exact",
               "tanh": "tanh.exact"},
 }

@@ -132,6 +132,18 @@ nonlinear_cost("gelu", "gelu.secformer")(
     lambda n, ins, mode, f: nl.gelu_secformer_cost(n.shape, int(_p(n).get("bits", 64)), mode))
 
 
+from .runtime.protocols import activations as act  # noqa: E402
+
+nonlinear_cost("gelu", "gelu.quad")(lambda n, ins, mode, f: act.gelu_quad_cost(n.shape, mode))
+nonlinear_cost("gelu", "gelu.puma")(lambda n, ins, mode, f: act.gelu_puma_cost(n.shape))
+nonlinear_cost("gelu", "gelu.crypten")(
+    lambda n, ins, mode, f: act.gelu_crypten_cost(n.shape, exp_iterations=int(_p(n)["exp_iterations"])))
+nonlinear_cost("tanh", "tanh.secformer")(
+    lambda n, ins, mode, f: act.tanh_secformer_cost(n.shape, int(_p(n)["period"]), f=f, mode=mode))
+nonlinear_cost("tanh", "tanh.crypten")(
+    lambda n, ins, mode, f: act.tanh_crypten_cost(n.shape, exp_iterations=int(_p(n)["exp_iterations"])))
+
+
 def _ln_shape(node, ins):
     k = node.attrs["dims"]
     s = tuple(ins[0].shape)
@@ -174,6 +186,19 @@ def _sm_crypten(node, ins, mode, f):
     recip = baselines.reciprocal_newton_cost(tuple(shape), int(p["reciprocal_iterations"]),
                                              int(p["exp_iterations"]), mode)
     return baselines.softmax_exp_cost(node.shape, dim, int(p["exp_iterations"]), recip, mode=mode)
+
+
+@nonlinear_cost("softmax", "softmax.puma")
+def _sm_puma(node, ins, mode, f):
+    from .mpc_nonlinear import puma_recip_plan
+    from .runtime.protocols.goldschmidt import reciprocal_goldschmidt_cost
+    p = _p(node)
+    dim = node.attrs["dim"]
+    shape = list(node.shape)
+    prescale, iters = puma_recip_plan(shape[dim])
+    shape[dim] = 1
+    recip = reciprocal_goldschmidt_cost(tuple(shape), prescale, iters, f=f, mode=mode)
+    return baselines.softmax_exp_cost(node.shape, dim, int(p["exp_iterations"]), recip, cutoff=True, mode=mode)
 
 
 @dataclass

@@ -116,3 +116,44 @@ def _softmax_crypten(ctx, node, ins, p) -> Protocol:
     def recip(c, s):
         return baselines.reciprocal_newton(c, s, iters, exp_n)
     return baselines.softmax_exp(ctx, ins[0], node.attrs["dim"], _mask(node, ins), exp_n=exp_n, recip=recip)
+
+
+# --- baseline activations (runtime/protocols/activations.py): keyword names = spec params ---
+
+from .runtime.protocols import activations as act  # noqa: E402
+
+
+def _by_params(proto):
+    def rule(ctx, node, ins, p) -> Protocol:
+        return proto(ctx, ins[0], **p)
+    return rule
+
+
+nonlinear("gelu", "gelu.quad")(_by_params(act.gelu_quad))
+nonlinear("gelu", "gelu.puma")(_by_params(act.gelu_puma))
+nonlinear("gelu", "gelu.crypten")(_by_params(act.gelu_crypten))
+nonlinear("tanh", "tanh.secformer")(_by_params(act.tanh_secformer))
+nonlinear("tanh", "tanh.crypten")(_by_params(act.tanh_crypten))
+
+
+# --- PUMA softmax -----------------------------------------------------------------------------
+# PUMA (SPU) normalises the row sum by its highest set bit before 2 Goldschmidt steps; that
+# needs a bit decomposition we do not implement. The row sum of exp(z - max) lies in
+# [1, n], so a pre-scaled Goldschmidt reciprocal chosen for that range (to 1e-4 relative
+# error) stands in for it. exp with n = 5 squarings and the z > -14 cutoff are PUMA's.
+
+def puma_recip_plan(n: int) -> tuple[float, int]:
+    from .approx import choose_goldschmidt
+    choice = choose_goldschmidt(1.0, float(n), 1e-4, kind="reciprocal")
+    return float(choice[0]), int(choice[1])
+
+
+@nonlinear("softmax", "softmax.puma")
+def _softmax_puma(ctx, node, ins, p) -> Protocol:
+    from .runtime.protocols.goldschmidt import reciprocal_goldschmidt
+    prescale, iters = puma_recip_plan(node.shape[node.attrs["dim"]])
+
+    def recip(c, s):
+        return reciprocal_goldschmidt(c, s, prescale, iters)
+    return baselines.softmax_exp(ctx, ins[0], node.attrs["dim"], _mask(node, ins),
+                                 exp_n=int(p["exp_iterations"]), recip=recip, cutoff=float(p["cutoff"]))

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-OPS = ("gelu", "softmax", "layernorm", "rsqrt", "reciprocal", "exp")
+OPS = ("gelu", "softmax", "layernorm", "rsqrt", "reciprocal", "exp", "tanh")
 
 APPROXIMATIONS: dict[str, ApproxSpec] = {}
 

@@ -27,15 +27,9 @@ import math
 import numpy as np
 import torch
 
-from . import spec as _spec
 from .gelu import sigmoid_crypten
 from .iterative import CRYPTEN
 from .spec import approximation
-
-# The op list in spec.py predates tanh; extend it here (the only other module that may
-# name it is this one). TODO(lead): move "tanh" into spec.OPS and drop this line.
-if "tanh" not in _spec.OPS:
-    _spec.OPS = _spec.OPS + ("tanh",)
 
 TANH_SINE_PERIOD = 16  # int: the runtime checks it is a power of two
 TANH_SINE_THRESHOLD = 5.75  # exact in fixed point (the comparisons are against it)

@@ -253,7 +253,7 @@ def test_spec_validation_and_param_access():
     with pytest.raises(ValueError, match="op 'tanh'"):
         ApproxSpec(
             name="tanh.t",
-            op="tanh",
+            op="sigmoid",
             method="x",
             domain=(0, 1),
             fn=lambda x: x,

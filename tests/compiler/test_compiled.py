@@ -64,3 +64,18 @@ def test_report_lists_approximations(tiny_bert):
     text = cm.report()
     assert "gelu.secformer" in text and "softmax.2quad" in text and "layernorm.secformer" in text
     assert "linear" in str(cm.program)
+
+
+@pytest.mark.parametrize("preset", ["secformer", "mpcformer", "puma", "crypten", "secformer-exact-softmax"])
+def test_every_preset_compiles_and_its_static_cost_equals_the_count(preset):
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(1)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100, max_position_embeddings=64)
+    model = BertForSequenceClassification(cfg).eval()
+    x = {"input_ids": torch.randint(0, 100, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    cm = sc.compile(model, x, preset=preset, calibration=[x])
+    got = cm.simulate(**x)[0]
+    assert (got - model(**x).logits).abs().max() < 0.05  # random weights: small logits
+    static, counted = program_cost(cm.graph), cm.last_simulation_counter
+    assert (static.rounds, static.bytes_per_party) == (counted.rounds, counted.bytes_sent)

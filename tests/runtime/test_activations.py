@@ -33,6 +33,11 @@ def cluster():
     return LocalCluster(FX)
 
 
+def P(name):
+    """A spec's params: the protocols take them as keywords (what the lowering passes)."""
+    return dict(get_approx(name).params)
+
+
 def sweep(lo, hi, n, points=(), far=()):
     """Equispaced [lo, hi], the given points +- 0..2 ulps, values outside, some random."""
     near = [p + k * ULP for p in points for k in (-2, -1, 0, 1, 2)]
@@ -83,7 +88,7 @@ def check_accuracy(name, x, got, clear, bound, spec_name, inside=None):
 
 def test_gelu_quad(cluster, seed):
     x = sweep(-4, 4, 8001)
-    got, clear, stats, counter = run_both(cluster, act.gelu_quad, x)
+    got, clear, stats, counter = run_both(cluster, act.gelu_quad, x, **P("gelu.quad"))
     # exact square, constants folded into one truncation: error below 2 ulps (floor + carry)
     check_accuracy("gelu_quad", x, got, clear, 2 * ULP, "gelu.quad")
     check_cost(stats, counter, act.gelu_quad_cost(x.shape), x.shape)
@@ -93,7 +98,7 @@ def test_gelu_quad(cluster, seed):
 
 def test_gelu_puma(cluster, seed):
     x = sweep(-32, 32, 20001, points=(-4.0, -1.95, 3.0), far=(-1000.0, 1000.0, -3e4, 3e4))
-    got, clear, stats, counter = run_both(cluster, act.gelu_puma, x)
+    got, clear, stats, counter = run_both(cluster, act.gelu_puma, x, **P("gelu.puma"))
     # measured 3.5e-5: the truncations of x^3 and of the polynomials, and x3's error in x^6
     check_accuracy("gelu_puma", x, got, clear, 6e-5, "gelu.puma", x.abs() <= 32)
     far = x.abs() > 100
@@ -104,7 +109,7 @@ def test_gelu_puma(cluster, seed):
     assert act.gelu_puma_cost((8,), bits=32).rounds == 7
 
 
-def test_gelu_puma_narrow_comparisons(cluster):
+def test_gelu_puma_narrow_comparisons(cluster, seed):
     x = sweep(-32, 32, 2001, points=(-4.0, -1.95, 3.0))
     got, _, stats, counter = run_both(cluster, act.gelu_puma, x, bits=24)
     assert (got - get_approx("gelu.puma").reference(x)).abs().max() <= 6e-5
@@ -113,8 +118,8 @@ def test_gelu_puma_narrow_comparisons(cluster):
 
 def test_tanh_secformer(cluster, seed):
     t = get_approx("tanh.secformer").threshold
-    x = sweep(-30, 30, 20001, points=(-t, t), far=(-1e3, 1e3, -3e4, 3e4, 8.0, -8.0, 16.0))
-    got, clear, stats, counter = run_both(cluster, act.tanh_secformer, x)
+    x = sweep(-30, 30, 10001, points=(-t, t), far=(-1e3, 1e3, -3e4, 3e4, 8.0, -8.0, 16.0))
+    got, clear, stats, counter = run_both(cluster, act.tanh_secformer, x, **P("tanh.secformer"))
     # measured 8.5e-5: dealer's sin/cos shares and public factors at 2^-17 each, sum |beta|
     # = 1.9, times 2 per term, plus the truncation
     check_accuracy("tanh_secformer", x, got, clear, 1.5e-4, "tanh.secformer")
@@ -127,7 +132,7 @@ def test_tanh_secformer(cluster, seed):
 
 def test_gelu_crypten(cluster, seed):
     x = sweep(-20, 20, 20001, points=(0.0,), far=(-23.0, 23.0))
-    got, clear, stats, counter = run_both(cluster, act.gelu_crypten, x)
+    got, clear, stats, counter = run_both(cluster, act.gelu_crypten, x, **P("gelu.crypten"))
     # measured 6.5e-5 at |x| ~ 20: y2 (13 bits) enters y3 through 2 (1 - y2 d) <= 0.008, and
     # E (21 bits) through x y2^2 E; both are multiplied by |x|
     check_accuracy("gelu_crypten", x, got, clear, 1.2e-4, "gelu.crypten", x.abs() <= 20)
@@ -138,7 +143,7 @@ def test_gelu_crypten(cluster, seed):
 
 def test_tanh_crypten(cluster, seed):
     x = sweep(-30, 30, 20001, points=(0.0,), far=(-500.0, 500.0, -100.0, 100.0))
-    got, clear, stats, counter = run_both(cluster, act.tanh_crypten, x)
+    got, clear, stats, counter = run_both(cluster, act.tanh_crypten, x, **P("tanh.crypten"))
     # measured 3.3e-5: the final truncation and y2 (15 bits), E (30 bits) at 2^-30
     check_accuracy("tanh_crypten", x, got, clear, 6e-5, "tanh.crypten", x.abs() <= 30)
     declared = act.tanh_crypten_cost(x.shape)
@@ -146,15 +151,15 @@ def test_tanh_crypten(cluster, seed):
     assert declared.rounds == 22 and act.tanh_crypten_cost((8000,)).bytes == 8000 * 170.375
 
 
-@pytest.mark.parametrize("bits", [32, 40])
-def test_crypten_costs_other_widths(cluster, bits):
-    """The number of squarings on both exp chains follows the comparison's rounds."""
-    x = sweep(-8, 8, 401, points=(0.0,))
-    for proto, cost in ((act.gelu_crypten, act.gelu_crypten_cost),
-                        (act.tanh_crypten, act.tanh_crypten_cost)):
+@pytest.mark.parametrize("bits, lim", [(32, 8.0), (17, 0.99)])
+def test_crypten_costs_other_widths(cluster, bits, lim, seed):
+    """How many squarings run on both exp chains follows the comparison's rounds (6 at 32
+    bits, 5 at 17 bits, which needs |x| < 1); the cost model follows it too."""
+    x = sweep(-lim, lim, 401, points=(0.0,))
+    for proto, spec in ((act.gelu_crypten, "gelu.crypten"), (act.tanh_crypten, "tanh.crypten")):
         got, _, stats, counter = run_both(cluster, proto, x, bits=bits)
+        cost = act.gelu_crypten_cost if spec == "gelu.crypten" else act.tanh_crypten_cost
         check_cost(stats, counter, cost(x.shape, bits=bits), x.shape)
-        spec = "gelu.crypten" if proto is act.gelu_crypten else "tanh.crypten"
         assert (got - get_approx(spec).reference(x)).abs().max() <= 1.2e-4
 
 
