@@ -89,6 +89,8 @@ def _run_one(role: Role, payload: bytes) -> tuple[Any, dict]:
         out = role.run(program, *args)
         stats["online_s"] = time.perf_counter() - start
     stats["sent_to"] = {p: n - sent0.get(p, 0) for p, n in t.bytes_sent.items() if n - sent0.get(p, 0)}
+    import resource  # peak resident memory of this role's process so far (Linux: KiB)
+    stats["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stats["rounds"] = role.engine.counter.rounds - rounds0
     by_tag = {}
     for k, v in role.engine.counter.by_tag.items():
@@ -253,6 +255,7 @@ class ProcessCluster:
             online_s={P0: st[P0]["online_s"], P1: st[P1]["online_s"]},
             offline_s=st[DEALER]["offline_s"],
             sent_to=sent_to,
+            peak_rss_mib={r: st[r].get("peak_rss_mib") for r in RANKS},
         )
         return replies[P0][1], replies[P1][1], stats
 

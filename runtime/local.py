@@ -28,6 +28,7 @@ class RunStats:
     online_s: dict[int, float] = field(default_factory=dict)
     offline_s: float | None = None
     sent_to: dict[int, dict[int, int]] = field(default_factory=dict)
+    peak_rss_mib: dict[int, float] = field(default_factory=dict)
 
 
 class LocalCluster:

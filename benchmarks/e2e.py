@@ -1,0 +1,122 @@
+"""End-to-end BERT encoders under 2PC: our runtime, P0, P1 and the dealer as processes.
+
+BERT-base (12 layers, 768, 12 heads, FFN 3072) or BERT-large (24, 1024, 16, 4096) with
+random weights, batch 1, the encoder only (hidden states in, hidden states out: no
+embeddings and no mask, as in the CrypTen reference run), preset `secformer`. Reports the
+median online wall time, online bytes per party, dealer (offline) bytes, rounds, peak memory
+per process, a breakdown by layer type, float torch time, LAN/WAN estimates and the max
+error of the final hidden states against the float program with the same approximations
+(the simulator's fixed-point output is the reference for 2PC agreement).
+
+    python benchmarks/e2e.py --model base --seq 128 --runs 3 --json benchmarks/results/e2e_base_128.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertEncoder
+
+import secformer_compiler as sc
+from secformer_compiler.cost import NETWORKS, program_cost
+
+CONFIGS = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+           "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+           "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)}
+
+KINDS = {"linear": "linear", "matmul": "attention matmul", "gelu": "GeLU", "softmax": "softmax",
+         "layernorm": "LayerNorm", "embedding": "embedding"}
+
+
+class Encoder(torch.nn.Module):
+    """BERT's encoder stack alone: hidden states (1, S, H) -> last hidden state."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.encoder = BertEncoder(cfg)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.encoder(hidden).last_hidden_state
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(CONFIGS), default="base")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--preset", default="secformer")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = BertConfig(**CONFIGS[args.model], attn_implementation="eager")
+    model = Encoder(cfg).eval()
+    x = torch.randn(1, args.seq, cfg.hidden_size)
+    cal = [torch.randn(1, args.seq, cfg.hidden_size) for _ in range(2)]
+    t0 = time.perf_counter()
+    cm = sc.compile(model, (x,), preset=args.preset, calibration=[(c,) for c in cal])
+    compile_s = time.perf_counter() - t0
+    with torch.no_grad():
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t)
+    torch_s = statistics.median(ts)
+    approx_float = None
+    try:  # the float program with the same approximations (training view), when available
+        from secformer_compiler.training import approximated_module
+        with torch.no_grad():
+            approx_float = approximated_module(cm.graph)(x)
+            approx_float = approx_float[0] if isinstance(approx_float, (tuple, list)) else approx_float
+    except Exception as e:  # noqa: BLE001
+        print(f"(no float-approximated reference: {e}); using the simulator", file=sys.stderr)
+    sim = cm.simulate(x)[0]
+    ref = approx_float if approx_float is not None else sim
+    walls, results = [], []
+    with cm.session(processes=True, timeout=1800) as sess:
+        load = sess.load_stats
+        for _ in range(args.runs):
+            res = sess.infer(x)
+            walls.append(max(res.stats.online_s.values()))
+            results.append(res)
+    res = results[-1]
+    st = res.stats
+    breakdown = defaultdict(lambda: {"bytes_sent": 0, "rounds": 0})
+    for name, row in st.by_tag.items():
+        kind = KINDS.get(cm.graph[name].op, "other") if name in cm.graph else "other"
+        breakdown[kind]["bytes_sent"] += row["bytes_sent"]
+        breakdown[kind]["rounds"] += row["rounds"]
+    static = program_cost(cm.graph)
+    assert static.rounds == st.rounds and static.bytes_per_party == st.bytes_sent[0], "cost model != counted"
+    rec = {
+        "model": f"bert-{args.model}", "seq_len": args.seq, "preset": args.preset, "batch": 1,
+        "wall_s": statistics.median(walls), "wall_s_runs": walls,
+        "offline_s": st.offline_s, "rounds": st.rounds, "bytes_sent_per_party": st.bytes_sent[0],
+        "dealer_bytes": st.dealer_bytes, "peak_rss_mib": st.peak_rss_mib,
+        "torch_wall_s": torch_s, "compile_s": compile_s,
+        "max_abs_err": float((res.outputs[0] - ref).abs().max()),
+        "max_abs_err_vs": "float program with the same approximations" if approx_float is not None else "simulator",
+        "max_abs_2pc_minus_simulator": float((res.outputs[0] - sim).abs().max()),
+        "max_abs_err_vs_exact_model": float((res.outputs[0] - model(x).detach()).abs().max()),
+        "estimates_s": {k: st.rounds * rtt + st.bytes_sent[0] * 8 / bw for k, (bw, rtt) in NETWORKS.items()},
+        "breakdown_by_layer_type": dict(breakdown),
+        "load": {"bytes_sent_per_party": load.bytes_sent[0], "rounds": load.rounds},
+        "machine": platform.platform(), "command": " ".join(["python"] + sys.argv),
+    }
+    print(json.dumps(rec, indent=1))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([rec], fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
