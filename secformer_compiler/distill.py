@@ -368,7 +368,7 @@ def distill(teacher_dir: str | Path, task: str, preset: str = "secformer", *, da
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
-            history.append((stage, step, float(loss)))
+            history.append((stage, step, loss.item()))
             if (step + 1) % 20 == 0 or step + 1 == n_steps:
                 log(f"distill {spec.name}/{preset} {stage}: step {step + 1}/{n_steps} loss {loss.item():.5f} "
                     f"({time.time() - ts:.0f} s)")
@@ -431,7 +431,7 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
              batch_size: int = 16, max_len: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
              calibrate: bool = True, calibration_batches: int = 2, compare_simulate: bool = True,
              overrides: Mapping[str, str] | None = None, processes: bool = False, threads: int = 1,
-             log: Log = print) -> dict[str, Any]:
+             return_logits: bool = False, log: Log = print) -> dict[str, Any]:
     """The GLUE metric of `model` on the first `n_examples` rows of `split` (None: all).
 
     model: a checkpoint folder (`finetune`/`distill` output) or a classifier module (then pass
@@ -441,6 +441,7 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
     task has no train split). In 2pc mode with `compare_simulate`, the simulator runs on the
     same batches and `disagreements` counts examples whose predictions differ.
     Returns a record: task, preset, mode, metric, value, n_examples, metrics, seconds, ...
+    (and `logits`, `simulate_logits` as lists if return_logits).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -522,6 +523,10 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
         record["simulate_metrics"] = {k: round(v, 2) for k, v in glue.compute_metrics(spec.name, sim_pred, gold).items()}
     if comm:
         record["comm"] = comm
+    if return_logits:
+        record["logits"] = logits.tolist()
+        if sim_logits is not None:
+            record["simulate_logits"] = sim_logits.tolist()
     log(f"eval {spec.name}/{record['preset']}/{mode}: {spec.metric} = {record['value']:.2f} "
         f"on {len(evaluated)} examples ({record['seconds']:.0f} s)")
     return record

@@ -36,6 +36,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -344,9 +345,11 @@ class _Server:
                         f"(waiting up to {cfg.startup_timeout:g} s for the other roles)")
         self.transport = init_dist(self.rank, cfg.rendezvous_host, cfg.rendezvous_port, cfg.startup_timeout)
         self.transport.timeout = cfg.startup_timeout  # the load phase may wait on slow starters
+        self.transport.in_inference = False
         self.role_obj = Role(self.rank, self.transport, self.art.fxp, self.art.trunc)
         self.role_obj.setup()
         self._check_same_artifact()
+        _inject_fault(self.role, self.transport)
 
     def _check_same_artifact(self) -> None:
         from .runtime.transport import PeerError
@@ -453,7 +456,9 @@ class _Server:
         else:
             args = tensors
         try:
+            self.transport.in_inference = True
             stats = self._run(infer_with_progress, (self.graph, args, progress), f"infer:{rid}")
+            self.transport.in_inference = False
         except BaseException as e:  # noqa: BLE001 - the session is over after any failure
             peer = getattr(e, "peer", None)
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -495,6 +500,31 @@ class _Server:
             self.transport.close()
 
 
+def _inject_fault(role: str, transport: Any) -> None:
+    """Fault injection for the tests: SECFORMER_FAULT="<role>:die@<k>" kills this role (SIGKILL)
+    at its k-th message of an inference; "<role>:stall@<k>:<seconds>" stops it that long."""
+    spec = os.environ.get("SECFORMER_FAULT", "")
+    m = re.fullmatch(r"(p0|p1|dealer):(die|stall)@(\d+)(?::([\d.]+))?", spec)
+    if not m or m.group(1) != role:
+        return
+    what, at, secs = m.group(2), int(m.group(3)), float(m.group(4) or 3600)
+    count = {"n": 0}
+    for name in ("exchange", "send", "send_blob"):
+        orig = getattr(transport, name)
+
+        def hooked(*a, _orig=orig, **k):
+            if transport.in_inference:
+                count["n"] += 1
+                if count["n"] == at:
+                    _log(role, f"fault injection: {what} at message {at}")
+                    if what == "die":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    time.sleep(secs)
+            return _orig(*a, **k)
+
+        setattr(transport, name, hooked)
+
+
 class _Progress:
     """P0's callback: counts completed nodes per layer, sends a frame at most every 0.2 s."""
 
@@ -516,6 +546,21 @@ class _Progress:
                 self.ok = False  # the client left: the parties still finish the run
 
 
+def _watch_parent() -> None:
+    """Under a launcher (SECFORMER_PARENT_PID), exit when it is gone: no orphaned parties."""
+    pid = os.environ.get("SECFORMER_PARENT_PID")
+    if not pid or not pid.isdigit():
+        return
+
+    def loop() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != int(pid):
+                os._exit(3)
+
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+
+
 def run_party(config: str | Path, role: str) -> int:
     """`secformer party`: run one role until stopped (0) or until a run fails (1)."""
     if role not in ROLES:
@@ -528,6 +573,7 @@ def run_party(config: str | Path, role: str) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    _watch_parent()
     server = _Server(cfg, role)
     try:
         server.join()

@@ -250,9 +250,9 @@ def test_unknown_name_lists_available():
 def test_spec_validation_and_param_access():
     with pytest.raises(ValueError, match="declare declared_max_abs_err"):
         ApproxSpec(name="gelu.t", op="gelu", method="x", domain=(0, 1), fn=lambda x: x)
-    with pytest.raises(ValueError, match="op 'tanh'"):
+    with pytest.raises(ValueError, match="op 'sigmoid'"):
         ApproxSpec(
-            name="tanh.t",
+            name="sigmoid.t",
             op="sigmoid",
             method="x",
             domain=(0, 1),

@@ -1,0 +1,346 @@
+"""The `secformer` command line: compile, share, party, infer, run, demo, report.
+
+    secformer compile CHECKPOINT_DIR -o OUT     checkpoint -> artifact folder
+    secformer share OUT -o SHARES               weights -> p0/p1 share files
+    secformer party --role p0 --config parties.toml   one computing role (any host)
+    secformer infer --config parties.toml --text ...  the client
+    secformer run OUT --text ...                all roles on this machine, with costs
+    secformer demo                              private sentence similarity, all-MiniLM-L6-v2
+    secformer report OUT [--json]               static cost per layer / op, approximations
+
+Every failure the user can cause (bad folder, bad config, port in use, text too long, a
+party that dies) prints one `error:` paragraph and exits non-zero; nothing half-written
+is left behind. Heavy imports (torch, transformers) happen inside the commands, so
+`--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compile HuggingFace Transformers for private two-party inference (SecFormer).")
+
+
+class Task(str, Enum):
+    auto = "auto"
+    embedding = "embedding"
+    classification = "classification"
+
+
+class RoleName(str, Enum):
+    p0 = "p0"
+    p1 = "p1"
+    dealer = "dealer"
+
+
+class CheckpointError(Exception):
+    """The checkpoint folder cannot be loaded."""
+
+
+class UserError(Exception):
+    """Anything else the user can fix (bad flag combination, missing file)."""
+
+
+BUILTIN_SENTENCES = [
+    "A man is playing a guitar on the stage.",
+    "The new movie is awesome, I loved every minute of it.",
+    "Stock markets fell sharply after the announcement.",
+    "A woman is slicing an onion in the kitchen.",
+    "This was the worst service I have ever had.",
+    "Children are playing football in the park.",
+    "The weather will be sunny and warm tomorrow.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "I am not sure whether the train leaves at noon.",
+    "Please send me the report by Friday.",
+    "The cat sleeps on the sofa all afternoon.",
+    "An old bridge collapsed during the storm last night.",
+    "She plays the piano beautifully.",
+    "How do I reset my password?",
+    "The restaurant was quiet, cheap and surprisingly good.",
+    "Two dogs are running through the snow.",
+]
+
+
+def _err(msg: str, code: int = 1) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _note(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn the errors users cause into `error: ...` and a non-zero exit (no traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .artifact import ArtifactError
+        from .errors import CompileError
+        from .party import PartyError
+
+        known: tuple = (ArtifactError, CompileError, PartyError, CheckpointError, UserError, FileExistsError)
+        try:
+            from .runtime.dist import DistInitError
+            from .runtime.transport import PeerError
+
+            known += (DistInitError, PeerError)
+        except ImportError:  # pragma: no cover
+            pass
+        try:
+            return fn(*args, **kwargs)
+        except known as e:
+            _err(str(e))
+        except KeyboardInterrupt:
+            _err("interrupted", 130)
+
+    return wrapper
+
+
+# --- checkpoints and texts -------------------------------------------------------------------
+
+def load_checkpoint(path: Path, task: str) -> tuple[Any, Any, str, dict | None, dict]:
+    """(module to compile, tokenizer, task, labels, source info) from a HF checkpoint folder."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (a checkpoint is a folder written by save_pretrained)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a HuggingFace checkpoint: no config.json (a checkpoint folder holds "
+                              "config.json and model.safetensors, as written by save_pretrained)")
+    weights = [p for p in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                           "pytorch_model.bin.index.json") if (path / p).is_file()]
+    if not weights:
+        raise CheckpointError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin)")
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()  # load reports and progress bars are noise here
+    transformers.utils.logging.disable_progress_bar()
+
+    from .models import SentenceEncoder
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise CheckpointError(f"{path}/config.json cannot be read as a transformers config: {e}") from e
+    archs = list(getattr(config, "architectures", None) or [])
+    if task == "auto":
+        task = "classification" if any("ForSequenceClassification" in a for a in archs) else "embedding"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} has no usable tokenizer (tokenizer.json / vocab.txt ...): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    labels = None
+    try:
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+            labels = {str(k): v for k, v in (model.config.id2label or {}).items()}
+        else:
+            try:
+                enc = AutoModel.from_pretrained(str(path), add_pooling_layer=False)
+            except (TypeError, ValueError):
+                enc = AutoModel.from_pretrained(str(path))
+            model = SentenceEncoder(enc.eval()).eval()
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: transformers could not load the model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    torch.set_grad_enabled(False)
+    source = {"checkpoint": str(path.resolve()), "model_type": getattr(config, "model_type", None),
+              "architectures": archs}
+    return model, tok, task, labels, source
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts for calibration: one per line, or a (GLUE) TSV's sentence column."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such calibration file")
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    if path.suffix.lower() == ".tsv" and lines:
+        head = lines[0].split("\t")
+        names = ["sentence", "sentence1", "#1 String", "question", "question1", "text"]
+        col = next((head.index(n) for n in names if n in head), None)
+        rows = [ln.split("\t") for ln in (lines[1:] if col is not None else lines)]
+        if col is None:  # no header (CoLA): the column with the longest texts
+            width = max(len(r) for r in rows)
+            col = max(range(width), key=lambda c: sum(len(r[c]) for r in rows if c < len(r)))
+        lines = [r[col].strip() for r in rows if col < len(r) and r[col].strip()]
+    if not lines:
+        raise UserError(f"{path}: no texts in the calibration file")
+    return lines
+
+
+def tokenize(tok: Any, texts: list[str], seq_len: int, names: list[str]) -> dict:
+    """input_ids / attention_mask (and what else the program takes), padded to seq_len, truncated."""
+    enc = tok(texts, padding="max_length", max_length=seq_len, truncation=True, return_tensors="pt")
+    return {n: enc[n] for n in names}
+
+
+def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str = "secformer", seq_len: int = 128,
+                       batch: int = 1, calibrate: Path | None = None, samples: int = 16, frac_bits: int = 16,
+                       trunc: str = "exact", force: bool = False, log: Callable[[str], None] = _note) -> Any:
+    """Checkpoint -> compiled program -> artifact folder at `out` (written atomically)."""
+    from . import compile as sf_compile
+    from .artifact import save_artifact
+    from .passes.approximate import PRESETS
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if seq_len < 2 or batch < 1:
+        raise UserError("--seq-len must be >= 2 and --batch >= 1")
+    if Path(out).exists() and not force:
+        raise UserError(f"{out} already exists (pass --force to replace it)")
+    t0 = time.perf_counter()
+    log(f"loading checkpoint {ckpt}")
+    model, tok, task, labels, source = load_checkpoint(ckpt, task)
+    texts = read_texts(calibrate) if calibrate else list(BUILTIN_SENTENCES)
+    texts = texts[:max(samples, 1)]
+    while len(texts) % batch:
+        texts.append(texts[len(texts) % max(len(texts), 1)])
+    names = ["input_ids", "attention_mask"]
+    chunks = [tokenize(tok, texts[i:i + batch], seq_len, names) for i in range(0, len(texts), batch)]
+    log(f"compiling ({task}, preset {preset}, batch {batch} x seq {seq_len}; calibrating on {len(texts)} "
+        f"text(s) from {calibrate or 'built-in sentences'})")
+    cm = sf_compile(model, chunks[0], preset=preset, calibration=chunks, frac_bits=frac_bits, trunc=trunc)
+    calib = {"source": str(calibrate) if calibrate else "built-in sentences", "texts": len(texts)}
+    save_artifact(cm, out, tokenizer=tok, task=task, seq_len=seq_len, batch=batch, labels=labels,
+                  source=source, calibration=calib, force=force)
+    n_params = sum(v.numel() for v in cm.graph.weights.values())
+    log(f"wrote {out}: {len(cm.graph)} IR nodes, {n_params / 1e6:.2f} M weights, "
+        f"{time.perf_counter() - t0:.1f} s")
+    return cm
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+@app.command("compile")
+@guarded
+def compile_cmd(
+    checkpoint: Path = typer.Argument(..., help="HuggingFace checkpoint folder (save_pretrained)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write."),
+    preset: str = typer.Option("secformer", help="Approximation preset: secformer, mpcformer, puma, crypten, "
+                                                 "secformer-exact-softmax, exact."),
+    calibrate: Optional[Path] = typer.Option(None, help="Calibration texts: one per line, or a GLUE TSV."),
+    samples: int = typer.Option(16, help="How many calibration texts to use."),
+    seq_len: int = typer.Option(128, help="Static sequence length of the program."),
+    batch: int = typer.Option(1, help="Static batch size of the program."),
+    task: Task = typer.Option(Task.auto, help="embedding (mean-pooled encoder), classification (logits), "
+                                              "or auto (from the checkpoint's architecture)."),
+    frac_bits: int = typer.Option(16, help="Fixed-point fractional bits."),
+    trunc: str = typer.Option("exact", help="Truncation after products: exact or local."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Compile a checkpoint into an artifact folder (program.onnx, weights, tokenizer, manifest)."""
+    compile_checkpoint(checkpoint, out, task=task.value, preset=preset, seq_len=seq_len, batch=batch,
+                       calibrate=calibrate, samples=samples, frac_bits=frac_bits, trunc=trunc, force=force)
+
+
+@app.command()
+@guarded
+def share(
+    artifact: Path = typer.Argument(..., help="Artifact folder from `secformer compile`."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for p0.safetensors and p1.safetensors."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Split the weights into two additive shares, one file per computing party."""
+    from .artifact import load_artifact, make_shares
+
+    art = load_artifact(artifact)
+    make_shares(art, out, force=force)
+    _note(f"wrote {out}/p0.safetensors and {out}/p1.safetensors (artifact {art.short}); give each party "
+          "only its own file")
+
+
+@app.command()
+@guarded
+def party(
+    role: RoleName = typer.Option(..., help="Which role this process plays."),
+    config: Path = typer.Option(..., help="parties.toml"),
+) -> None:
+    """Run one role (P0, P1 or the dealer) until stopped."""
+    from .party import run_party
+
+    raise typer.Exit(run_party(config, role.value))
+
+
+@app.command()
+@guarded
+def infer(
+    config: Path = typer.Option(..., help="parties.toml"),
+    text: list[str] = typer.Option(..., help="Input text (repeat for several)."),
+    truncate: bool = typer.Option(False, help="Cut texts longer than the compiled sequence length."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """The client: secret-share the input to P0 and P1, reconstruct and print the output."""
+    from .artifact import load_artifact
+    from .demo import format_result, run_texts
+    from .party import Client, load_config
+
+    cfg = load_config(config)
+    art = load_artifact(cfg.artifact, weights=False)
+    with Client(cfg, art) as client:
+        client.connect()
+        rows, stats = run_texts(client, art, text, truncate=truncate)
+    if as_json:
+        typer.echo(json.dumps({"task": art.task, "results": [r.tolist() for r in rows], "stats": stats}))
+    else:
+        typer.echo(format_result(art, text, rows))
+
+
+@app.command()
+@guarded
+def run(
+    artifact: Path = typer.Argument(..., help="Artifact folder from `secformer compile`."),
+    text: list[str] = typer.Option(..., help="Input text (repeat for several)."),
+    truncate: bool = typer.Option(False, help="Cut texts longer than the compiled sequence length."),
+    threads: int = typer.Option(1, help="torch threads per party process."),
+    timeout: float = typer.Option(120.0, help="Seconds a party waits for a peer's message."),
+) -> None:
+    """P0, P1 and the dealer as local processes: the result beside the float model's, and the cost."""
+    from .demo import run_command
+
+    run_command(artifact, text, truncate=truncate, threads=threads, timeout=timeout)
+
+
+@app.command()
+@guarded
+def demo(
+    threads: int = typer.Option(1, help="torch threads per party process."),
+    preset: str = typer.Option("secformer", help="Approximation preset."),
+) -> None:
+    """Private sentence similarity with all-MiniLM-L6-v2 under 2PC, beside the float model."""
+    from .demo import run_demo
+
+    run_demo(threads=threads, preset=preset)
+
+
+@app.command()
+@guarded
+def report(
+    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Static cost per layer and per op type, approximation parameters and bounds."""
+    from .demo import cost_report, format_report
+
+    rep = cost_report(artifact)
+    typer.echo(json.dumps(rep, indent=1) if as_json else format_report(rep))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
