@@ -22,12 +22,22 @@ Launch = Callable[[Any], Any]
 
 
 def execute(nodes: Sequence[Any], deps: dict[str, Iterable[str]], launch: Launch,
-            values: dict[str, Any], tag: Callable[[Any], str] | None = None) -> Protocol:
+            values: dict[str, Any], tag: Callable[[Any], str] | None = None,
+            keep: Iterable[str] | None = None) -> Protocol:
     """Run `nodes` (each with a `.name`, in topological order); `values` holds ready inputs.
 
     launch(node) is called once the node's dependencies are in `values`; it returns a
     generator (an interactive protocol) or a value. Results are stored in `values`.
+    keep: if given, only these values are kept to the end; any other value is dropped once
+    its last user has been launched (a BERT-base forward pass would otherwise hold every
+    intermediate share at once).
     """
+    pending_users: dict[str, int] = {}
+    if keep is not None:
+        keep = set(keep)
+        for n in nodes:
+            for d in set(deps[n.name]):
+                pending_users[d] = pending_users.get(d, 0) + 1
     order = {n.name: i for i, n in enumerate(nodes)}
     waiting = {n.name: {d for d in deps[n.name] if d not in values} for n in nodes}
     users: dict[str, list[Any]] = {}
@@ -50,6 +60,11 @@ def execute(nodes: Sequence[Any], deps: dict[str, Iterable[str]], launch: Launch
             ready.sort(key=lambda n: order[n.name])
             node = ready.pop(0)
             out = launch(node)
+            if keep is not None:
+                for d in set(deps[node.name]):
+                    pending_users[d] -= 1
+                    if pending_users[d] == 0 and d not in keep:
+                        values.pop(d, None)
             if not hasattr(out, "send"):
                 finish(node, out)
                 continue
@@ -78,7 +93,7 @@ def execute(nodes: Sequence[Any], deps: dict[str, Iterable[str]], launch: Launch
                 del active[name]
                 finish(node, stop.value)
         start_ready()
-    missing = [n.name for n in nodes if n.name not in values]
+    missing = [n.name for n in nodes if n.name not in values and (keep is None or n.name in keep)]
     if missing:
         raise RuntimeError(f"dataflow: nodes never became ready (cycle or missing input): {missing[:5]}")
     return values

@@ -391,7 +391,7 @@ def infer_program(ctx: Context, graph: Graph, inputs: dict[str, Any]) -> Protoco
 
     values: dict[str, Any] = {}
     deps = {n.name: n.inputs for n in nodes}
-    yield from execute(nodes, deps, launch, values, tag=lambda n: n.name)
+    yield from execute(nodes, deps, launch, values, tag=lambda n: n.name, keep=graph.outputs)
     return [values[o] for o in graph.outputs]
 
 
