@@ -595,6 +595,8 @@ def _party(rank, world_size, port, provider, args, q):
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    if args.int64_matmul == "colmajor":
+        _patch_int64_matmul()
     try:
         import crypten
         from crypten.config import cfg
@@ -615,6 +617,22 @@ def _party(rank, world_size, port, provider, args, q):
     except Exception:  # noqa: BLE001
         q.put((rank, "error", traceback.format_exc()))
         raise
+
+
+def _patch_int64_matmul():
+    """Opt-in (--int64-matmul colmajor): torch.matmul on int64 with the second operand made
+    column-major first. Bit-identical results; torch 2.13's CPU int64 matmul kernel is 6-10x
+    faster in that layout (e.g. (128x768)@(768x3072): 3.1 s -> 0.55 s, one thread; float32:
+    0.03 s). CrypTen calls getattr(torch, "matmul") for triples and Beaver products."""
+    orig = torch.matmul
+
+    def matmul(a, b, *args, **kwargs):
+        if (torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == torch.long
+                and b.dtype == torch.long and b.dim() >= 2 and not args and not kwargs):
+            b = b.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return orig(a, b, *args, **kwargs)
+
+    torch.matmul = matmul
 
 
 def _sync():
@@ -692,16 +710,20 @@ def run_ops(args, provider):
     # (128, 768), N(0, 5^2) and N(0, 0.2^2); the pre-scale comes from a calibration sample
     for std in (5.0, 0.2) if want("layernorm") else ():
         x = gen(2, (rows, 768), std)
+        gamma, beta = 1 + gen(6, (768,), 0.1), gen(7, (768,), 0.1)
         cal = PlainBackend(calibrate=True)
         sf_layernorm(cal, gen(102, (rows, 768), std), "ln", iters["rsqrt"])
         X = crypten.cryptensor(x.float(), src=0)
+        G, Bt = crypten.cryptensor(gamma.float(), src=1), crypten.cryptensor(beta.float(), src=1)
         B = MPCBackend(cal.scales, provider)
-        y, walls, stats = _measure(lambda: sf_layernorm(B, X, "ln", iters["rsqrt"]), args.repeats)
+        y, walls, stats = _measure(
+            lambda: sf_layernorm(B, X, "ln", iters["rsqrt"], G, Bt), args.repeats)
         yp = _plain(y)
-        ref = sf_layernorm(PlainBackend(scales=cal.scales), x, "ln", iters["rsqrt"])
+        ref = sf_layernorm(PlainBackend(scales=cal.scales), x, "ln", iters["rsqrt"], gamma, beta)
         out.append(dict(op="layernorm", config="secformer", shape=list(x.shape),
-                        input=f"N(0, {std}^2)", prescale=cal.scales["ln"], iterations=iters["rsqrt"],
-                        max_abs_err=float((yp - exact_layernorm(x)).abs().max()),
+                        input=f"N(0, {std}^2); secret weight 1 + 0.1 N(0,1), secret bias 0.1 N(0,1)",
+                        prescale=cal.scales["ln"], iterations=iters["rsqrt"],
+                        max_abs_err=float((yp - exact_layernorm(x, gamma, beta)).abs().max()),
                         max_abs_err_vs_same_approx=float((yp - ref).abs().max()),
                         **_stats_record(walls, stats)))
 
@@ -852,6 +874,9 @@ def main():
                     help="timed runs (median reported); default 5 for --ops, 1 for --bert")
     ap.add_argument("--rsqrt-iters", type=int, default=7)
     ap.add_argument("--div-iters", type=int, default=7)
+    ap.add_argument("--int64-matmul", choices=["torch", "colmajor"], default="torch",
+                    help="torch: CrypTen as installed (default); colmajor: give torch's int64 "
+                    "matmul a column-major second operand (same results, faster kernel)")
     ap.add_argument("--quick", action="store_true", help="--ops on smaller shapes (smoke test)")
     ap.add_argument("--only", nargs="+", choices=["gelu", "layernorm", "softmax_2quad", "matmul"],
                     help="--ops: run only these ops")
@@ -911,6 +936,7 @@ def main():
             bytes_sent_by_party=[r0["bytes_sent"], r1["bytes_sent"]],
             dealer_bytes=r0["dealer_bytes"] + r1["dealer_bytes"],
             provider=args.provider,
+            int64_matmul=args.int64_matmul,
             crypten_logged_per_party=[r0["crypten_logged"], r1["crypten_logged"]],
             machine=machine,
             load_average_1_5_15min_before_after=[list(load_before), list(os.getloadavg())],
@@ -934,7 +960,7 @@ def main():
 def _print_table(records, args):
     MiB = 2 ** 20
     print(f"\nCrypTen 0.4.1, two parties, provider {args.provider}, gloo on loopback, "
-          "1 torch thread per party; per party:")
+          f"1 torch thread per party, int64 matmul: {args.int64_matmul}; per party:")
     hdr = "| what | config | shape | wall s | rounds | MiB sent | dealer MiB | max abs err |"
     print(hdr)
     print("|" + "---|" * 8)
