@@ -120,12 +120,27 @@ class PartyCorrelations(Correlations):
         self._buf: torch.Tensor | None = None
         self._pos = 0
 
-    def load_corrections(self, buf: torch.Tensor) -> None:
-        """P1: the dealer's correction stream for the next program (uint8 buffer)."""
-        self._buf, self._pos = buf, 0
+    def load_corrections(self, buf: torch.Tensor, fetch: Callable[[], torch.Tensor] | None = None) -> None:
+        """P1: the dealer's correction stream for the next program (uint8 buffer). `fetch`
+        returns the next chunk when the buffer runs out (an empty chunk ends the stream)."""
+        self._buf, self._pos, self._fetch, self._ended = buf, 0, fetch, fetch is None
 
     def remaining_corrections(self) -> int:
+        """Unused correction bytes, reading the stream to its end marker."""
+        while not self._ended:
+            self._next_chunk()
         return 0 if self._buf is None else self._buf.numel() - self._pos
+
+    def _next_chunk(self) -> bool:
+        if self._ended:
+            return False
+        chunk = self._fetch()
+        if chunk.numel() == 0:
+            self._ended = True
+            return False
+        rest = self._buf[self._pos:] if self._buf is not None else chunk[:0]
+        self._buf, self._pos = (torch.cat([rest, chunk]) if rest.numel() else chunk), 0
+        return True
 
     def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
         out = []
@@ -143,6 +158,8 @@ class PartyCorrelations(Correlations):
 
     def _take(self, shape: Shape, bits: int) -> torch.Tensor:
         n = packed_nbytes(int(torch.Size(shape).numel()), bits)
+        while (self._buf is None or self._pos + n > self._buf.numel()) and self._next_chunk():
+            pass
         if self._buf is None or self._pos + n > self._buf.numel():
             raise RuntimeError(
                 "P1 ran out of dealer corrections: the dealer ran a different program "
@@ -155,17 +172,24 @@ class PartyCorrelations(Correlations):
 class DealerCorrelations(Correlations):
     """The dealer: mirrors both parties' seeds, computes derived values, emits P1's corrections."""
 
-    def __init__(self, prg0: PRG, prg1: PRG) -> None:
+    default_chunk_bytes = 256 << 20
+
+    def __init__(self, prg0: PRG, prg1: PRG, flush: Callable[[torch.Tensor], None] | None = None,
+                 chunk_bytes: int | None = None) -> None:
         super().__init__()
         self.prg0, self.prg1 = prg0, prg1
         self._fixed_values: dict[str, list[torch.Tensor]] = {}
         self.corrections: list[torch.Tensor] = []
         self.correction_bytes = 0
+        # Stream P1's corrections in chunks so neither side holds a whole model's worth
+        # (several GB for BERT-base); the dealer still runs ahead of the online phase.
+        self.flush, self._pending = flush, 0
+        self.chunk_bytes = chunk_bytes or DealerCorrelations.default_chunk_bytes
 
     def take_corrections(self) -> torch.Tensor:
         """P1's correction stream since the last call, as one uint8 buffer."""
         buf = torch.cat(self.corrections) if self.corrections else torch.zeros(0, dtype=torch.uint8)
-        self.corrections = []
+        self.corrections, self._pending = [], 0
         return buf
 
     def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
@@ -190,6 +214,9 @@ class DealerCorrelations(Correlations):
                 corr = pack(dom.split(value.to(torch.int64), share0), dom.bits)
                 self.corrections.append(corr)
                 self.correction_bytes += corr.numel()
+                self._pending += corr.numel()
+                if self.flush is not None and self._pending >= self.chunk_bytes:
+                    self.flush(self.take_corrections())
         return [_meta(s) for s, _ in sources] + [_meta(s) for s in out_shapes]
 
 

@@ -139,13 +139,17 @@ class Role:
             s0, s1 = new_seed(), new_seed()
             t.send(P0, torch.frombuffer(bytearray(s0), dtype=torch.uint8))
             t.send(P1, torch.frombuffer(bytearray(s1), dtype=torch.uint8))
-            corr = DealerCorrelations(PRG(s0), PRG(s1))
+            corr = DealerCorrelations(PRG(s0), PRG(s1), flush=lambda buf: self._send_chunk(buf))
             self.ctx = Context(DEALER, DEALER_MODE, corr, self.fxp, self.trunc)
         else:
             seed = bytes(t.recv(DEALER, 16).tolist())
             corr = PartyCorrelations(self.rank, PRG(seed))
             self.ctx = Context(self.rank, PARTY, corr, self.fxp, self.trunc, private=PRG())
         self.engine = Engine(self.ctx, t)
+
+    def _send_chunk(self, buf: torch.Tensor) -> None:
+        self.transport.send_blob(P1, buf)
+        self.dealer_bytes += buf.numel() + 8
 
     def run(self, program: Callable[..., Protocol], *args: Any) -> Any:
         """Run one program: offline (dealer) then online (P0, P1). Returns this role's result."""
@@ -154,11 +158,17 @@ class Role:
         if self.rank == DEALER:
             self.engine.run(program(self.ctx, *meta_like(args)))
             buf = self.ctx.corr.take_corrections()
-            self.transport.send_blob(P1, buf)
-            self.dealer_bytes += buf.numel() + 8
+            if buf.numel():
+                self._send_chunk(buf)
+            self._send_chunk(buf[:0])  # end of this program's stream
             return None
         if self.rank == P1:
-            self.ctx.corr.load_corrections(self.transport.recv_blob(DEALER))
+            first = self.transport.recv_blob(DEALER)
+            fetch = lambda: self.transport.recv_blob(DEALER)  # noqa: E731
+            if first.numel():
+                self.ctx.corr.load_corrections(first, fetch)
+            else:
+                self.ctx.corr.load_corrections(first)
         out = self.engine.run(program(self.ctx, *args))
         if self.rank == P1 and self.ctx.corr.remaining_corrections():
             raise PeerError("the dealer sent more correlated randomness than the program used: "

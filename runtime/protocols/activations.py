@@ -90,7 +90,8 @@ class _Masked:
             return out
 
         sources = [(shape, RING)] * self.nr + [(shape, Dom("xor", 1))] * len(bits)
-        got = ctx.corr.correlated(sources, derive, [RING] * len(self.keys))
+        # every dealt value is a product of masks: zero when they are (the simulator skips it)
+        got = ctx.corr.correlated(sources, derive, [RING] * len(self.keys), zero_at_zero=True)
         self.src = dict(zip(self.names, got[:len(self.names)]))
         self.dealt = dict(zip(self.keys, got[len(self.names):]))
         self.dealt.update({self._key({v: 1}): self.src[v] for v in ring})
