@@ -159,8 +159,6 @@ def load_program(ctx, items):
         if not it[3]:
             ctx.state[it[2]] = ws
     for fo, (_, it) in zip(fos, fixed):
-        if it[4] and not ctx.is_dealer:
-            fo.prepared()
         ctx.state[it[2]] = fo
     return None
 

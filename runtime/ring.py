@@ -80,29 +80,15 @@ def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-class PreparedRHS:
-    """A right-hand matmul operand split into limbs once, for operands reused across calls
-    (a fixed weight's public masked value and mask share): saves ~15% of each matmul."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.tensor = t
-        self.chunks = None
-        if t.device.type != "meta":
-            k = t.shape[-2]
-            self.chunks = [_limbs(t[..., s:s + _MAX_K_CHUNK, :]) for s in range(0, k, _MAX_K_CHUNK)]
-
-
-def ring_matmul(a: torch.Tensor, b: "torch.Tensor | PreparedRHS") -> torch.Tensor:
+def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact (a @ b) mod 2^64 for int64 tensors (broadcasting like torch.matmul), via float64 limbs."""
-    prepared = b if isinstance(b, PreparedRHS) else None
-    bt = prepared.tensor if prepared is not None else b
-    if a.device.type == "meta" or bt.device.type == "meta":
-        return torch.matmul(a, bt)
+    if a.device.type == "meta" or b.device.type == "meta":
+        return torch.matmul(a, b)
     k = a.shape[-1]
     acc = None
-    for ci, s in enumerate(range(0, k, _MAX_K_CHUNK)):
+    for s in range(0, k, _MAX_K_CHUNK):
         la = _limbs(a[..., s:s + _MAX_K_CHUNK])
-        lb = prepared.chunks[ci] if prepared is not None else _limbs(bt[..., s:s + _MAX_K_CHUNK, :])
+        lb = _limbs(b[..., s:s + _MAX_K_CHUNK, :])
         part = _combine(la, lb, torch.matmul)
         acc = part if acc is None else acc + part
     return acc
