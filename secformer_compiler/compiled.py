@@ -185,9 +185,13 @@ class Session:
         else:
             from .runtime.local import LocalCluster
             self.cluster = LocalCluster(cm.fxp, cm.trunc, timeout=timeout)
+        # the parties get the program without the float weights: they only ever hold shares
+        self.graph = Graph(cm.graph.nodes, weights={}, inputs=cm.graph.inputs,
+                           outputs=cm.graph.outputs, meta={"level": "mpc"})
         try:
             w0, w1 = split_shares(cm._ring_weights)  # the model owner's split
-            _, _, self.load_stats = self.cluster.run(_load, (cm.graph, w0), (cm.graph, w1))
+            _, _, self.load_stats = self.cluster.run(_load, (self.graph, w0), (self.graph, w1))
+            del w0, w1
         except BaseException:
             self.close()
             raise
@@ -195,7 +199,7 @@ class Session:
     def infer(self, *args: Any, **kwargs: Any) -> RunResult:
         inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)
         i0, i1 = self.cm._public_split(client_encode(self.cm.graph, self.cm.fxp, inputs))
-        o0, o1, stats = self.cluster.run(_infer, (self.cm.graph, i0), (self.cm.graph, i1))
+        o0, o1, stats = self.cluster.run(_infer, (self.graph, i0), (self.graph, i1))
         outs = tuple(self.cm.fxp.decode(a + b).float() for a, b in zip(o0, o1))
         return RunResult(outs, stats, self.load_stats)
 

@@ -343,14 +343,24 @@ def load_program(ctx: Context, graph: Graph, weight_shares: dict[str, torch.Tens
     plan = plan_fixed(graph)
     ctx.state["weights"] = weight_shares
     keys = sorted(plan)
-    gens = []
-    for key in keys:
+    fixed: list = []
+    batch: list = []
+    size = 0
+    for key in keys:  # openings go out in rounds of ~16M values: bounded memory for big models
         name, layout = plan[key]
         w = weight_shares[name]
-        gens.append(arith.fix_operand(ctx, w.t().contiguous() if layout == "t" else w, key))
-    fixed = yield from parallel(*gens)
+        batch.append(arith.fix_operand(ctx, w.t().contiguous() if layout == "t" else w, key))
+        size += w.numel()
+        if size >= LOAD_ROUND_VALUES:
+            fixed += yield from parallel(*batch)
+            batch, size = [], 0
+    if batch:
+        fixed += yield from parallel(*batch)
     ctx.state["fixed"] = dict(zip(keys, fixed))
     return len(keys)
+
+
+LOAD_ROUND_VALUES = 16 << 20
 
 
 def _where(node: Node) -> str:
