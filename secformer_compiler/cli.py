@@ -17,7 +17,7 @@ is left behind. Heavy imports (torch, transformers) happen inside the commands, 
 from __future__ import annotations
 
 import json
-import sys
+import signal
 import time
 from enum import Enum
 from pathlib import Path
@@ -156,7 +156,7 @@ def load_checkpoint(path: Path, task: str) -> tuple[Any, Any, str, dict | None, 
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: transformers could not load the model ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    torch.set_grad_enabled(False)
+    model.requires_grad_(False)  # inference only (a global set_grad_enabled would leak into callers)
     source = {"checkpoint": str(path.resolve()), "model_type": getattr(config, "model_type", None),
               "architectures": archs}
     return model, tok, task, labels, source
@@ -317,7 +317,8 @@ def run(
 @guarded
 def demo(
     threads: int = typer.Option(1, help="torch threads per party process."),
-    preset: str = typer.Option("secformer", help="Approximation preset."),
+    preset: str = typer.Option("secformer-exact-softmax", help="Approximation preset (secformer's 2Quad "
+                                                               "needs a distilled model; MiniLM is not)."),
 ) -> None:
     """Private sentence similarity with all-MiniLM-L6-v2 under 2PC, beside the float model."""
     from .demo import run_demo
@@ -339,6 +340,10 @@ def report(
 
 
 def main() -> None:
+    def terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C (temporary folders, parties)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     app()
 
 

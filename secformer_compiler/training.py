@@ -25,6 +25,15 @@ and, in graph order, every softmax output (the attention probabilities, one per 
 that end an embedding block or a Transformer layer (BERT-style post-LN models: every
 LayerNorm whose module path does not contain "attention"). `taps=` names other nodes.
 
+Goldschmidt steps (`goldschmidt=`): LayerNorm's inverse square root and 2Quad's division
+converge only for inputs inside the range their public pre-scale was chosen for (calibration
+at compile time). A view of an uncalibrated graph, or a student whose ranges drift while it
+trains, can leave that range (2Quad row sums of long rows with large scores exceed the
+default [1, 8192], Goldschmidt then diverges to inf/NaN). `goldschmidt="exact"` computes those
+two steps exactly instead: the function the calibrated program approximates within the
+calibration target (`approx.DEFAULT_TARGET_REL_ERR`, 1e-4 relative), so it is the right
+thing to train; "reference" (default) runs the iterations with the node's parameters.
+
 Static shapes: the IR is static in (batch, sequence length), so one view runs one shape.
 Several views can share one set of parameters (`params=` another view's `params`), e.g. one
 per sequence-length bucket.
@@ -35,7 +44,6 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import float_interp
 from .ir import Graph, Node
@@ -49,9 +57,13 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-def _cast(t: Any, dtype: torch.dtype) -> Any:
-    if isinstance(t, torch.Tensor) and t.is_floating_point():
-        return t.to(dtype)
+def _cast(t: Any, dtype: torch.dtype, device: torch.device | None = None) -> Any:
+    """Floating tensors to `dtype`; every tensor to `device` (the view's, when it was moved)."""
+    if isinstance(t, torch.Tensor):
+        if t.is_floating_point():
+            t = t.to(dtype)
+        if device is not None and t.device != device:
+            t = t.to(device)
     return t
 
 
@@ -69,12 +81,32 @@ def _spec_for(n: Node):
     return approx.get_approx(method)
 
 
-def approximate_nonlinear(n: Node, x: torch.Tensor, *rest: torch.Tensor, exact: bool = False) -> torch.Tensor:
-    """One nonlinear node in float: its method's float reference with the node's params."""
+def _is_goldschmidt(params: Mapping[str, Any]) -> bool:
+    return "prescale" in params and "iterations" in params
+
+
+def _exact_division(n: Node, x: torch.Tensor, rest: Sequence[torch.Tensor], params: Mapping[str, Any]):
+    """A Goldschmidt-based node with its iterative step exact (None if not such a node)."""
+    if n.op == "layernorm":
+        return _exact_nonlinear(n, x, *rest)  # only the inverse square root was approximated
+    if n.op == "softmax" and "c" in params:  # 2Quad with exact division
+        from .approx.softmax import quad2_exact
+        return quad2_exact(x, rest[0] if rest else None, n.attrs["dim"], c=float(params["c"]))
+    return None
+
+
+def approximate_nonlinear(n: Node, x: torch.Tensor, *rest: torch.Tensor, exact: bool = False,
+                          goldschmidt: str = "reference") -> torch.Tensor:
+    """One nonlinear node in float: its method's float reference with the node's params
+    (`goldschmidt="exact"`: Goldschmidt steps exact, see the module docstring)."""
     spec = None if exact else _spec_for(n)
     if spec is None:
         return _exact_nonlinear(n, x, *rest)
     params = dict(n.attrs.get("params") or spec.params)
+    if goldschmidt == "exact" and _is_goldschmidt(params):
+        out = _exact_division(n, x, rest, params)
+        if out is not None:
+            return out
     if n.op in ("gelu", "tanh"):
         return spec.fn(x, **params)
     if n.op == "softmax":
@@ -104,10 +136,13 @@ class TrainingView(torch.nn.Module):
     def __init__(self, graph: Graph, *, exact: bool = False, dtype: torch.dtype = torch.float32,
                  params: torch.nn.ParameterDict | None = None, train_folded: bool = False,
                  weights: Mapping[str, torch.Tensor] | None = None,
-                 hidden_state_nodes: Sequence[str] | None = None) -> None:
+                 hidden_state_nodes: Sequence[str] | None = None, goldschmidt: str = "reference") -> None:
         super().__init__()
+        if goldschmidt not in ("reference", "exact"):
+            raise ValueError(f"goldschmidt must be 'reference' or 'exact', got {goldschmidt!r}")
         self.graph = graph
         self.exact = exact
+        self.goldschmidt = goldschmidt
         self.dtype = dtype
         given = dict(weights or {})
         self._param_names: dict[str, str] = {}  # weight name -> ParameterDict key
@@ -146,7 +181,23 @@ class TrainingView(torch.nn.Module):
 
     # -- execution ------------------------------------------------------------------------
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (`view.to("cuda")` moves them); inputs and constants follow."""
+        for t in (*self.params.values(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
     def _run(self, inputs: Any, keep: Iterable[str] = ()) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        dev = self.device
+        if dev.type == "cpu":
+            return self._run_on(inputs, keep, None)
+        # Off the CPU, tensors the float rules create without a device go to the view's device.
+        with torch.device(dev):
+            return self._run_on(inputs, keep, dev)
+
+    def _run_on(self, inputs: Any, keep: Iterable[str], dev: torch.device | None
+                ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         g = self.graph
         given = float_interp.bind_inputs(g, inputs)
         keep = set(keep)
@@ -163,15 +214,15 @@ class TrainingView(torch.nn.Module):
             args = [env[a] for a in n.inputs]
             try:
                 if n.op == "input":
-                    out = _cast(given[n.name], self.dtype)
+                    out = _cast(given[n.name], self.dtype, dev)
                 elif n.op == "weight":
                     out = self.weight(n.attrs["name"])
                 elif n.op == "constant":
-                    out = _cast(n.attrs["value"], self.dtype)
+                    out = _cast(n.attrs["value"], self.dtype, dev)
                 elif n.op == "public_fn":
-                    out = _cast(n.attrs["fn"](*args), self.dtype)
+                    out = _cast(n.attrs["fn"](*args), self.dtype, dev)
                 elif n.op in NONLINEAR_OPS:
-                    out = approximate_nonlinear(n, *args, exact=self.exact)
+                    out = approximate_nonlinear(n, *args, exact=self.exact, goldschmidt=self.goldschmidt)
                 else:
                     rule = float_interp.REFERENCE.get(n.op)
                     if rule is None:
@@ -215,7 +266,7 @@ def approximated_module(graph: Graph, *, exact: bool = False, dtype: torch.dtype
                         **kwargs: Any) -> TrainingView:
     """The training view of `graph` (see the module docstring). kwargs: `params` (share another
     view's ParameterDict), `train_folded`, `weights` (override initial values by name),
-    `hidden_state_nodes`."""
+    `hidden_state_nodes`, `goldschmidt` ("reference" or "exact")."""
     return TrainingView(graph, exact=exact, dtype=dtype, **kwargs)
 
 
@@ -232,6 +283,11 @@ def float_approx(cm_or_graph: Any, *args: Any, **kwargs: Any) -> tuple[torch.Ten
     view = approximated_module(_graph_of(cm_or_graph), dtype=torch.float64)
     with torch.no_grad():
         return tuple(o.float() for o in view(inputs))
+
+
+def float_approx_view(cm_or_graph: Any, device: str | torch.device = "cpu") -> TrainingView:
+    """The view `float_approx` runs (float64), on `device`: build it once to run many batches."""
+    return approximated_module(_graph_of(cm_or_graph), dtype=torch.float64).to(device).eval()
 
 
 def training_module(cm_or_graph: Any, **kwargs: Any) -> TrainingView:
@@ -255,12 +311,74 @@ def with_weights(graph: Graph, weights: Mapping[str, torch.Tensor] | TrainingVie
     return g
 
 
+# -- calibration on the approximated program ---------------------------------------------------
+
+def measure_ranges(graph: Graph, samples: Sequence[Any], device: str | torch.device = "cpu"
+                   ) -> dict[str, tuple[float, float]]:
+    """{node: (lo, hi)} of each Goldschmidt input (var + eps of a layernorm, masked 2Quad row sums
+    of a softmax) as the *approximated* program computes them, with `calibrate.MARGIN`.
+
+    `calibrate.measure_ranges` (what `compile(..., calibration=...)` uses) runs the exact
+    model: for a replacement preset the approximated program's ranges differ (Quad GeLU makes
+    all-MiniLM-L6-v2's LayerNorm variances 10x larger than exact GeLU does; a distilled 2Quad
+    student's differ too) and Goldschmidt, calibrated for the wrong range, diverges. This
+    runs the training view with exact Goldschmidt steps, so what is measured does not depend
+    on the parameters being chosen. device: where the view runs (a GPU makes this fast).
+    """
+    from .calibrate import MARGIN
+
+    view = approximated_module(graph, dtype=torch.float64, goldschmidt="exact").to(device)
+    nodes = [n for n in graph if n.op in ("layernorm", "softmax")]
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    with torch.no_grad():
+        for sample in samples:
+            res = view.forward_with_intermediates(sample, taps=sorted({n.inputs[0] for n in nodes}
+                                                                      | {n.inputs[1] for n in nodes
+                                                                         if n.op == "softmax" and len(n.inputs) > 1}))
+            for n in nodes:
+                x = res["taps"][n.inputs[0]].double()
+                if n.op == "layernorm":
+                    k = n.attrs["dims"]
+                    v = x.reshape(*x.shape[:-k], -1).var(-1, unbiased=False) + n.attrs["eps"]
+                else:
+                    c = float((n.attrs.get("params") or {}).get("c", 5.0))
+                    q = (x + c) ** 2
+                    if len(n.inputs) > 1:
+                        q = q * res["taps"][n.inputs[1]].double()
+                    v = q.sum(n.attrs["dim"])
+                lo[n.name] = min(lo.get(n.name, float("inf")), float(v.min()))
+                hi[n.name] = max(hi.get(n.name, 0.0), float(v.max()))
+    return {k: (max(lo[k] / MARGIN, 1e-6), hi[k] * MARGIN) for k in lo}
+
+
+def compile_calibrated(model: torch.nn.Module, example_inputs: Any, samples: Sequence[Any], *,
+                       preset: str = "secformer", frac_bits: int = 16, trunc: str = "exact",
+                       overrides: Mapping[str, str] | None = None, device: str | torch.device = "cpu"):
+    """`compile()` with Goldschmidt ranges measured on the approximated program (`measure_ranges`)
+    instead of the exact model. Suggested as compile()'s calibration for every preset."""
+    from .compiled import CompiledModel
+    from .frontend import build_ir
+    from .runtime.ring import FixedPoint
+
+    graph = build_ir(model, example_inputs, preset=preset, overrides=overrides)
+    if samples:
+        graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
+                         calibration=measure_ranges(graph, samples, device))
+    cm = CompiledModel(graph, FixedPoint(frac_bits), trunc, preset)
+    cm.calibration = "approximated program" if samples else "defaults"
+    return cm
+
+
 __all__ = [
+    "compile_calibrated",
+    "measure_ranges",
     "TrainingView",
     "approximated_module",
     "approximate_nonlinear",
     "default_hidden_state_nodes",
     "float_approx",
+    "float_approx_view",
     "training_module",
     "with_weights",
 ]

@@ -148,3 +148,61 @@ def test_views_share_parameters_across_shapes(case):
     assert v4.params is v8.params
     (v8(x)[0].sum() + v4(x4)[0].sum()).backward()
     assert all(p.grad is not None for p in v8.params.values())
+
+
+def test_pooler_tanh_classifier(seed):
+    """BERT's own classification head: the pooler's tanh uses its preset method too."""
+    cfg = T.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=16, initializer_range=0.2, num_labels=3)
+    model = T.BertForSequenceClassification(cfg).eval()
+    x = inputs()
+    cm = compile(model, x, preset="secformer", calibration=[x])
+    methods = {n.attrs.get("method") for n in cm.graph if n.op == "tanh"}
+    assert methods and None not in methods
+    with torch.no_grad():
+        want = model(**x).logits
+        exact = approximated_module(cm.graph, exact=True, dtype=torch.float64)(x)[0]
+    assert (exact.float() - want).abs().max().item() <= EXACT_TOL
+    missing = simulator_supports(cm)
+    if missing:
+        pytest.skip(f"the simulator has no protocol for {missing} yet")
+    got = float_approx(cm, x)[0]
+    assert (cm.simulate(x)[0] - got).abs().max().item() <= SIM_TOL
+
+
+def test_exact_goldschmidt_view_matches_the_calibrated_program(case):
+    """goldschmidt="exact" (what distillation trains) is what the calibrated program computes."""
+    model, x = case
+    cm = compile(model, x, preset="secformer", calibration=[x])
+    view = approximated_module(cm.graph, dtype=torch.float64, goldschmidt="exact")
+    ref = approximated_module(cm.graph, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = view(x)[0], ref(x)[0]
+    assert (got - want).abs().max().item() <= 1e-3
+    assert (cm.simulate(x)[0] - got.float()).abs().max().item() <= SIM_TOL
+    # far outside the default 2Quad range the iterations diverge; the exact step does not
+    g = compile(model, x, preset="secformer", calibration=[]).graph
+    big = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}
+    scaled = approximated_module(g, dtype=torch.float64, goldschmidt="exact",
+                                 weights={k: v * 6 for k, v in g.weights.items() if "query" in k or "key" in k})
+    with torch.no_grad():
+        assert torch.isfinite(scaled(big)[0]).all()
+
+
+def test_calibration_on_the_approximated_program(case):
+    """Quad GeLU changes the ranges LayerNorm sees: measured on the approximated program they
+    differ from the exact model's (what compile() calibrates on); compile_calibrated uses them."""
+    from secformer_compiler import calibrate
+    from secformer_compiler.training import compile_calibrated, measure_ranges
+
+    model, x = case
+    cm = compile_calibrated(model, x, [x], preset="mpcformer")
+    approx_r = measure_ranges(cm.graph, [x])
+    exact_r = calibrate.measure_ranges(cm.graph, [x])
+    assert set(approx_r) == set(exact_r)
+    assert any(abs(approx_r[k][1] / exact_r[k][1] - 1) > 0.1 for k in approx_r)
+    want = float_approx(cm, x)[0]
+    exact_steps = approximated_module(cm.graph, dtype=torch.float64, goldschmidt="exact")
+    with torch.no_grad():
+        assert (exact_steps(x)[0].float() - want).abs().max().item() <= 1e-3
+    assert (cm.simulate(x)[0] - want).abs().max().item() <= SIM_TOL
