@@ -153,8 +153,9 @@ def _ln_shape(node, ins):
 @nonlinear_cost("layernorm", "layernorm.secformer")
 def _ln_secformer(node, ins, mode, f):
     weight = "fixed" if len(ins) > 1 else "none"
-    return nl.layernorm_goldschmidt_cost(_ln_shape(node, ins), float(_p(node)["prescale"]),
-                                         int(_p(node)["iterations"]), weight=weight, f=f, mode=mode)
+    shape, prescale = _ln_shape(node, ins), float(_p(node)["prescale"])
+    return nl.layernorm_goldschmidt_cost(shape, prescale, int(_p(node)["iterations"]), weight=weight, f=f, mode=mode,
+                                         center_first=nl.layernorm_needs_center_first(shape[-1], prescale, f))
 
 
 @nonlinear_cost("layernorm", "layernorm.crypten")

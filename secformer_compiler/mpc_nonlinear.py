@@ -76,8 +76,10 @@ def _layernorm_secformer(ctx, node, ins, p) -> Protocol:
     if w is not None and k > 1:
         raise NotImplementedError("layernorm over several trailing dims with a gain")
     b = ins[2] if len(ins) > 2 else None
-    out = yield from nl.layernorm_goldschmidt(ctx, x, w, b, float(node.attrs["eps"]),
-                                              float(p["prescale"]), int(p["iterations"]))
+    prescale = float(p["prescale"])
+    out = yield from nl.layernorm_goldschmidt(ctx, x, w, b, float(node.attrs["eps"]), prescale, int(p["iterations"]),
+                                              center_first=nl.layernorm_needs_center_first(x.shape[-1], prescale,
+                                                                                           ctx.f))
     return out.reshape(ins[0].shape)
 
 

@@ -93,6 +93,13 @@ def _ln_plan(n: int, prescale: float, f: int, center_first: bool) -> dict:
                 y_shift=y_shift, r_frac=f + _R_EXTRA, mean_shift=46 - f)
 
 
+def layernorm_needs_center_first(n: int, prescale: float, f: int = 16) -> bool:
+    """Whether the one-pass LayerNorm cannot represent its constant p/n^2 (var + eps above
+    ~3 2^(59 - 2f) / n^2, e.g. 2730 at n = 384: Quad GeLU's FFN outputs reach that), so the
+    mean must be subtracted first (one more round; constant p/n, var up to 3 2^27 / n)."""
+    return prescale / (n * n) < 2.0 ** -(59 - 2 * f)
+
+
 def layernorm_effective_prescale(n: int, prescale: float, f: int = 16,
                                  center_first: bool = False) -> float:
     """The prescale the protocol actually applies to var (<= prescale): calibrate with it."""

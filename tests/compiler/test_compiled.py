@@ -79,3 +79,29 @@ def test_every_preset_compiles_and_its_static_cost_equals_the_count(preset):
     assert (got - model(**x).logits).abs().max() < 0.05  # random weights: small logits
     static, counted = program_cost(cm.graph), cm.last_simulation_counter
     assert (static.rounds, static.bytes_per_party) == (counted.rounds, counted.bytes_sent)
+
+
+def test_layernorm_of_a_large_variance_subtracts_the_mean_first():
+    """var + eps beyond what the one-pass LayerNorm can scale (3 2^27 / n^2; Quad GeLU's FFN
+    outputs in MiniLM reach it): the rule switches to center_first, and the 2PC run, the
+    simulator, the float program and the cost model still agree."""
+    from secformer_compiler.runtime.protocols.nonlinear import layernorm_needs_center_first
+    from secformer_compiler.training import float_approx
+
+    torch.manual_seed(0)
+    n = 384
+    model = torch.nn.Sequential(torch.nn.Linear(8, n), torch.nn.LayerNorm(n)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(300.0)  # var ~ 300^2 8 / 3 / 8 ~ 3e4 >> 3 2^27 / 384^2 ~ 2730
+    x = torch.randn(4, 8)
+    cm = sc.compile(model, (x,), preset="secformer", calibration=[(torch.randn(4, 8),) for _ in range(3)])
+    ln = next(n_ for n_ in cm.graph if n_.op == "layernorm")
+    assert layernorm_needs_center_first(n, float(ln.attrs["params"]["prescale"]))
+    want = float_approx(cm, x)[0]
+    sim = cm.simulate(x)[0]
+    assert (sim - want).abs().max() < 0.02
+    assert (sim - model(x)).abs().max() < 0.02
+    res = cm.run(x)
+    assert (res.outputs[0] - sim).abs().max() < 5e-3
+    assert program_cost(cm.graph).rounds == res.stats.rounds
+    assert program_cost(cm.graph).bytes_per_party == res.stats.bytes_sent[0]
