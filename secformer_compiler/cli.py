@@ -7,6 +7,9 @@
     secformer run OUT --text ...                all roles on this machine, with costs
     secformer demo                              private sentence similarity, all-MiniLM-L6-v2
     secformer report OUT [--json]               static cost per layer / op, approximations
+    secformer finetune TASK --data-dir GLUE -o T   a GLUE teacher from all-MiniLM-L6-v2
+    secformer distill T --task TASK --data-dir GLUE -o S   a preset's student (MPCFormer-style)
+    secformer eval MODEL --task TASK --mode 2pc --data-dir GLUE   the GLUE metric, any mode
 
 Every failure the user can cause (bad folder, bad config, port in use, text too long, a
 party that dies) prints one `error:` paragraph and exits non-zero; nothing half-written
@@ -337,6 +340,123 @@ def report(
 
     rep = cost_report(artifact)
     typer.echo(json.dumps(rep, indent=1) if as_json else format_report(rep))
+
+
+# --- accuracy: fine-tune, distill, evaluate (secformer_compiler.distill) ------------------------
+
+
+def _glue_dir(data_dir: Path, task: str) -> None:
+    from . import glue
+
+    try:
+        spec = glue.task_spec(task)
+    except (KeyError, ValueError) as e:
+        raise UserError(str(e)) from e
+    if not (data_dir / spec.name).is_dir():
+        raise UserError(f"{data_dir / spec.name}: no such folder; --data-dir is the GLUE folder holding "
+                        f"<TASK>/train.tsv and <TASK>/dev.tsv")
+
+
+def _log_line(msg: str) -> None:
+    typer.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
+
+
+@app.command()
+@guarded
+def finetune(
+    task: str = typer.Argument(..., help="GLUE task: SST-2, MRPC, RTE, STS-B, CoLA, QNLI."),
+    data_dir: Path = typer.Option(..., help="GLUE folder: <dir>/<TASK>/{train,dev}.tsv."),
+    out: Path = typer.Option(..., "-o", "--out", help="Checkpoint folder to write."),
+    max_len: int = typer.Option(64, help="Tokens per example (longer ones are cut)."),
+    train_subsample: Optional[int] = typer.Option(4000, help="Seeded subsample of train.tsv (0: all rows)."),
+    epochs: int = typer.Option(1),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(1e-4),
+    device: str = typer.Option("cpu", help="torch device to train on (e.g. cuda)."),
+    threads: int = typer.Option(1, help="torch threads."),
+    model_path: Optional[Path] = typer.Option(None, help="Base encoder checkpoint (default all-MiniLM-L6-v2)."),
+) -> None:
+    """Fine-tune a teacher: all-MiniLM-L6-v2 with a mean-pooling head on a GLUE task."""
+    from . import distill as D
+
+    _glue_dir(data_dir, task)
+    path = D.finetune(task, data_dir, out, max_len=max_len, train_subsample=train_subsample or None, epochs=epochs,
+                      batch_size=batch_size, lr=lr, device=device, threads=threads, model_path=model_path,
+                      log=_log_line)
+    typer.echo(f"teacher saved to {path}")
+
+
+@app.command("distill")
+@guarded
+def distill_cmd(
+    teacher: Path = typer.Argument(..., help="Teacher checkpoint from `secformer finetune`."),
+    task: str = typer.Option(..., help="GLUE task the teacher was trained on."),
+    data_dir: Path = typer.Option(..., help="GLUE folder: <dir>/<TASK>/{train,dev}.tsv."),
+    out: Path = typer.Option(..., "-o", "--out", help="Student checkpoint folder to write."),
+    preset: str = typer.Option("secformer", help="Preset whose approximations the student learns."),
+    train_subsample: Optional[int] = typer.Option(2000, help="Seeded subsample of train.tsv (0: all rows)."),
+    layer_epochs: float = typer.Option(1.0, help="Stage 1: attention and hidden-state MSE."),
+    pred_epochs: float = typer.Option(1.0, help="Stage 2: soft cross-entropy on the logits."),
+    batch_size: int = typer.Option(16),
+    lr: float = typer.Option(5e-5),
+    max_len: int = typer.Option(64),
+    device: str = typer.Option("cpu", help="torch device to train on (e.g. cuda)."),
+    threads: int = typer.Option(1, help="torch threads."),
+) -> None:
+    """Distill a student whose nonlinearities are PRESET's approximations (MPCFormer-style)."""
+    from . import distill as D
+    from .passes.approximate import PRESETS
+
+    _glue_dir(data_dir, task)
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if not (teacher / D.META_FILE).is_file():
+        raise UserError(f"{teacher}: not a checkpoint from `secformer finetune` (no {D.META_FILE})")
+    path = D.distill(teacher, task, preset, data_dir=data_dir, out_dir=out, max_len=max_len,
+                     train_subsample=train_subsample or None, layer_epochs=layer_epochs, pred_epochs=pred_epochs,
+                     batch_size=batch_size, lr=lr, device=device, threads=threads, log=_log_line)
+    typer.echo(f"student saved to {path}")
+
+
+class Mode(str, Enum):
+    float = "float"
+    float_approx = "float_approx"
+    simulate = "simulate"
+    two_pc = "2pc"
+
+
+@app.command("eval")
+@guarded
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Checkpoint from `secformer finetune` or `secformer distill`."),
+    task: str = typer.Option(..., help="GLUE task."),
+    data_dir: Path = typer.Option(..., help="GLUE folder: <dir>/<TASK>/dev.tsv."),
+    preset: str = typer.Option("secformer", help="Preset to compile with (ignored in float mode)."),
+    mode: Mode = typer.Option(Mode.float, help="float | float_approx | simulate | 2pc."),
+    n: Optional[int] = typer.Option(None, "-n", help="First n dev rows (default all)."),
+    batch_size: int = typer.Option(16, help="Static batch of the compiled program."),
+    max_len: int = typer.Option(64),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON."),
+    threads: int = typer.Option(1, help="torch threads."),
+) -> None:
+    """The GLUE metric of a checkpoint: float, the approximated program, the simulator or real 2PC."""
+    from . import distill as D
+    from .passes.approximate import PRESETS
+
+    _glue_dir(data_dir, task)
+    if mode != Mode.float and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if not (model / D.META_FILE).is_file():
+        raise UserError(f"{model}: not a checkpoint from `secformer finetune` or `secformer distill`")
+    rec = D.evaluate(model, task, preset, mode.value, n, data_dir=data_dir, batch_size=batch_size, max_len=max_len,
+                     threads=threads, log=_log_line)
+    if as_json:
+        typer.echo(json.dumps(rec, indent=1))
+        return
+    line = f"{rec['task']} {rec['preset']} {rec['mode']}: {rec['metric']} = {rec['value']:.2f} on {rec['n_examples']} rows"
+    if rec.get("disagreements") is not None:
+        line += f"; 2PC predictions differing from the simulator's: {rec['disagreements']}"
+    typer.echo(line)
 
 
 def main() -> None:
