@@ -14,7 +14,9 @@ error of the final hidden states against the float program with the same approxi
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -52,12 +54,16 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(CONFIGS), default="base")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=None, help="override the number of layers (quick runs)")
     ap.add_argument("--preset", default="secformer")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    load_before = os.getloadavg()  # the machine is shared: record how busy it was
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    cfg = BertConfig(**CONFIGS[args.model], attn_implementation="eager")
+    conf = dict(CONFIGS[args.model], **({"num_hidden_layers": args.layers} if args.layers else {}))
+    cfg = BertConfig(**conf, attn_implementation="eager")
     model = Encoder(cfg).eval()
     x = torch.randn(1, args.seq, cfg.hidden_size)
     cal = [torch.randn(1, args.seq, cfg.hidden_size) for _ in range(2)]
@@ -98,7 +104,8 @@ def main() -> None:
     static = program_cost(cm.graph)
     assert static.rounds == st.rounds and static.bytes_per_party == st.bytes_sent[0], "cost model != counted"
     rec = {
-        "model": f"bert-{args.model}", "seq_len": args.seq, "preset": args.preset, "batch": 1,
+        "model": f"bert-{args.model}", "seq_len": args.seq, "layers": cfg.num_hidden_layers,
+        "preset": args.preset, "batch": 1, "runs": args.runs,
         "wall_s": statistics.median(walls), "wall_s_runs": walls,
         "offline_s": st.offline_s, "rounds": st.rounds, "bytes_sent_per_party": st.bytes_sent[0],
         "dealer_bytes": st.dealer_bytes, "peak_rss_mib": st.peak_rss_mib,
@@ -110,7 +117,9 @@ def main() -> None:
         "estimates_s": {k: st.rounds * rtt + st.bytes_sent[0] * 8 / bw for k, (bw, rtt) in NETWORKS.items()},
         "breakdown_by_layer_type": dict(breakdown),
         "load": {"bytes_sent_per_party": load.bytes_sent[0], "rounds": load.rounds},
-        "machine": platform.platform(), "command": " ".join(["python"] + sys.argv),
+        "machine": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "started_utc": started, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
+        "command": " ".join(["python"] + sys.argv),
     }
     print(json.dumps(rec, indent=1))
     if args.json:
