@@ -78,8 +78,10 @@ def categorize(path: str) -> dict:
         else:
             cats["Python (interpreter)"] += tt
         # cumulative views (they overlap the categories above): the whole ring matmul (limb
-        # split, float64 products, recombination) and the whole PRG draw
-        if (file.endswith("ring.py") and name == "ring_matmul") or (file.endswith("prg.py") and name == "ring"):
+        # split, float64 products, recombination), the whole PRG draw, P1 waiting for the
+        # dealer's corrections (recv_blob) and the parties' openings (exchange)
+        if (file.endswith("ring.py") and name == "ring_matmul") or (file.endswith("prg.py") and name == "ring") \
+                or (file.endswith("dist.py") and name in ("recv_blob", "exchange", "send_blob")):
             cum[f"{os.path.basename(file)}:{name}"] = cum.get(f"{os.path.basename(file)}:{name}", 0.0) + ct
         # each IR op's rule runs as a generator: its cumulative time covers its compute
         # (and so do the protocols they call; nested ones overlap their callers)
