@@ -67,6 +67,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-2pc", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch (static program shape)")
     ap.add_argument("--processes", action="store_true", help="2PC roles as processes (default threads)")
+    ap.add_argument("--chunk-rows", type=int, default=0,
+                    help="2PC in chunks of this many dev rows, each saved as it finishes (a long run that is "
+                         "stopped keeps its finished chunks and resumes after them); 0: one run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--force", action="store_true")
     return ap.parse_args(argv)
@@ -133,6 +136,8 @@ def command(args: argparse.Namespace, task: str, step: str, preset: str | None =
         parts += [f"--two-pc {preset}", f"--n-2pc {args.n_2pc}", f"--batch-size {args.batch_size}"]
         if args.processes:
             parts.append("--processes")
+        if args.chunk_rows:
+            parts.append(f"--chunk-rows {args.chunk_rows}")
     if step in ("float", "approx") and args.n_float:
         parts.append(f"--n-float {args.n_float}")
     if step in ("simulate", "2pc", "approx"):
@@ -229,11 +234,82 @@ def run(args: argparse.Namespace) -> None:
             if "simulate" in steps:
                 attempt("simulate", preset, "simulate", args.n_simulate)
             if "2pc" in steps and preset in csv(args.two_pc):
-                attempt("2pc", preset, "2pc", args.n_2pc, processes=args.processes)
+                if args.chunk_rows:
+                    two_pc_chunks(args, task, preset, student(preset), common, finish)
+                else:
+                    attempt("2pc", preset, "2pc", args.n_2pc, processes=args.processes)
     if "report" in steps:
         backfill_teacher_scores(args, out, ck)
         write_report(load_records(out), Path(args.report), ck)
         log(f"wrote {args.report}")
+
+
+CHUNKS = HERE / "results" / "accuracy_chunks"
+
+
+def two_pc_chunks(args: argparse.Namespace, task: str, preset: str, model: Path, common: dict, finish) -> None:
+    """2PC on dev rows [0, n_2pc) in chunks of --chunk-rows, each kept in results/accuracy_chunks/
+    (logits of 2PC and of the simulator); after every chunk the finished prefix is merged into
+    the (task, preset, 2pc) record, so a stopped run still reports the rows it covered."""
+    from secformer_compiler import distill as D
+
+    n_total = args.n_2pc or len(D.glue.load_split(args.data_dir, task, "dev"))
+    CHUNKS.mkdir(parents=True, exist_ok=True)
+    for offset in range(0, n_total, args.chunk_rows):
+        f = CHUNKS / f"{task}_{preset}_2pc_{offset}.json"
+        if f.exists() and not args.force:
+            continue
+        n = min(args.chunk_rows, n_total - offset)
+        log(f"{task}/{preset}/2pc: rows {offset}..{offset + n - 1}")
+        rec = D.evaluate(model, task, preset, "2pc", n, offset=offset, processes=args.processes, return_logits=True,
+                         **common)
+        gold = [e.label for e in D.glue.load_split(args.data_dir, task, "dev")[offset:offset + n]]
+        rec["gold"] = gold
+        f.write_text(json.dumps(rec) + "\n")
+        merged = merge_chunks(task, preset, n_total, args.chunk_rows)
+        if merged:
+            finish(merged, "2pc", preset)
+
+
+def merge_chunks(task: str, preset: str, n_total: int, chunk_rows: int) -> dict | None:
+    """One record from the contiguous chunks from row 0 (see two_pc_chunks)."""
+    import numpy as np
+
+    from secformer_compiler import glue
+
+    parts = []
+    for offset in range(0, n_total, chunk_rows):
+        f = CHUNKS / f"{task}_{preset}_2pc_{offset}.json"
+        if not f.exists():
+            break
+        parts.append(json.loads(f.read_text()))
+    if not parts:
+        return None
+    spec = glue.task_spec(task)
+    logits = np.concatenate([np.array(p["logits"]) for p in parts])
+    sim = np.concatenate([np.array(p["simulate_logits"]) for p in parts])
+    gold = [g for p in parts for g in p["gold"]]
+    pred, sim_pred = glue.predictions(spec.name, logits), glue.predictions(spec.name, sim)
+    metrics = glue.compute_metrics(spec.name, pred, gold)
+    rec = {k: v for k, v in parts[0].items() if k not in ("logits", "simulate_logits", "gold")}
+    n = len(gold)
+    rec.update(value=round(metrics[spec.metric], 2), metrics={k: round(v, 2) for k, v in metrics.items()},
+               n_examples=n, offset=0, chunks=[[p["offset"], p["n_examples"]] for p in parts],
+               simulate_metrics={k: round(v, 2) for k, v in glue.compute_metrics(spec.name, sim_pred, gold).items()},
+               disagreements=None if spec.is_regression else int((pred != sim_pred).sum()),
+               max_abs_logit_diff_vs_simulate=float(np.abs(logits - sim).max()))
+    for key in ("seconds", "run_seconds", "compile_seconds", "load_seconds", "simulate_seconds"):
+        rec[key] = round(sum(p.get(key) or 0 for p in parts), 1)
+    comm: dict = {}
+    for p in parts:
+        for k, v in (p.get("comm") or {}).items():
+            if isinstance(v, (int, float)):
+                comm[k] = comm.get(k, 0) + v
+    rec["comm"] = comm
+    rec["programs"] = sorted({x for p in parts for x in p.get("programs", [])})
+    if n < n_total:
+        rec["partial"] = f"{n} of the {n_total} rows asked for (chunks of {chunk_rows}; the run was stopped)"
+    return rec
 
 
 def backfill_teacher_scores(args: argparse.Namespace, out: Path, ck: Path) -> None:

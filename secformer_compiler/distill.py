@@ -502,8 +502,9 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
              calibrate: bool = True, calibration_batches: int = 4, compare_simulate: bool = True,
              overrides: Mapping[str, str] | None = None, processes: bool = False, threads: int = 1,
              return_logits: bool = False, calibration: str = "approx", device: str = "cpu",
-             log: Log = print) -> dict[str, Any]:
-    """The GLUE metric of `model` on the first `n_examples` rows of `split` (None: all).
+             offset: int = 0, log: Log = print) -> dict[str, Any]:
+    """The GLUE metric of `model` on the first `n_examples` rows of `split` (None: all), or on
+    the `n_examples` rows from `offset` (long 2PC runs go in chunks; `record["offset"]`).
 
     model: a checkpoint folder (`finetune`/`distill` output) or a classifier module (then pass
     `tokenizer`, default all-MiniLM-L6-v2's). mode: float | float_approx | simulate | 2pc.
@@ -535,7 +536,7 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
     if mode == "float":
         model = model.to(device)
     rows = glue.load_split(data_dir, spec.name, split)
-    evaluated = rows[:n_examples] if n_examples else rows
+    evaluated = rows[offset:offset + n_examples] if n_examples else rows[offset:]
     enc = encode(tok, evaluated, max_len)
     need_cal = batch_size * calibration_batches
     try:
@@ -594,7 +595,7 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
     record: dict[str, Any] = {
         "task": spec.name, "preset": preset if mode != "float" else "float", "mode": mode,
         "metric": spec.metric, "value": round(metrics[spec.metric], 2), "n_examples": len(evaluated),
-        "metrics": {k: round(v, 2) for k, v in metrics.items()}, "split": split,
+        "metrics": {k: round(v, 2) for k, v in metrics.items()}, "split": split, "offset": offset,
         "model": source, "model_kind": meta.get("kind"), "model_preset": meta.get("preset"),
         "batch_size": batch_size, "max_len": max_len, "calibrated": calibrate if mode != "float" else None,
         "calibration": (calibration if calibrate else "defaults") if mode != "float" else None,
