@@ -350,6 +350,11 @@ def _cell(r: dict | None) -> str:
     return s
 
 
+def _where(meta: dict) -> str:
+    dev = str(meta.get("device") or "cpu")
+    return "an NVIDIA H200 GPU" if dev.startswith("cuda") else f"{meta.get('threads')} CPU thread(s)"
+
+
 def write_report(records: list[dict], path: Path, ck: Path) -> None:
     lines = [
         "# Accuracy: GLUE per preset, in float, in the simulator and under real 2PC",
@@ -406,12 +411,14 @@ def write_report(records: list[dict], path: Path, ck: Path) -> None:
                 desc += (f" from {m.get('base_model')}, head `{m.get('head')}`, {m.get('train_rows')} train rows "
                          f"(seeded subsample {m.get('train_subsample')}, seed {m.get('seed')}), {m.get('epochs')} "
                          f"epoch(s), batch {m.get('batch_size')}, lr {m.get('lr')}, max_len {m.get('max_len')}, "
-                         f"{m.get('train_seconds')} s on {m.get('threads')} thread(s)")
+                         f"{m.get('train_seconds')} s on {_where(m)}")
             else:
                 desc += (f" for preset `{m.get('preset')}` from `{rel(m.get('teacher'))}`: {m.get('method')}; "
                          f"{m.get('train_rows')} train rows, {m.get('layer_epochs')} + {m.get('pred_epochs')} "
                          f"epochs, batch {m.get('batch_size')}, lr {m.get('lr')}, length buckets "
-                         f"{m.get('buckets')}, {m.get('train_seconds')} s on {m.get('threads')} thread(s)")
+                         f"{m.get('buckets')}, {m.get('train_seconds')} s on {_where(m)}")
+            if m.get("packed"):
+                desc += "; word embeddings frozen, weights brought back as float16 (`benchmarks/train_gpu.py`)"
             lines.append(desc)
         lines.append("")
     lines += FINDINGS + [""] + NOTES
