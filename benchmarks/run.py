@@ -421,7 +421,8 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
           "- Per-op 2PC cost and error, with CrypTen's figures: [results/ops.md](results/ops.md); CrypTen "
           "baseline details: [crypten/README.md](crypten/README.md).",
           *[f"- Plot: [results/{p}](results/{p})" for p in pngs],
-          "- Merged JSON: `results/e2e_all.json` (machine, every record with its command)."]
+          f"- Merged JSON: `results/{'e2e_quick.json' if 'quick' in title.lower() else 'e2e_all.json'}` "
+          "(machine, every record with its command)."]
     return "\n".join(L) + "\n"
 
 
