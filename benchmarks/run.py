@@ -99,8 +99,14 @@ def run_job(job: dict) -> bool:
         return False
     print(f"run {job['name']}: {shlex.join(job['argv'])}  (load {load_avg()})", flush=True)
     t = time.time()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rc = subprocess.call(job["argv"], cwd=ROOT, stdout=subprocess.DEVNULL)
     print(f"  {job['name']}: rc {rc}, {time.time() - t:.0f} s  (load {load_avg()})", flush=True)
+    if rc == 0 and job["side"] == "crypten":  # run_crypten.py records no date: add it
+        recs = read(job)
+        for r in recs:
+            r.setdefault("started_utc", started)
+        (ROOT / job["json"]).write_text(json.dumps(recs, indent=1))
     return rc == 0
 
 
@@ -109,13 +115,14 @@ def read(job: dict) -> list[dict] | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def _crypten_view(rec: dict) -> dict:
+def _crypten_view(rec: dict, path: str) -> dict:
     """A CrypTen record under our keys, plus what identifies the run."""
     la = rec.get("load_average_1_5_15min_before_after")
     out = {k: rec.get(k) for k in KEYS}
     out.update(config=rec["config"], provider=rec.get("provider"), int64_matmul=rec.get("int64_matmul", "torch"),
                runs=rec.get("runs"), max_abs_err_vs_exact=rec.get("max_abs_err_vs_exact"),
                breakdown_party0=rec.get("breakdown_party0"), command=rec.get("command"),
+               started_utc=rec.get("started_utc"), json=path,
                load_average_1min_before_after=[la[0][0], la[1][0]] if la else None)
     return out
 
@@ -137,7 +144,7 @@ def combine(jobs: list[dict]) -> list[dict]:
         else:
             for r in data:  # one record per configuration (secformer, crypten)
                 name = r["config"] + ("" if r.get("int64_matmul", "torch") == "torch" else "_" + r["int64_matmul"])
-                rec.setdefault("crypten", {})[name] = _crypten_view(r)
+                rec.setdefault("crypten", {})[name] = _crypten_view(r, job["json"])
     return list(recs.values())
 
 
@@ -266,8 +273,10 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
          f"{mach['cpu_count']} cores ({mach['processor']}), {mach['memory_gib']} GiB, {mach['platform']}, "
          f"Python {mach['python']}, torch {mach['torch']}. One torch thread per party process; P0, P1 and the "
          "dealer (ours) or the two CrypTen parties are processes on this machine talking over loopback (gloo). "
-         "**The 2 cores are shared** with other jobs (during these runs a GLUE 2PC accuracy job used about one "
-         "core): wall times are inflated and noisy, bytes and rounds are deterministic.", "",
+         "**The 2 cores are shared** with other jobs: the 2026-11-25 runs had a 1-minute load average of 3 to "
+         "10, the 2026-11-26 runs 5 to 7 (a GLUE 2PC accuracy job and other developers' tests ran beside "
+         "them). Wall times are inflated and noisy and only roughly comparable between runs; bytes and rounds "
+         "are deterministic (ours: asserted equal to the static cost model in every run).", "",
          "## Reproduce", "",
          "```bash",
          "bash benchmarks/crypten/setup.sh                      # CrypTen 0.4.1 in its own venv (once)",
@@ -281,8 +290,13 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
             L.append(f"- `{r['command']}` (started {r['ours'].get('started_utc') or _date(r)})")
         for c in {c["command"]: c for c in r.get("crypten", {}).values()}.values():  # one run, two configs
             la = c["load_average_1min_before_after"]
-            L.append(f"- `{c['command']}` (CrypTen, both configurations; 2026-11-25, load "
-                     f"{la[0]:.1f} / {la[1]:.1f} before / after)")
+            where = "" if c["json"] in c["command"] else f", copied to `{c['json']}`"
+            L.append(f"- `{c['command']}` (CrypTen, both configurations{where}; started "
+                     f"{c['started_utc'] or '2026-11-25 (earlier run)'}, load {la[0]:.1f} / {la[1]:.1f} before / after)")
+    prof = RES / "profile_base_l2_128.json"
+    if prof.exists() and "quick" not in title.lower():
+        p = json.loads(prof.read_text())
+        L.append(f"- `{p['command']}` (profile; started {p['started_utc']})")
     L.append("")
 
     b = _get(recs, "bert-base", 128)
@@ -292,9 +306,12 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
               "Encoder only (12 layers, 768, 12 heads, FFN 3072), random weights, batch 1, no embeddings and "
               "no mask, preset `secformer`. CrypTen 0.4.1, provider TFP (party 0 makes the Beaver triples: "
               "no dealer traffic), two parties. Ours: `e2e_base_128.json`, "
-              f"{b['ours'].get('runs', len(b['ours'].get('wall_s_runs', [])))} runs (median), 2026-11-25; "
-              "CrypTen: `crypten_bert_base.json` and `crypten_bert_base_colmajor.json`, one run each, "
-              "2026-11-25 (load average 3 to 10 during the first). `colmajor`: the same CrypTen run with its "
+              f"{len(b['ours']['wall_s_runs'])} runs (median), {_date(b)}; CrypTen: "
+              + "; ".join(f"`{os.path.basename(c['json'])}` ({n}), {c['runs']} run, {(c['started_utc'] or _date({}))[:10]}, "
+                          f"load {c['load_average_1min_before_after'][0]:.1f} / {c['load_average_1min_before_after'][1]:.1f}"
+                          for n, c in cr.items()) + ". "
+              "Ours ran 3 processes (P0, P1 and the dealer, concurrently) on the 2 cores, CrypTen 2 (with TFP party 0 "
+              "generates the triples itself). `colmajor`: the same CrypTen run with its "
               "int64 matmuls given a column-major second operand (bit-identical results; torch 2.13's "
               "row-major int64 kernel is 3 to 10x slower, see `benchmarks/crypten/README.md`).", "",
               "| | wall s | rounds | MiB sent / party | dealer MiB | max abs err (same approx.) | time ratio | bytes ratio | rounds ratio |",
