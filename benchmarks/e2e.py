@@ -49,6 +49,17 @@ class Encoder(torch.nn.Module):
         return self.encoder(hidden).last_hidden_state
 
 
+def git_state() -> dict:
+    """The commit and the uncommitted source edits this run used (others edit the tree too)."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.split("\n")
+        return {"commit": head, "modified_py": [ln[3:] for ln in dirty if ln.endswith(".py") and ln[:2] != "??"]}
+    except OSError:
+        return {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(CONFIGS), default="base")
@@ -118,7 +129,7 @@ def main() -> None:
         "breakdown_by_layer_type": dict(breakdown),
         "load": {"bytes_sent_per_party": load.bytes_sent[0], "rounds": load.rounds},
         "machine": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "started_utc": started, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
+        "started_utc": started, "git": git_state(), "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "command": " ".join(["python"] + sys.argv),
     }
     print(json.dumps(rec, indent=1))
