@@ -4,6 +4,10 @@ For LayerNorm the Goldschmidt inverse square root sees var + eps; for 2Quad soft
 Goldschmidt reciprocal sees the masked row sums of (x + c)^2. We run the program in float64
 (exact nonlinearities: the model the approximations must match) and record the extremes.
 A 25% margin on each side covers inputs outside the calibration sample.
+
+`compile()` uses `training.measure_ranges`, the same measurement on the *approximated*
+program (what the Goldschmidt steps actually see); this exact-model version is the
+reference the tests compare it with.
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
         preset: "secformer" (default), "mpcformer", "puma", "crypten",
             "secformer-exact-softmax", or "exact" (simulator only).
         calibration: sample inputs (a list of tuples/dicts like example_inputs); each
-            approximated op's input range is measured on them (with a 25% margin) and its
+            approximated op's input range is measured on them, running the approximated
+            program in float64 (with a 25% margin), and its
             pre-scale and iteration count chosen to meet the declared bound. Default: the
             example inputs themselves; `[]` keeps the documented conservative defaults.
         per_op / overrides: per-op methods, e.g. softmax="puma".
@@ -166,7 +167,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
         # calibration sample unless the caller gives one; pass calibration=[] to opt out.
         calibration = [example_inputs]
     if calibration:
-        from .calibrate import measure_ranges
+        # Ranges of the *approximated* program (training.measure_ranges): a replacement GeLU
+        # (Quad, PUMA's polynomial) changes what the next LayerNorm sees (10x the variance on
+        # all-MiniLM-L6-v2 with Quad), and Goldschmidt calibrated for the exact model's range
+        # then diverges.
+        from .training import measure_ranges
         ranges = measure_ranges(graph, calibration)
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
                          calibration=ranges, **per_op)

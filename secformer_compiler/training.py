@@ -318,8 +318,7 @@ def measure_ranges(graph: Graph, samples: Sequence[Any], device: str | torch.dev
     """{node: (lo, hi)} of each Goldschmidt input (var + eps of a layernorm, masked 2Quad row sums
     of a softmax) as the *approximated* program computes them, with `calibrate.MARGIN`.
 
-    `calibrate.measure_ranges` (what `compile(..., calibration=...)` uses) runs the exact
-    model: for a replacement preset the approximated program's ranges differ (Quad GeLU makes
+    `calibrate.measure_ranges` runs the exact model (compile() used it until this was found): for a replacement preset the approximated program's ranges differ (Quad GeLU makes
     all-MiniLM-L6-v2's LayerNorm variances 10x larger than exact GeLU does; a distilled 2Quad
     student's differ too) and Goldschmidt, calibrated for the wrong range, diverges. This
     runs the training view with exact Goldschmidt steps, so what is measured does not depend
