@@ -8,7 +8,7 @@ one record per (model, sequence length, layers) with our figures at the top leve
 CrypTen's, under the same keys, in `crypten`, and renders the report and the plots.
 
     .venv/bin/python benchmarks/run.py --suite quick          # < 5 min smoke run
-    .venv/bin/python benchmarks/run.py --suite scaling        # ours: base 32..512, large 128
+    .venv/bin/python benchmarks/run.py --suite scaling        # ours: base 32..512, large 128 (*)
     .venv/bin/python benchmarks/run.py --suite crypten        # CrypTen BERT-base seq 128
     .venv/bin/python benchmarks/run.py --suite all --reuse    # run only what has no JSON yet
     .venv/bin/python benchmarks/run.py --report-only          # RESULTS.md from committed JSON
@@ -17,6 +17,9 @@ CrypTen's, under the same keys, in `crypten`, and renders the report and the plo
 the other suites write benchmarks/results/e2e_all.json and benchmarks/RESULTS.md, built from
 every record of `--suite all` that exists on disk (so running one suite keeps the others'
 committed results in the report). `--only base-256` restricts a suite to some jobs.
+
+(*) A run that would not fit in this machine's memory is skipped with a message (the whole
+BERT-large needs ~40 GiB); BERT-large's first 6 layers are measured as well and scaled by 4.
 """
 
 from __future__ import annotations
