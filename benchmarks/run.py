@@ -223,7 +223,6 @@ def plots(recs: list[dict]) -> list[str]:
         seqs = [r["seq_len"] for r in base]
         fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
         ax[0].plot(seqs, [r["wall_s"] for r in base], "o-", label="ours, 2PC online wall")
-        ax[0].plot(seqs, [r["ours"]["offline_s"] for r in base], "s--", label="ours, dealer (concurrent)")
         ax[0].plot(seqs, [r["torch_wall_s"] for r in base], "^:", label="float torch, 1 thread")
         ax[1].plot(seqs, [r["bytes_sent_per_party"] / MIB for r in base], "o-", label="ours, online sent per party")
         ax[1].plot(seqs, [r["dealer_bytes"] / MIB for r in base], "s--", label="ours, dealer (offline)")
@@ -246,6 +245,11 @@ def plots(recs: list[dict]) -> list[str]:
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
         ax[0].set_yscale("log")
+        dates = sorted({_date(r)[:10] for r in base})
+        if len(dates) > 1:  # the points were measured on different days, under different loads
+            ax[0].annotate("measured on " + ", ".join(f"{d}: seq " + ", ".join(str(r["seq_len"]) for r in base
+                                                                           if _date(r)[:10] == d) for d in dates),
+                           (0.02, 0.02), xycoords="axes fraction", fontsize=7)
         ax[1].set_yscale("log")
         ax[2].set_ylim(0, None)
         fig.tight_layout()
@@ -451,7 +455,9 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
     if scal:
         L += ["## Scaling (ours)" if "quick" not in title.lower() else "## Our runs", "",
               "Preset `secformer`, batch 1, 3 processes on this machine. `wall` = online wall time (median of "
-              "`runs`); `dealer s` = the dealer's offline phase, which ran concurrently with the online phase; "
+              "`runs`); `dealer s` = the dealer's clock, from receiving the program until P1 took its last "
+              "blob of correlated randomness (it streams them with blocking sends, so this tracks the online "
+              "phase rather than the dealer's own work: see \"where the time goes\"); "
               "`err` = max abs error of the final hidden states against the float program with the same "
               "approximations; `vs exact` against the exact float model; `peak RSS` per process P0 / P1 / dealer; "
               "`load` = 1-minute load average before / after the run (2 cores).", "",
