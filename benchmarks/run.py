@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -245,6 +246,7 @@ def plots(recs: list[dict]) -> list[str]:
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
         ax[0].set_yscale("log")
+        ax[0].legend(fontsize=7, loc="center right")  # the upper left holds the CrypTen points
         dates = sorted({_date(r)[:10] for r in base})
         if len(dates) > 1:  # the points were measured on different days, under different loads
             ax[0].annotate("measured on " + ", ".join(f"{d}: seq " + ", ".join(str(r["seq_len"]) for r in base
@@ -472,6 +474,20 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                      f"{fmt_s(r['torch_wall_s'])} | {r['max_abs_err']:.4f} | {o['max_abs_err_vs_exact_model']:.3f} | {rss} | "
                      f"{o['estimates_s']['LAN']:.2f} | {o['estimates_s']['WAN']:.1f} | "
                      + (f"{la[0]:.1f} / {la[1]:.1f}" if la else "not recorded") + f" | {_date(r)} |")
+        base = [r for r in scal if r["model"] == "bert-base" and r["layers_override"] is None]
+        if len(base) > 1:  # growth per doubling of the sequence length, first to last point
+            lo, hi = base[0], base[-1]
+            n = math.log2(hi["seq_len"] / lo["seq_len"])
+            a, c = base[-2], base[-1]  # a straight line through the last two points, at seq 0
+            fixed = a["wall_s"] - (c["wall_s"] - a["wall_s"]) / (c["seq_len"] - a["seq_len"]) * a["seq_len"]
+            g = lambda k: (hi[k] / lo[k]) ** (1 / n)  # noqa: E731
+            L += ["", f"BERT-base from seq {lo['seq_len']} to {hi['seq_len']}, per doubling of the sequence length: "
+                  f"online wall x{g('wall_s'):.2f}, bytes per party x{g('bytes_sent_per_party'):.2f}, dealer bytes "
+                  f"x{g('dealer_bytes'):.2f}, float torch x{g('torch_wall_s'):.2f}; rounds stay {lo['rounds']} (every "
+                  "opening covers the whole sequence). Bytes grow a little faster than the length because of the "
+                  "attention scores (seq²). Time grows slower than bytes: part of it does not grow with the "
+                  f"sequence (a straight line through the seq {a['seq_len']} and {c['seq_len']} points meets seq 0 at "
+                  f"{fixed:.0f} s; the points were measured under different loads, so this is rough)."]
         bl, lg = _get(recs, "bert-base", 128), large_128(recs)
         if bl and lg:
             ll, k_l, how = lg
