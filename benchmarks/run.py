@@ -492,8 +492,9 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
         if bl and lg:
             ll, k_l, how = lg
             L += ["", f"BERT-large / BERT-base at seq 128 ({how}): "
-                  + ", ".join(f"{k} x{ll[k] * k_l / bl[k]:.2f}" for k in ("wall_s", "bytes_sent_per_party", "dealer_bytes", "rounds"))
-                  + " (weights x3.5, layers x2)."]
+                  + ", ".join(f"{n} x{ll[k] * k_l / bl[k]:.2f}" for n, k in (("online wall", "wall_s"),
+                              ("bytes per party", "bytes_sent_per_party"), ("dealer bytes", "dealer_bytes"), ("rounds", "rounds")))
+                  + f" (weights x3.5, layers x2; base measured {_date(bl)[:10]}, large {_date(ll)[:10]})."]
             if k_l != 1:
                 L += ["", "The whole BERT-large needs about 40 GiB here (each party holds ~46 bytes per weight: "
                       "13 GiB per party for its 302M encoder weights, plus the dealer and the compiling parent, "
@@ -515,13 +516,13 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                 L.append(f"| {r['model']} | {lay} | {r['seq_len']} | CrypTen {name} | {fmt_s(c['wall_s'])} | {c['rounds']} | "
                          f"{fmt_mib(c['bytes_sent_per_party'])} | {fmt_mib(c['dealer_bytes'])} | {fmt_s(c['torch_wall_s'])} | {c['max_abs_err']:.4f} |")
         L.append("")
-    prof = RES / "profile_base.md"
-    if prof.exists() and "quick" not in title.lower():
-        L += [prof.read_text().strip(), ""]
+    for extra in ("profile_base.md", "e2e_notes.md"):  # hand-written sections about these runs
+        if (RES / extra).exists() and "quick" not in title.lower():
+            L += [(RES / extra).read_text().strip(), ""]
     L += ["## More", "",
           "- Per-op 2PC cost and error, with CrypTen's figures: [results/ops.md](results/ops.md); CrypTen "
           "baseline details: [crypten/README.md](crypten/README.md).",
-          *[f"- Plot: [results/{p}](results/{p})" for p in pngs],
+          *[f"- Plot: [results/{p}](results/{p})\n\n  ![{p}](results/{p})\n" for p in pngs],
           f"- Merged JSON: `results/{'e2e_quick.json' if 'quick' in title.lower() else 'e2e_all.json'}` "
           "(machine, every record with its command)."]
     return "\n".join(L) + "\n"
