@@ -195,6 +195,10 @@ def _get(recs, model, seq, layers=None):
     return next((r for r in recs if r["model"] == model and r["seq_len"] == seq and r["layers_override"] == layers), None)
 
 
+def _cdate(c: dict) -> str:
+    return (c.get("started_utc") or "2026-11-25")[:10]  # CrypTen records before run.py have no date
+
+
 def _date(r: dict) -> str:
     if "ours" in r and r["ours"].get("started_utc"):
         return r["ours"]["started_utc"][:10]
@@ -375,16 +379,17 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
               "generates the triples itself). `colmajor`: the same CrypTen run with its "
               "int64 matmuls given a column-major second operand (bit-identical results; torch 2.13's "
               "row-major int64 kernel is 3 to 10x slower, see `benchmarks/crypten/README.md`).", "",
-              "| | wall s | rounds | MiB sent / party | dealer MiB | max abs err (same approx.) | time ratio | bytes ratio | rounds ratio |",
-              "|---|---|---|---|---|---|---|---|---|",
-              f"| **ours** | {fmt_s(b['wall_s'])} | {b['rounds']} | {fmt_mib(b['bytes_sent_per_party'])} | "
+              "| | measured | wall s | rounds | MiB sent / party | dealer MiB | max abs err (same approx.) | time ratio | bytes ratio | rounds ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|",
+              f"| **ours** | {_date(b)[:10]} | {fmt_s(b['wall_s'])} | {b['rounds']} | {fmt_mib(b['bytes_sent_per_party'])} | "
               f"{fmt_mib(b['dealer_bytes'])} | {b['max_abs_err']:.4f} | | | |"]
         for name, c in cr.items():
-            L.append(f"| CrypTen {name} | {fmt_s(c['wall_s'])} | {c['rounds']} | {fmt_mib(c['bytes_sent_per_party'])} | "
+            L.append(f"| CrypTen {name} | {_cdate(c)} | {fmt_s(c['wall_s'])} | {c['rounds']} | {fmt_mib(c['bytes_sent_per_party'])} | "
                      f"{fmt_mib(c['dealer_bytes'])} | {c['max_abs_err']:.4f} | "
                      f"{ratio(b['wall_s'], c['wall_s']):.3f} | {ratio(b['bytes_sent_per_party'], c['bytes_sent_per_party']):.3f} | "
                      f"{ratio(b['rounds'], c['rounds']):.3f} |")
-        L += [f"| float torch, exact, 1 thread | {fmt_s(b['torch_wall_s'])} | | | | | | | |", "",
+        L += [f"| float torch, exact, 1 thread | {_date(b)[:10]} | {fmt_s(b['torch_wall_s'])} | | | | | | | |", "",
+              "Time ratios between runs of different days mix different loads (see the notes below).", "",
               "Ratios are ours / CrypTen (below 1: ours is cheaper). Our dealer bytes are the correlated randomness "
               "the dealer sends P1 (offline, input-independent); CrypTen's TFP has no dealer, so its 0 is not "
               "comparable (with TTP the TTP would send the Beaver triples).", ""]
@@ -402,7 +407,9 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
             L += ["### The issue's goals (against CrypTen with SecFormer's operators)", "",
                   "| goal | measured | status |", "|---|---|---|",
                   f"| time ≤ 1/5 of CrypTen-SecFormer | {fmt_s(b['wall_s'])} s / {fmt_s(sf['wall_s'])} s = {rt:.3f} "
-                  f"(torch kernel)" + (f"; {fmt_s(b['wall_s'])} s / {fmt_s(sfc['wall_s'])} s = {rtc:.2f} (colmajor)" if sfc else "")
+                  f"(torch kernel, CrypTen {_cdate(sf)})" + (f"; {fmt_s(b['wall_s'])} s / {fmt_s(sfc['wall_s'])} s = {rtc:.2f} "
+                                                             f"(colmajor, CrypTen {_cdate(sfc)})" if sfc else "")
+                  + f"; ours {_date(b)[:10]}"
                   + f" | {ok(rt <= 0.2)} (torch kernel)" + (f"; {ok(rtc <= 0.2)} (colmajor: ours is slower)" if sfc and rtc > 1 else
                                                                f"; {ok(rtc <= 0.2)} (colmajor)" if sfc else "") + " |",
                   f"| bytes ≤ 1/5 | {fmt_mib(b['bytes_sent_per_party'])} MiB / {fmt_mib(sf['bytes_sent_per_party'])} MiB = {rb:.3f} | {ok(rb <= 0.2)} |",
