@@ -195,6 +195,28 @@ def _get(recs, model, seq, layers=None):
     return next((r for r in recs if r["model"] == model and r["seq_len"] == seq and r["layers_override"] == layers), None)
 
 
+# Earlier measurements kept beside the current ones (same configuration, another day), so
+# that time ratios can be taken between runs made on the same day under similar load.
+EARLIER = {"ours": ["benchmarks/results/e2e_base_128_2026-11-25.json"],
+           "crypten": ["benchmarks/results/crypten_bert_base_colmajor_2026-11-25.json"]}
+
+
+def same_day(b: dict) -> dict[str, dict]:
+    """BERT-base seq 128, ours and CrypTen, current and earlier runs, grouped by day."""
+    ours = [b["ours"]] + [json.loads((ROOT / p).read_text())[-1] for p in EARLIER["ours"] if (ROOT / p).exists()]
+    crs = list(b.get("crypten", {}).values())
+    for p in EARLIER["crypten"]:
+        if (ROOT / p).exists():
+            crs += [_crypten_view(r, p) for r in json.loads((ROOT / p).read_text())]
+    days: dict[str, dict] = {}
+    for o in ours:
+        days.setdefault((o.get("started_utc") or "2026-11-25")[:10], {"ours": o, "crypten": {}})
+    for c in crs:
+        if _cdate(c) in days:
+            days[_cdate(c)]["crypten"][c["config"] + ("" if c["int64_matmul"] == "torch" else "_" + c["int64_matmul"])] = c
+    return dict(sorted(days.items()))
+
+
 def _cdate(c: dict) -> str:
     return (c.get("started_utc") or "2026-11-25")[:10]  # CrypTen records before run.py have no date
 
@@ -294,13 +316,14 @@ def summary(recs: list[dict], title: str) -> list[str]:
          f"{b['rounds']} rounds, {fmt_mib(b['bytes_sent_per_party'])} MiB sent per party, "
          f"{fmt_mib(b['dealer_bytes'])} MiB from the dealer, max error {b['max_abs_err']:.4f} against the float "
          f"model with the same approximations (float torch: {fmt_s(b['torch_wall_s'])} s)."]
-    for name in ("secformer", "secformer_colmajor"):
-        c = b.get("crypten", {}).get(name)
-        if c:
-            L.append(f"- **Against CrypTen-SecFormer** ({'column-major' if 'colmajor' in name else 'as-installed'} int64 "
-                     f"matmul, `{os.path.basename(c['json'])}`, {(c['started_utc'] or '2026-11-25')[:10]}): time "
-                     f"x{b['wall_s'] / c['wall_s']:.2f}, bytes x{b['bytes_sent_per_party'] / c['bytes_sent_per_party']:.3f}, "
-                     f"rounds x{b['rounds'] / c['rounds']:.2f} (goals: ≤ 0.2, ≤ 0.2, ≤ 0.33).")
+    sf = b.get("crypten", {}).get("secformer")
+    if sf:
+        L.append(f"- **Against CrypTen-SecFormer**: bytes x{b['bytes_sent_per_party'] / sf['bytes_sent_per_party']:.3f} "
+                 f"(goal ≤ 0.2), rounds x{b['rounds'] / sf['rounds']:.2f} (goal ≤ 0.33), time (goal ≤ 0.2), ours / CrypTen "
+                 "measured on the same day: " + "; ".join(
+                     f"x{d['ours']['wall_s'] / c['wall_s']:.2f} on {day} ({'column-major' if 'colmajor' in n else 'as-installed'} "
+                     f"int64 matmul: {fmt_s(d['ours']['wall_s'])} s against {fmt_s(c['wall_s'])} s)"
+                     for day, d in same_day(b).items() for n, c in d["crypten"].items() if n.startswith("secformer")) + ".")
     base = sorted((r for r in recs if r["model"] == "bert-base" and r["layers_override"] is None and "ours" in r),
                   key=lambda r: r["seq_len"])
     if len(base) > 1:
@@ -379,17 +402,26 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
               "generates the triples itself). `colmajor`: the same CrypTen run with its "
               "int64 matmuls given a column-major second operand (bit-identical results; torch 2.13's "
               "row-major int64 kernel is 3 to 10x slower, see `benchmarks/crypten/README.md`).", "",
-              "| | measured | wall s | rounds | MiB sent / party | dealer MiB | max abs err (same approx.) | time ratio | bytes ratio | rounds ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|",
-              f"| **ours** | {_date(b)[:10]} | {fmt_s(b['wall_s'])} | {b['rounds']} | {fmt_mib(b['bytes_sent_per_party'])} | "
+              "| | measured | float torch s (load probe) | wall s | rounds | MiB sent / party | dealer MiB | max abs err (same approx.) | time ratio | bytes ratio | rounds ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|",
+              f"| **ours** | {_date(b)[:10]} | {fmt_s(b['torch_wall_s'])} | {fmt_s(b['wall_s'])} | {b['rounds']} | {fmt_mib(b['bytes_sent_per_party'])} | "
               f"{fmt_mib(b['dealer_bytes'])} | {b['max_abs_err']:.4f} | | | |"]
         for name, c in cr.items():
-            L.append(f"| CrypTen {name} | {_cdate(c)} | {fmt_s(c['wall_s'])} | {c['rounds']} | {fmt_mib(c['bytes_sent_per_party'])} | "
+            other = "" if _cdate(c) == _date(b)[:10] else " (other day)"
+            L.append(f"| CrypTen {name} | {_cdate(c)} | {fmt_s(c['torch_wall_s'])} | {fmt_s(c['wall_s'])} | {c['rounds']} | {fmt_mib(c['bytes_sent_per_party'])} | "
                      f"{fmt_mib(c['dealer_bytes'])} | {c['max_abs_err']:.4f} | "
-                     f"{ratio(b['wall_s'], c['wall_s']):.3f} | {ratio(b['bytes_sent_per_party'], c['bytes_sent_per_party']):.3f} | "
+                     f"{ratio(b['wall_s'], c['wall_s']):.3f}{other} | {ratio(b['bytes_sent_per_party'], c['bytes_sent_per_party']):.3f} | "
                      f"{ratio(b['rounds'], c['rounds']):.3f} |")
-        L += [f"| float torch, exact, 1 thread | {_date(b)[:10]} | {fmt_s(b['torch_wall_s'])} | | | | | | | |", "",
-              "Time ratios between runs of different days mix different loads (see the notes below).", "",
+        L += ["", "`float torch s`: the exact model in float32, one thread, timed by each run before its 2PC part: "
+              "a rough probe of how loaded the machine was. Time ratios between runs of different days mix "
+              "different loads; the same-day pairs:", "",
+              "| day | CrypTen configuration | CrypTen wall s (probe s) | ours wall s (probe s) | time ratio |",
+              "|---|---|---|---|---|"]
+        for day, d in same_day(b).items():
+            for n, c in d["crypten"].items():
+                L.append(f"| {day} | {n} | {fmt_s(c['wall_s'])} ({fmt_s(c['torch_wall_s'])}) | {fmt_s(d['ours']['wall_s'])} "
+                         f"({fmt_s(d['ours']['torch_wall_s'])}) | {d['ours']['wall_s'] / c['wall_s']:.3f} |")
+        L += ["",
               "Ratios are ours / CrypTen (below 1: ours is cheaper). Our dealer bytes are the correlated randomness "
               "the dealer sends P1 (offline, input-independent); CrypTen's TFP has no dealer, so its 0 is not "
               "comparable (with TTP the TTP would send the Beaver triples).", ""]
@@ -399,6 +431,8 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                           ratio(b["rounds"], sf["rounds"]))
             rtc = ratio(b["wall_s"], sfc["wall_s"]) if sfc else None
             ok = lambda c: "**met**" if c else "**missed**"  # noqa: E731
+            tpairs = {f"{day}, {'colmajor' if 'colmajor' in n else 'as installed'}": (d["ours"]["wall_s"], c["wall_s"])
+                      for day, d in same_day(b).items() for n, c in d["crypten"].items() if n.startswith("secformer")}
             bo, bc = b["ours"]["breakdown_by_layer_type"], sf["breakdown_party0"]
             nl_o = sum(bo[k]["rounds"] for k in ("softmax", "LayerNorm", "GeLU"))
             nl_c = sum(bc[k]["rounds"] for k in ("softmax", "layernorm", "gelu"))
@@ -406,23 +440,22 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
             mm_c = bc["linear"]["rounds"] + bc["attention_matmul"]["rounds"]
             L += ["### The issue's goals (against CrypTen with SecFormer's operators)", "",
                   "| goal | measured | status |", "|---|---|---|",
-                  f"| time ≤ 1/5 of CrypTen-SecFormer | {fmt_s(b['wall_s'])} s / {fmt_s(sf['wall_s'])} s = {rt:.3f} "
-                  f"(torch kernel, CrypTen {_cdate(sf)})" + (f"; {fmt_s(b['wall_s'])} s / {fmt_s(sfc['wall_s'])} s = {rtc:.2f} "
-                                                             f"(colmajor, CrypTen {_cdate(sfc)})" if sfc else "")
-                  + f"; ours {_date(b)[:10]}"
-                  + f" | {ok(rt <= 0.2)} (torch kernel)" + (f"; {ok(rtc <= 0.2)} (colmajor: ours is slower)" if sfc and rtc > 1 else
-                                                               f"; {ok(rtc <= 0.2)} (colmajor)" if sfc else "") + " |",
+                  "| time ≤ 1/5 of CrypTen-SecFormer (same-day pairs) | " + "; ".join(
+                      f"{k}: {fmt_s(o)} s / {fmt_s(c)} s = {o / c:.3f}" for k, (o, c) in tpairs.items()) + " | "
+                  + "; ".join(f"{ok(o / c <= 0.2)} ({k.split(',')[1].strip()})" for k, (o, c) in tpairs.items()) + " |",
                   f"| bytes ≤ 1/5 | {fmt_mib(b['bytes_sent_per_party'])} MiB / {fmt_mib(sf['bytes_sent_per_party'])} MiB = {rb:.3f} | {ok(rb <= 0.2)} |",
                   f"| rounds ≤ 1/3 | {b['rounds']} / {sf['rounds']} = {rr:.3f} | {ok(rr <= 1 / 3)} |",
                   f"| max error ≤ 0.05 vs the float model with the same approximations | {b['max_abs_err']:.4f} | "
                   f"{ok(b['max_abs_err'] <= 0.05)} |",
                   "| BERT-large in proportion | no CrypTen BERT-large run (ours only, below) | **not measured** |", "",
-                  "The time comparison depends on CrypTen's int64 matmul kernel: as installed (torch 2.13, row-major) "
-                  f"its linear layers take {sf['breakdown_party0']['linear']['wall_s'] / sf['wall_s']:.0%} of its time "
-                  f"and ours is {1 / rt:.1f}x faster; with the "
-                  "column-major kernel CrypTen's SecFormer configuration takes " + (f"{1 / rtc:.2f}x our time" if sfc else "n/a")
-                  + (", i.e. against a reasonable int64 kernel the time goal is missed by a wide margin" if sfc and rtc > 0.4
-                     else "") + f". Bytes {'meet' if rb <= 0.2 else 'miss'} the goal (GeLU dominates both sides: "
+                  "The time comparison depends on CrypTen's int64 matmul kernel and on the load. As installed "
+                  f"(torch 2.13, row-major) CrypTen's linear layers take {sf['breakdown_party0']['linear']['wall_s'] / sf['wall_s']:.0%} "
+                  "of its time. Same-day pairs, with each run's float-torch load probe: "
+                  + "; ".join(f"{day}, {n}: ours x{d['ours']['wall_s'] / c['wall_s']:.2f} (probes: ours "
+                              f"{fmt_s(d['ours']['torch_wall_s'])} s, CrypTen {fmt_s(c['torch_wall_s'])} s)"
+                              for day, d in same_day(b).items() for n, c in d["crypten"].items() if n.startswith("secformer"))
+                  + f". Smallest same-day ratio: {min(o / c for o, c in tpairs.values()):.3f} (goal ≤ 0.2; see the "
+                  "notes below on the load probes)" + f". Bytes {'meet' if rb <= 0.2 else 'miss'} the goal (GeLU dominates both sides: "
                   f"{fmt_mib(b['ours']['breakdown_by_layer_type']['GeLU']['bytes_sent'])} MiB ours against "
                   f"{fmt_mib(sf['breakdown_party0']['gelu']['bytes_sent'])} MiB on CrypTen-SecFormer's side). "
                   f"Rounds are {rr:.2f}x CrypTen-SecFormer's: the same operator algorithms on both sides fix most "
