@@ -362,7 +362,7 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
          f"Python {mach['python']}, torch {mach['torch']}. One torch thread per party process; P0, P1 and the "
          "dealer (ours) or the two CrypTen parties are processes on this machine talking over loopback (gloo). "
          "**The 2 cores are shared** with other jobs: the 2026-11-25 runs had a 1-minute load average of 3 to "
-         "10, the 2026-11-26 runs 5 to 7 (a GLUE 2PC accuracy job and other developers' tests ran beside "
+         "10, the 2026-11-26 runs 4 to 7 (a GLUE 2PC accuracy job and other developers' tests ran beside "
          "them). Wall times are inflated and noisy and only roughly comparable between runs; bytes and rounds "
          "are deterministic (ours: asserted equal to the static cost model in every run).", "",
          "## Reproduce", "",
