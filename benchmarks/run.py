@@ -468,6 +468,7 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
         kinds = [("linear", "linear"), ("attention matmul", "attention_matmul"), ("softmax", "softmax"),
                  ("LayerNorm", "layernorm"), ("GeLU", "gelu"), ("other", None)]
         bd = b["ours"]["breakdown_by_layer_type"]
+        sfb = cr.get("secformer", next(iter(cr.values())))["breakdown_party0"]
         L += ["## Breakdown by layer type (BERT-base, seq 128)", "",
               "Ours: online bytes sent per party and rounds (counted per IR node; our runtime does not time "
               "layer types, see \"where the time goes\"). CrypTen: party 0's wall s / rounds / MiB.", "",
@@ -481,7 +482,11 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                 cells.append(f"{fmt_s(x['wall_s'])} / {x['rounds']} / {fmt_mib(x['bytes_sent'])}" if x else "")
             L.append(f"| {label} | {fmt_mib(o['bytes_sent'])} | {o['rounds']} | " + " | ".join(cells) + " |")
         L += ["", "Embeddings are not part of this encoder-only benchmark (on either side); `other` is the "
-              "attention score scaling by 1/sqrt(d) (`scale`, one truncation round per layer).", ""]
+              "attention score scaling by 1/sqrt(d) (`scale`, one truncation round per layer). Our linear layers send "
+              f"{bd['linear']['bytes_sent'] / sfb['linear']['bytes_sent']:.2f}x CrypTen-SecFormer's bytes because the weights are fixed operands: their masked values are opened "
+              f"once when the weights are loaded ({fmt_mib(b['ours']['load']['bytes_sent_per_party'])} MiB per party, "
+              f"{b['ours']['load']['rounds']} rounds, not counted above), so an inference opens only the activations, "
+              "while CrypTen's Beaver matmul opens both operands every time.", ""]
         # LAN / WAN
         L += ["## LAN / WAN estimates (BERT-base, seq 128)", "",
               "`rounds x RTT + bytes sent per party x 8 / bandwidth`, LAN = 1 Gbit/s, 0.5 ms RTT; WAN = "
