@@ -443,7 +443,11 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                   "| time ≤ 1/5 of CrypTen-SecFormer (same-day pairs) | " + "; ".join(
                       f"{k}: {fmt_s(o)} s / {fmt_s(c)} s = {o / c:.3f}" for k, (o, c) in tpairs.items()) + " | "
                   + "; ".join(f"{ok(o / c <= 0.2)} ({k.split(',')[1].strip()})" for k, (o, c) in tpairs.items()) + " |",
-                  f"| bytes ≤ 1/5 | {fmt_mib(b['bytes_sent_per_party'])} MiB / {fmt_mib(sf['bytes_sent_per_party'])} MiB = {rb:.3f} | {ok(rb <= 0.2)} |",
+                  f"| bytes ≤ 1/5 | per inference of a session: {fmt_mib(b['bytes_sent_per_party'])} MiB / "
+                  f"{fmt_mib(sf['bytes_sent_per_party'])} MiB = {rb:.3f}; a single inference with the one-time weight "
+                  f"load: ({fmt_mib(b['bytes_sent_per_party'])} + {fmt_mib(b['ours']['load']['bytes_sent_per_party'])}) MiB = "
+                  f"{(b['bytes_sent_per_party'] + b['ours']['load']['bytes_sent_per_party']) / sf['bytes_sent_per_party']:.3f} "
+                  f"| {ok(rb <= 0.2)} per inference; {ok((b['bytes_sent_per_party'] + b['ours']['load']['bytes_sent_per_party']) / sf['bytes_sent_per_party'] <= 0.2)} with the load |",
                   f"| rounds ≤ 1/3 | {b['rounds']} / {sf['rounds']} = {rr:.3f} | {ok(rr <= 1 / 3)} |",
                   f"| max error ≤ 0.05 vs the float model with the same approximations | {b['max_abs_err']:.4f} | "
                   f"{ok(b['max_abs_err'] <= 0.05)} |",
