@@ -417,6 +417,7 @@ def distill(teacher_dir: str | Path, task: str, preset: str = "secformer", *, da
 # -- evaluation --------------------------------------------------------------------------------
 
 MODES = ("float", "float_approx", "simulate", "2pc")
+CALIBRATION_POOL = 1000  # train.tsv rows the calibration sample of each program is drawn from
 
 
 class _Programs:
@@ -424,8 +425,9 @@ class _Programs:
     their 2PC sessions (weights shared and loaded once per program)."""
 
     def __init__(self, model, preset, overrides, calibration_rows, pad_id, calibrate, log, processes=False,
-                 calibration="approx", device="cpu"):
+                 calibration="approx", device="cpu", calibration_batches=4):
         self.device = device
+        self.calibration_batches = calibration_batches
         self.model, self.preset, self.overrides = model, preset, dict(overrides or {})
         self.calibration = calibration
         self.calibration_rows, self.pad_id, self.calibrate, self.log = calibration_rows, pad_id, calibrate, log
@@ -440,7 +442,15 @@ class _Programs:
     def _calibration(self, batch_size: int, length: int) -> list:
         if not self.calibrate:
             return []  # the documented conservative defaults
-        rows = [r[:length] for r in self.calibration_rows]
+        # Half the sample: the longest rows of the pool, cut to `length` (full rows: 2Quad's row
+        # sums grow with the number of unmasked keys, and a short-row sample misses the largest
+        # ones: a 52-token dev row once overflowed a range calibrated on 32 short rows and
+        # Goldschmidt diverged); the other half spread over the pool's lengths.
+        k = self.calibration_batches * batch_size
+        pool = sorted(self.calibration_rows, key=len, reverse=True)
+        longest, rest = pool[:k // 2], pool[k // 2:]
+        spread = rest[::max(1, len(rest) // max(1, k - len(longest)))][:k - len(longest)]
+        rows = [r[:length] for r in longest + spread]
         if not rows:
             raise ValueError("calibration needs sample rows")
         while len(rows) < batch_size:
@@ -538,7 +548,7 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
     rows = glue.load_split(data_dir, spec.name, split)
     evaluated = rows[offset:offset + n_examples] if n_examples else rows[offset:]
     enc = encode(tok, evaluated, max_len)
-    need_cal = batch_size * calibration_batches
+    need_cal = max(batch_size * calibration_batches, CALIBRATION_POOL)
     try:
         cal_src = glue.load_split(data_dir, spec.name, "train")[:need_cal]
     except FileNotFoundError:
@@ -547,7 +557,7 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
     if calibration not in ("approx", "exact"):
         raise ValueError(f"calibration must be 'approx' or 'exact', got {calibration!r}")
     programs = _Programs(model, preset, overrides, cal_rows, tok.pad_token_id, calibrate, log, processes,
-                         calibration, device if mode == "float_approx" else "cpu")
+                         calibration, device if mode == "float_approx" else "cpu", calibration_batches)
     batches = static_batches(enc, batch_size, buckets, max_len)
     logits = np.zeros((len(evaluated), spec.num_labels), dtype=np.float64)
     sim_logits = np.zeros_like(logits) if mode == "2pc" and compare_simulate else None
