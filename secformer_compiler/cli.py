@@ -196,10 +196,8 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
     """Checkpoint -> compiled program -> artifact folder at `out` (written atomically)."""
     from . import compile as sf_compile
     from .artifact import save_artifact
-    from .passes.approximate import PRESETS
 
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    _check_preset(preset)
     if seq_len < 2 or batch < 1:
         raise UserError("--seq-len must be >= 2 and --batch >= 1")
     if Path(out).exists() and not force:
@@ -357,6 +355,20 @@ def _glue_dir(data_dir: Path, task: str) -> None:
                         f"<TASK>/train.tsv and <TASK>/dev.tsv")
 
 
+def _check_preset(preset: str) -> None:
+    from .passes.approximate import PRESETS
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+
+
+def _check_checkpoint(path: Path, made_by: str) -> None:
+    from .distill import META_FILE
+
+    if not (path / META_FILE).is_file():
+        raise UserError(f"{path}: not a checkpoint from {made_by} (no {META_FILE})")
+
+
 def _log_line(msg: str) -> None:
     typer.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
 
@@ -405,13 +417,10 @@ def distill_cmd(
 ) -> None:
     """Distill a student whose nonlinearities are PRESET's approximations (MPCFormer-style)."""
     from . import distill as D
-    from .passes.approximate import PRESETS
 
     _glue_dir(data_dir, task)
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    if not (teacher / D.META_FILE).is_file():
-        raise UserError(f"{teacher}: not a checkpoint from `secformer finetune` (no {D.META_FILE})")
+    _check_preset(preset)
+    _check_checkpoint(teacher, "`secformer finetune`")
     path = D.distill(teacher, task, preset, data_dir=data_dir, out_dir=out, max_len=max_len,
                      train_subsample=train_subsample or None, layer_epochs=layer_epochs, pred_epochs=pred_epochs,
                      batch_size=batch_size, lr=lr, device=device, threads=threads, log=_log_line)
@@ -441,13 +450,11 @@ def eval_cmd(
 ) -> None:
     """The GLUE metric of a checkpoint: float, the approximated program, the simulator or real 2PC."""
     from . import distill as D
-    from .passes.approximate import PRESETS
 
     _glue_dir(data_dir, task)
-    if mode != Mode.float and preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    if not (model / D.META_FILE).is_file():
-        raise UserError(f"{model}: not a checkpoint from `secformer finetune` or `secformer distill`")
+    if mode != Mode.float:
+        _check_preset(preset)
+    _check_checkpoint(model, "`secformer finetune` or `secformer distill`")
     rec = D.evaluate(model, task, preset, mode.value, n, data_dir=data_dir, batch_size=batch_size, max_len=max_len,
                      threads=threads, log=_log_line)
     if as_json:

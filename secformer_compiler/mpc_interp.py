@@ -380,12 +380,22 @@ def _contextual(gen: Protocol, node: Node) -> Protocol:
         raise
 
 
-def infer_program(ctx: Context, graph: Graph, inputs: dict[str, Any]) -> Protocol:
-    """One inference: returns this party's shares of the graph outputs (scale f)."""
+def infer_program(ctx: Context, graph: Graph, inputs: dict[str, Any],
+                  on_node: Callable[[Node], None] | None = None) -> Protocol:
+    """One inference: returns this party's shares of the graph outputs (scale f).
+
+    on_node(node), if given, is called as each compute node completes (progress bars); it
+    changes neither the messages nor the randomness."""
     if "in_nodes" not in graph.nodes[0].meta:
         plan_fixed(graph)
     ctx.state["inputs"] = inputs
     nodes = graph.nodes
+    notify = on_node or (lambda node: None)
+
+    def finished(gen, node: Node):
+        out = yield from gen
+        notify(node)
+        return out
 
     def launch(node: Node):
         ins = [values[i] for i in node.inputs]
@@ -397,7 +407,11 @@ def infer_program(ctx: Context, graph: Graph, inputs: dict[str, Any]) -> Protoco
         except Exception as e:
             e.add_note(_where(node))
             raise
-        return _contextual(out, node) if hasattr(out, "send") else out
+        if hasattr(out, "send"):
+            return finished(_contextual(out, node), node)
+        if node.op not in ("input", "weight", "constant"):
+            notify(node)
+        return out
 
     values: dict[str, Any] = {}
     deps = {n.name: n.inputs for n in nodes}

@@ -250,43 +250,11 @@ def layer_groups(graph: Any) -> dict[str, int]:
 
 
 def infer_with_progress(ctx: Any, graph: Any, inputs: dict, on_node: Callable | None = None):
-    """`mpc_interp.infer_program`, calling `on_node(node)` as each node completes.
+    """`mpc_interp.infer_program` with a per-node callback; all three roles run this one
+    program (only P0 passes a callback)."""
+    from .mpc_interp import infer_program
 
-    Same dataflow order, hence the same messages and randomness as `infer_program`; all
-    three roles run this one program (only P0 passes a callback).
-    """
-    from .dataflow import execute
-    from .mpc_interp import RULES, _contextual, _where, plan_fixed
-
-    if "in_nodes" not in graph.nodes[0].meta:
-        plan_fixed(graph)
-    ctx.state["inputs"] = inputs
-    values: dict[str, Any] = {}
-    notify = on_node or (lambda node: None)
-
-    def finished(gen, node):
-        out = yield from gen
-        notify(node)
-        return out
-
-    def launch(node):
-        fn = RULES.get(node.op)
-        if fn is None:
-            raise NotImplementedError(f"no 2PC rule for IR op {node.op!r} (node %{node.name})")
-        try:
-            out = fn(ctx, node, [values[i] for i in node.inputs])
-        except Exception as e:
-            e.add_note(_where(node))
-            raise
-        if hasattr(out, "send"):
-            return finished(_contextual(out, node), node)
-        if node.op not in ("input", "weight", "constant"):
-            notify(node)
-        return out
-
-    yield from execute(graph.nodes, {n.name: n.inputs for n in graph.nodes}, launch, values,
-                       tag=lambda n: n.name)
-    return [values[o] for o in graph.outputs]
+    return infer_program(ctx, graph, inputs, on_node)
 
 
 # --- the party server ------------------------------------------------------------------------
