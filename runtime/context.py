@@ -35,6 +35,9 @@ class Context:
     trunc: str = "exact"
     private: PRG | None = None  # a party's own randomness (input sharing), not the dealer's
     state: dict = field(default_factory=dict)  # per-session state (e.g. loaded fixed weights)
+    # True in a computing party's offline pass (engine.Role.prepare), which runs the
+    # program exactly as the dealer does (party = DEALER, meta tensors) to list its requests.
+    recording: bool = False
 
     @property
     def is_dealer(self) -> bool:

@@ -20,6 +20,7 @@ party's fixed-point arithmetic, which is what the simulator does.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -65,6 +66,12 @@ def mod_dom(bits: int, owner: int | None = None) -> Dom:
 
 Source = tuple[Sequence[int], Dom]
 Derive = Callable[..., Sequence[torch.Tensor]]
+Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The activation masks of fixed-weight products come from their own PRG stream of each
+# party's seed, so a party can draw them, and compute its share of A @ F, before the input
+# exists (`PartyCorrelations.prepare_products`) without disturbing the main stream's order.
+LINEAR_STREAM = 1
 
 
 def _meta(shape: Sequence[int]) -> torch.Tensor:
@@ -76,6 +83,7 @@ class Correlations(ABC):
 
     def __init__(self) -> None:
         self._fixed_shapes: dict[str, list[Shape]] = {}
+        self._public: dict[str, torch.Tensor] = {}
 
     def random(self, shape: Sequence[int], dom: Dom = RING) -> torch.Tensor:
         """This party's share of a fresh uniform secret in `dom`."""
@@ -109,6 +117,23 @@ class Correlations(ABC):
     def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep) -> list[torch.Tensor]:
         """Produce this role's shares (see `correlated`)."""
 
+    def publish(self, key: str, masked: torch.Tensor) -> None:
+        """Record the opened F = W - B of the fixed source `key` (P0 and P1 both know it)."""
+        self._public[key] = masked
+
+    def _product_shape(self, shape: Sequence[int], key: str, op: Op) -> Shape:
+        fixed = self._fixed_shapes[key][0]
+        return tuple(op(_meta(shape), _meta(fixed)).shape)
+
+    @abstractmethod
+    def fixed_product(self, shape: Sequence[int], key: str, op: Op) -> list[torch.Tensor]:
+        """For x (shape) times the fixed secret W kept under `key` (mask B, F = W - B public):
+        this party's shares of a fresh mask A, of A op F (computed locally from its A share and
+        the public F, ahead of time when prepared) and of C = A op B (dealer-derived).
+
+        x op W = E op W + A op F + C with E = x - A opened, so the online phase computes one
+        product (E op W_i) instead of two (x_i op F and E op B_i)."""
+
 
 class PartyCorrelations(Correlations):
     """P0's or P1's view: sources and P0's derived shares from the seed, P1's from corrections."""
@@ -117,8 +142,40 @@ class PartyCorrelations(Correlations):
         super().__init__()
         self.party = party
         self.prg = prg
+        self.linear_prg = prg.stream(LINEAR_STREAM)
+        self._ahead: deque = deque()  # (key, shape, A_i, A_i op F) drawn before the input
         self._buf: torch.Tensor | None = None
         self._pos = 0
+
+    def prepare_products(self, requests: Sequence[tuple[str, Shape, Op]]) -> None:
+        """Offline: draw the masks of the next program's fixed products (in its order) and
+        compute A_i op F for each, so the online phase does one product per fixed operand."""
+        for key, shape, op in requests:
+            a = self.linear_prg.ring(shape)
+            # A weight fixed by this same program is not open yet: its product waits online.
+            pre = op(a, self._public[key]) if key in self._public else None
+            self._ahead.append((key, tuple(shape), a, pre))
+
+    def prepared_left(self) -> int:
+        """Prepared fixed products not used yet (0 after a program that matched its preparation)."""
+        return len(self._ahead)
+
+    def discard_prepared(self) -> None:
+        self._ahead.clear()
+
+    def fixed_product(self, shape, key, op):
+        out_shape = self._product_shape(shape, key, op)
+        if self._ahead:
+            k, s, a, pre = self._ahead.popleft()
+            if (k, s) != (key, tuple(shape)):
+                raise RuntimeError(f"prepared fixed products out of order: expected {key} {tuple(shape)}, "
+                                   f"have {k} {s} (prepare with the same program and arguments)")
+        else:
+            a, pre = self.linear_prg.ring(shape), None
+        if pre is None:
+            pre = op(a, self._public[key])
+        c = self.prg.ring(out_shape) if self.party == 0 else self._take(out_shape, 64)
+        return [a, pre, c]
 
     def load_corrections(self, buf: torch.Tensor, fetch: Callable[[], torch.Tensor] | None = None) -> None:
         """P1: the dealer's correction stream for the next program (uint8 buffer). `fetch`
@@ -178,6 +235,7 @@ class DealerCorrelations(Correlations):
                  chunk_bytes: int | None = None) -> None:
         super().__init__()
         self.prg0, self.prg1 = prg0, prg1
+        self.linear0, self.linear1 = prg0.stream(LINEAR_STREAM), prg1.stream(LINEAR_STREAM)
         self._fixed_values: dict[str, list[torch.Tensor]] = {}
         self.corrections: list[torch.Tensor] = []
         self.correction_bytes = 0
@@ -210,14 +268,24 @@ class DealerCorrelations(Correlations):
             for key in fixed:
                 args += self._fixed_values[key]
             for value, shape, dom in zip(derive(*args), out_shapes, out_doms):
-                share0 = self.prg0.ring(shape, dom.bits)
-                corr = pack(dom.split(value.to(torch.int64), share0), dom.bits)
-                self.corrections.append(corr)
-                self.correction_bytes += corr.numel()
-                self._pending += corr.numel()
-                if self.flush is not None and self._pending >= self.chunk_bytes:
-                    self.flush(self.take_corrections())
+                self._emit(value, shape, dom)
         return [_meta(s) for s, _ in sources] + [_meta(s) for s in out_shapes]
+
+    def _emit(self, value: torch.Tensor, shape: Shape, dom: Dom) -> None:
+        """P1's correction for a derived value: value - P0's share drawn from P0's seed."""
+        share0 = self.prg0.ring(shape, dom.bits)
+        corr = pack(dom.split(value.to(torch.int64), share0), dom.bits)
+        self.corrections.append(corr)
+        self.correction_bytes += corr.numel()
+        self._pending += corr.numel()
+        if self.flush is not None and self._pending >= self.chunk_bytes:
+            self.flush(self.take_corrections())
+
+    def fixed_product(self, shape, key, op):
+        a = self.linear0.ring(shape) + self.linear1.ring(shape)
+        value = op(a, self._fixed_values[key][0])  # C = A op B; the dealer never sees F
+        self._emit(value, tuple(value.shape), RING)
+        return [_meta(shape), _meta(value.shape), _meta(value.shape)]
 
 
 class ClearCorrelations(Correlations):
@@ -242,3 +310,27 @@ class ClearCorrelations(Correlations):
                 v = value.to(torch.int64)
                 derived.append(v if dom.bits >= 64 else v & ((1 << dom.bits) - 1))
         return zeros + derived
+
+    def fixed_product(self, shape, key, op):
+        out = self._product_shape(shape, key, op)
+        return [torch.zeros(tuple(shape), dtype=torch.int64), torch.zeros(out, dtype=torch.int64),
+                torch.zeros(out, dtype=torch.int64)]
+
+
+class RecordingCorrelations(Correlations):
+    """A party's offline pass: runs the program on meta tensors and records, in order, the
+    fixed products it will ask for, so `PartyCorrelations.prepare_products` can compute them
+    before the input arrives. Draws nothing."""
+
+    def __init__(self, like: Correlations) -> None:
+        super().__init__()
+        self._fixed_shapes = dict(like._fixed_shapes)
+        self.requests: list[tuple[str, Shape, Op]] = []
+
+    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
+        return [_meta(s) for s, _ in sources] + [_meta(s) for s in out_shapes]
+
+    def fixed_product(self, shape, key, op):
+        out = self._product_shape(shape, key, op)
+        self.requests.append((key, tuple(shape), op))
+        return [_meta(shape), _meta(out), _meta(out)]

@@ -3,18 +3,22 @@
 `Role` is one of P0, P1 or the dealer with its persistent state (PRG streams, fixed
 correlations). `Role.run(program, *args)` runs one program: the dealer first runs it on
 meta tensors (the offline phase: before any input exists it produces P1's whole
-correction stream and sends it as one blob), then P0 and P1 run it online. The same
-function serves threads (`runtime.local`) and processes (`runtime.dist`).
+correction stream and sends it as one blob), then P0 and P1 run it online. Each party has
+its own offline phase too (`Role.prepare`): a meta-tensor pass records the program's
+fixed-weight products so their input-independent half (A_i @ F) is computed before the
+online phase starts. The same function serves threads (`runtime.local`) and processes
+(`runtime.dist`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
 
 from .context import CLEAR, DEALER, DEALER_MODE, P0, P1, PARTY, ROLE_NAMES, Context, clear_context
-from .correlations import DealerCorrelations, PartyCorrelations
+from .correlations import DealerCorrelations, PartyCorrelations, RecordingCorrelations
 from .messages import ADD, SWAP, XOR, Counter, Msg, Protocol
 from .packing import pack, packed_nbytes, unpack
 from .prg import PRG, new_seed
@@ -112,7 +116,16 @@ def meta_like(x: Any) -> Any:
         return type(x)(meta_like(v) for v in x)
     if isinstance(x, dict):
         return {k: meta_like(v) for k, v in x.items()}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: meta_like(getattr(x, f.name))
+                                         for f in dataclasses.fields(x) if f.init})
     return x
+
+
+def _offline_args(args: tuple) -> tuple:
+    """Arguments for a party's offline pass: shapes only, and no callbacks (a progress bar
+    must not see the meta pass)."""
+    return tuple(None if callable(a) and not isinstance(a, torch.Tensor) else a for a in meta_like(args))
 
 
 class Role:
@@ -127,6 +140,8 @@ class Role:
         self.ctx: Context | None = None
         self.engine: Engine | None = None
         self.dealer_bytes = 0
+        self.auto_prepare = True  # parties: run `prepare` before each program unless done
+        self._prepared = False
 
     @property
     def name(self) -> str:
@@ -151,10 +166,30 @@ class Role:
         self.transport.send_blob(P1, buf)
         self.dealer_bytes += buf.numel() + 8
 
+    def prepare(self, program: Callable[..., Protocol], *args: Any) -> None:
+        """A computing party's offline phase for the next `run(program, *args)`.
+
+        Runs the program on meta tensors (as the dealer does, so the order of requests is
+        the same) to list its fixed-weight products, then draws their masks and computes
+        A_i @ F for each. Needs no input values and no communication."""
+        if self.ctx is None:
+            self.setup()
+        if self.rank == DEALER:
+            return
+        rec = RecordingCorrelations(self.ctx.corr)
+        rctx = Context(DEALER, DEALER_MODE, rec, self.fxp, self.trunc, state=meta_like(self.ctx.state),
+                       recording=True)
+        Engine(rctx).run(program(rctx, *_offline_args(args)))
+        self.ctx.corr.prepare_products(rec.requests)
+        self._prepared = True
+
     def run(self, program: Callable[..., Protocol], *args: Any) -> Any:
         """Run one program: offline (dealer) then online (P0, P1). Returns this role's result."""
         if self.ctx is None:
             self.setup()
+        if self.rank != DEALER and self.auto_prepare and not self._prepared:
+            self.prepare(program, *args)
+        self._prepared = False
         if self.rank == DEALER:
             self.engine.run(program(self.ctx, *meta_like(args)))
             buf = self.ctx.corr.take_corrections()
@@ -169,7 +204,14 @@ class Role:
                 self.ctx.corr.load_corrections(first, fetch)
             else:
                 self.ctx.corr.load_corrections(first)
-        out = self.engine.run(program(self.ctx, *args))
+        try:
+            out = self.engine.run(program(self.ctx, *args))
+        finally:
+            left = self.ctx.corr.prepared_left()
+            self.ctx.corr.discard_prepared()
+        if left:
+            raise RuntimeError(f"{self.name}: {left} prepared fixed products were not used: "
+                               "prepare() was called for a different program or arguments")
         if self.rank == P1 and self.ctx.corr.remaining_corrections():
             raise PeerError("the dealer sent more correlated randomness than the program used: "
                             "the roles are running different programs")

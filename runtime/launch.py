@@ -82,6 +82,9 @@ def _run_one(role: Role, payload: bytes) -> tuple[Any, dict]:
         out = role.run(program, *args)
         stats["offline_s"] = time.perf_counter() - start
     else:
+        start = time.perf_counter()  # the party's own offline phase (no input, no messages)
+        role.prepare(program, *args)
+        stats["prepare_s"] = time.perf_counter() - start
         if role.rank == P1:  # the online clock starts once P1 holds the corrections
             t.prefetch_blob(DEALER)
         t.sync(P1 if role.rank == P0 else P0, _label(program))
@@ -253,6 +256,7 @@ class ProcessCluster:
             dealer_bytes=sum(sent_to[DEALER].values()),
             by_tag=st[P0]["by_tag"],
             online_s={P0: st[P0]["online_s"], P1: st[P1]["online_s"]},
+            prepare_s={P0: st[P0]["prepare_s"], P1: st[P1]["prepare_s"]},
             offline_s=st[DEALER]["offline_s"],
             sent_to=sent_to,
             peak_rss_mib={r: st[r].get("peak_rss_mib") for r in RANKS},

@@ -25,8 +25,11 @@ class RunStats:
     # online_s: wall time of P0's and P1's online phase, from a common start once P1 holds
     # the dealer's blob; offline_s: the dealer's offline phase (program on meta tensors and
     # sending the blob); sent_to[role][peer]: bytes each role sent to each peer in this run.
+    # prepare_s: each party's own offline phase (A_i @ F of every fixed product, before
+    # the online clock starts).
     online_s: dict[int, float] = field(default_factory=dict)
     offline_s: float | None = None
+    prepare_s: dict[int, float] = field(default_factory=dict)
     sent_to: dict[int, dict[int, int]] = field(default_factory=dict)
     peak_rss_mib: dict[int, float] = field(default_factory=dict)
 

@@ -24,12 +24,20 @@ def new_seed() -> bytes:
 class PRG:
     """A stream of uniform bytes (AES-128-CTR keystream) with tensor-shaped draws."""
 
-    def __init__(self, seed: bytes | None = None) -> None:
+    def __init__(self, seed: bytes | None = None, stream: int = 0) -> None:
         seed = new_seed() if seed is None else seed
         if len(seed) != SEED_BYTES:
             raise ValueError(f"PRG seed must be {SEED_BYTES} bytes, got {len(seed)}")
-        self._enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
+        # Independent streams of one seed: the stream number fills the counter block's high
+        # 8 bytes, so two streams never reuse a counter before 2^64 blocks (2^68 bytes).
+        nonce = int(stream).to_bytes(8, "big") + b"\0" * 8
+        self._enc = Cipher(algorithms.AES(seed), modes.CTR(nonce)).encryptor()
+        self._seed = seed
         self.bytes_drawn = 0
+
+    def stream(self, stream: int) -> "PRG":
+        """Another independent stream of this seed, from its start (same seed on both sides)."""
+        return PRG(self._seed, stream)
 
     def bytes(self, n: int) -> bytearray:
         self.bytes_drawn += n

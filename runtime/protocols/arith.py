@@ -4,7 +4,10 @@ Beaver (one round): with a dealer triple (a, b, c = a*b), both parties open e = 
 f = y - b; then x*y = c + e*b + a*f + e*f, where e*f is added by P0 only. For a fixed
 weight W (issue 2), the masked weight F = W - B is opened once when the weights are
 loaded and reused by every inference, which draws a fresh activation mask A and gets
-C = A @ B from the dealer: only E = X - A is opened per inference.
+C = A @ B from the dealer: only E = X - A is opened per inference. Since
+X @ W = E @ W + A @ F + C and A does not depend on the input, each party computes its
+share of A @ F offline (correlations.PartyCorrelations.prepare_products); online it
+does one product, E @ W_i, where W_i = B_i (+ F at P0) is its share of W.
 
 Products of fixed-point values carry 2f fractional bits; callers truncate (trunc.py).
 """
@@ -126,14 +129,15 @@ class FixedOperand:
 
     key: str
     masked: torch.Tensor  # F = W - B (public)
-    mask: torch.Tensor  # this party's share of B
+    share: torch.Tensor  # this party's share of W re-based on the mask: B_i, plus F at P0
 
 
 def fix_operand(ctx: Context, w: torch.Tensor, key: str) -> Protocol:
     """Open W - B once for a secret weight W (loading phase). One round."""
     (b,) = ctx.corr.correlated([(w.shape, RING)], keep=key)
     (f,) = yield from open_add(w - b)
-    return FixedOperand(key, f, b)
+    ctx.corr.publish(key, f)
+    return FixedOperand(key, f, ctx.add_public(b, f))
 
 
 def fix_operand_cost(shape) -> Cost:
@@ -141,12 +145,11 @@ def fix_operand_cost(shape) -> Cost:
 
 
 def _beaver_fixed(ctx: Context, x: torch.Tensor, w: FixedOperand, op: Op) -> Protocol:
-    a, c = ctx.corr.correlated([(x.shape, RING)], lambda a, b: [op(a, b)], [RING], fixed=[w.key],
-                               zero_at_zero=True)
+    a, pre, c = ctx.corr.fixed_product(x.shape, w.key, op)  # pre = A_i op F, made offline
     (e,) = yield from open_add(x - a)  # fresh activation mask every call
-    # (Caching F's and B_i's float64 limbs would save ~15% of each matmul but triples the
-    # memory of every weight: 4 GB per party for BERT-base. We recompute them.)
-    return op(x, w.masked) + op(e, w.mask) + c
+    # x op W = E op W + A op F + A op B: one product online. (Caching W_i's float64 limbs
+    # would save ~15% of it but triples every weight's memory: 4 GB per party for BERT-base.)
+    return op(e, w.share) + pre + c
 
 
 def mul_fixed(ctx: Context, x: torch.Tensor, w: FixedOperand) -> Protocol:

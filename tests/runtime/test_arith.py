@@ -159,3 +159,55 @@ def test_dealer_streams_corrections_in_chunks(monkeypatch, seed):
     out2, _, _ = cluster.run(prog, (FX.encode(xf), None), (None, FX.encode(xf)))  # a second program
     assert (FX.decode(out2) - xf * xf).abs().max() < 1e-3
     assert stats.dealer_bytes > 64
+
+
+def _fixed_program(ctx, x, w, load):
+    """Load (share W, open W - B) in one program; use the fixed W in the next ones."""
+    if load:
+        ws = yield from arith.share(ctx, w, 1, (8, 5))
+        ctx.state["fw"] = yield from arith.fix_operand(ctx, ws, "w_prep")
+        ctx.state["fg"] = yield from arith.fix_operand(ctx, ws[0], "g_prep")
+        return None
+    a = yield from arith.share(ctx, x, 0, (4, 8))
+    z = yield from trunc(ctx, (yield from arith.matmul_fixed(ctx, a, ctx.state["fw"])))
+    g = yield from trunc(ctx, (yield from arith.mul_fixed(ctx, z, ctx.state["fg"])))
+    zo = yield from arith.reveal(ctx, z)
+    go = yield from arith.reveal(ctx, g)
+    return [zo, go]
+
+
+def test_prepared_fixed_products_equal_inline_ones(seed):
+    """A party's offline pass (A_i @ F before the input) changes no output and no message count."""
+    xf = torch.randn(4, 8, dtype=torch.float64) * 3
+    wf = torch.randn(8, 5, dtype=torch.float64)
+    x, w = FX.encode(xf), FX.encode(wf)
+    outs = {}
+    for auto in (True, False):
+        c = LocalCluster(FX)
+        for r in c.roles:
+            r.auto_prepare = auto
+        c.run(_fixed_program, (None, None, True), (None, w, True))
+        o0, o1, stats = c.run(_fixed_program, (x, None, False), (None, None, False))
+        assert all(torch.equal(a, b) for a, b in zip(o0, o1))
+        outs[auto] = ([FX.decode(t) for t in o0], stats.rounds, stats.bytes_sent)
+        if auto:  # the prepared products were all used, in order
+            assert all(r.ctx.corr.prepared_left() == 0 for r in c.roles[:2])
+    (z, g), rounds, sent = outs[True]
+    assert (z - xf @ wf).abs().max() < 1e-3
+    assert (g - (xf @ wf) * wf[0]).abs().max() < 1e-2
+    assert rounds == outs[False][1] and sent == outs[False][2]
+    # independent masks, same fixed-point arithmetic: the results differ by truncation carries
+    # only (<= 1 ulp each; the second product scales z's by |g|)
+    ulp = 2 ** -16
+    assert (outs[True][0][0] - outs[False][0][0]).abs().max() <= 2 * ulp
+    assert (outs[True][0][1] - outs[False][0][1]).abs().max() <= 2 * ulp * (1 + wf[0].abs().max()) + 2 * ulp
+
+
+def test_prepare_for_another_program_is_refused(seed):
+    x, w = FX.encode(torch.ones(4, 8, dtype=torch.float64)), FX.encode(torch.ones(8, 5, dtype=torch.float64))
+    c = LocalCluster(FX)
+    c.run(_fixed_program, (None, None, True), (None, w, True))
+    p0 = c.roles[0]
+    p0.prepare(_fixed_program, x, None, False)  # two products prepared, then a load program runs
+    with pytest.raises(RuntimeError, match="prepared fixed products"):
+        p0.ctx.corr.fixed_product((3, 8), "w_prep", arith.ring_matmul)

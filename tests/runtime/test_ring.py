@@ -58,3 +58,14 @@ def test_prg_is_deterministic_per_seed_and_uniform():
     assert not torch.equal(PRG().ring((4,)), PRG().ring((4,)))
     with pytest.raises(ValueError, match="16 bytes"):
         PRG(b"short")
+
+
+def test_prg_streams_are_independent_and_reproducible():
+    s = b"0123456789abcdef"
+    main, other = PRG(s).ring((64,)), PRG(s).stream(1).ring((64,))
+    assert torch.equal(PRG(s, stream=0).ring((64,)), main)  # stream 0 is the plain stream
+    assert torch.equal(PRG(s, stream=1).ring((64,)), other)
+    assert not torch.equal(main, other)
+    # no overlap: stream 1's keystream is not a shifted copy of stream 0's
+    long0 = PRG(s).ring((4096,))
+    assert not any(torch.equal(long0[i:i + 4], other[:4]) for i in range(4093))
