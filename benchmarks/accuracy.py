@@ -56,7 +56,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", default=str(RESULTS))
     ap.add_argument("--report", default=str(REPORT))
     ap.add_argument("--max-len", type=int, default=64)
-    ap.add_argument("--train-subsample", type=int, default=4000, help="teacher fine-tuning rows")
+    ap.add_argument("--train-subsample", type=int, default=4000, help="teacher fine-tuning rows (0: all of train.tsv)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--distill-subsample", type=int, default=2000)
     ap.add_argument("--layer-epochs", type=float, default=1.0)

@@ -98,12 +98,13 @@ def main() -> None:
         print(f"(no float-approximated reference: {e}); using the simulator", file=sys.stderr)
     sim = cm.simulate(x)[0]
     ref = approx_float if approx_float is not None else sim
-    walls, results = [], []
+    walls, prepares, results = [], [], []
     with cm.session(processes=True, timeout=1800) as sess:
         load = sess.load_stats
         for _ in range(args.runs):
             res = sess.infer(x)
             walls.append(max(res.stats.online_s.values()))
+            prepares.append(max(getattr(res.stats, "prepare_s", {}).values(), default=0.0))
             results.append(res)
     res = results[-1]
     st = res.stats
@@ -118,6 +119,9 @@ def main() -> None:
         "model": f"bert-{args.model}", "seq_len": args.seq, "layers": cfg.num_hidden_layers,
         "preset": args.preset, "batch": 1, "runs": args.runs,
         "wall_s": statistics.median(walls), "wall_s_runs": walls,
+        # each party's own input-independent phase (A_i @ F of every linear layer), run before
+        # the online clock starts; `secformer party` runs it between requests
+        "party_prepare_s": statistics.median(prepares), "party_prepare_s_runs": prepares,
         "offline_s": st.offline_s, "rounds": st.rounds, "bytes_sent_per_party": st.bytes_sent[0],
         "dealer_bytes": st.dealer_bytes, "peak_rss_mib": st.peak_rss_mib,
         "torch_wall_s": torch_s, "compile_s": compile_s,

@@ -200,7 +200,10 @@ def static_batches(enc: Encoded, batch_size: int, buckets: Sequence[int], max_le
 
 
 def _subsample(examples: list, n: int | None, seed: int) -> list:
-    if n is None or n >= len(examples):
+    """n seeded rows of `examples` (all of them for n = None or 0)."""
+    if n is not None and n < 0:
+        raise ValueError(f"subsample size must be >= 0 (0 or None: every row), got {n}")
+    if not n or n >= len(examples):
         return list(examples)
     rng = random.Random(seed)
     return [examples[i] for i in sorted(rng.sample(range(len(examples)), n))]

@@ -105,3 +105,12 @@ def test_static_batches_fill_and_bucket():
     assert [(L, real) for L, _, real in batches] == [(16, 2), (32, 2), (64, 1)]
     assert all(len(rows) == 2 for _, rows, _ in batches)
     assert sorted(i for _, rows, real in batches for i in rows[:real]) == list(range(5))
+
+
+def test_subsample_zero_means_every_row_and_negative_is_refused():
+    rows = list(range(10))
+    assert D._subsample(rows, 0, 0) == rows and D._subsample(rows, None, 0) == rows
+    picked = D._subsample(rows, 4, 0)
+    assert len(picked) == 4 and picked == sorted(picked) and picked == D._subsample(rows, 4, 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        D._subsample(rows, -1, 0)
