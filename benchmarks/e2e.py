@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers (quick runs)")
     ap.add_argument("--preset", default="secformer")
+    ap.add_argument("--offline", choices=["stream", "ahead"], default="stream",
+                    help="stream: the dealer generates beside the online phase (same cores); "
+                         "ahead: its whole offline phase finishes before the online clock")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     load_before = os.getloadavg()  # the machine is shared: record how busy it was
@@ -99,7 +102,7 @@ def main() -> None:
     sim = cm.simulate(x)[0]
     ref = approx_float if approx_float is not None else sim
     walls, prepares, results = [], [], []
-    with cm.session(processes=True, timeout=1800) as sess:
+    with cm.session(processes=True, timeout=1800, offline=args.offline) as sess:
         load = sess.load_stats
         for _ in range(args.runs):
             res = sess.infer(x)
@@ -117,7 +120,7 @@ def main() -> None:
     assert static.rounds == st.rounds and static.bytes_per_party == st.bytes_sent[0], "cost model != counted"
     rec = {
         "model": f"bert-{args.model}", "seq_len": args.seq, "layers": cfg.num_hidden_layers,
-        "preset": args.preset, "batch": 1, "runs": args.runs,
+        "preset": args.preset, "batch": 1, "runs": args.runs, "offline_mode": args.offline,
         "wall_s": statistics.median(walls), "wall_s_runs": walls,
         # each party's own input-independent phase (A_i @ F of every linear layer), run before
         # the online clock starts; `secformer party` runs it between requests

@@ -68,7 +68,7 @@ class DistTransport(Transport):
     def __init__(self, rank: int, timeout: float, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(rank, timeout)
         self.group = group
-        self._prefetched: dict[int, torch.Tensor] = {}
+        self._prefetched: dict[int, list[torch.Tensor]] = {}
 
     # --- the primitives -----------------------------------------------------------------
 
@@ -123,16 +123,22 @@ class DistTransport(Transport):
 
     # --- blobs, prefetching and synchronisation ---------------------------------------------
 
-    def prefetch_blob(self, peer: int) -> None:
-        """Receive the next blob from `peer` now; the next `recv_blob(peer)` returns it.
+    def prefetch_blob(self, peer: int, until_end: bool = False) -> None:
+        """Receive the next blob from `peer` now (with until_end, every blob up to and
+        including the empty one that ends a program's stream); `recv_blob(peer)` returns them.
 
         Lets P1 take the dealer's corrections before the online clock starts (launch.py).
         """
-        self._prefetched[peer] = super().recv_blob(peer)
+        queue = self._prefetched.setdefault(peer, [])
+        while True:
+            blob = super().recv_blob(peer)
+            queue.append(blob)
+            if not until_end or blob.numel() == 0:
+                return
 
     def recv_blob(self, peer: int) -> torch.Tensor:
-        if peer in self._prefetched:
-            return self._prefetched.pop(peer)
+        if self._prefetched.get(peer):
+            return self._prefetched[peer].pop(0)
         return super().recv_blob(peer)
 
     def sync(self, peer: int, label: str = "") -> None:

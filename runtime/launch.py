@@ -69,7 +69,7 @@ def _describe(rank: int, e: BaseException) -> dict:
             "peer": getattr(e, "peer", None), "pid": os.getpid()}
 
 
-def _run_one(role: Role, payload: bytes) -> tuple[Any, dict]:
+def _run_one(role: Role, payload: bytes, offline: str = "stream") -> tuple[Any, dict]:
     """Run one program in this role and measure what it cost (deltas over this run)."""
     t = role.transport
     program, args = pickle.loads(payload)
@@ -82,11 +82,13 @@ def _run_one(role: Role, payload: bytes) -> tuple[Any, dict]:
         out = role.run(program, *args)
         stats["offline_s"] = time.perf_counter() - start
     else:
+        if role.rank == P1 and offline == "ahead":  # all of the dealer's work first
+            t.prefetch_blob(DEALER, until_end=True)
         start = time.perf_counter()  # the party's own offline phase (no input, no messages)
         role.prepare(program, *args)
         stats["prepare_s"] = time.perf_counter() - start
-        if role.rank == P1:  # the online clock starts once P1 holds the corrections
-            t.prefetch_blob(DEALER)
+        if role.rank == P1 and offline == "stream":  # the online clock starts once P1 holds
+            t.prefetch_blob(DEALER)  # the dealer's first blob of corrections
         t.sync(P1 if role.rank == P0 else P0, _label(program))
         start = time.perf_counter()
         out = role.run(program, *args)
@@ -106,7 +108,7 @@ def _run_one(role: Role, payload: bytes) -> tuple[Any, dict]:
 
 
 def _worker(rank: int, host: str, port: int, timeout: float, fxp: FixedPoint, trunc: str,
-            threads: int, conn) -> None:
+            threads: int, conn, offline: str = "stream") -> None:
     """Body of one role's process: join the group, set up the session, serve commands."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     torch.set_num_threads(threads)
@@ -128,7 +130,7 @@ def _worker(rank: int, host: str, port: int, timeout: float, fxp: FixedPoint, tr
         if msg[:1] == _CLOSE:
             break
         try:
-            reply = pickle.dumps(("ok", *_run_one(role, msg[1:])))
+            reply = pickle.dumps(("ok", *_run_one(role, msg[1:], offline)))
         except BaseException as e:  # noqa: BLE001 - reported to the launcher
             conn.send_bytes(pickle.dumps(("err", _describe(rank, e))))
             # Exit at once: the closed sockets make the peers fail now rather than at
@@ -182,6 +184,10 @@ class ProcessCluster:
     """P0, P1 and the dealer in three processes (gloo over loopback TCP).
 
     timeout: seconds any role waits for a peer's message (stall/death detection).
+    offline: "stream" (default): the online phase starts once P1 holds the dealer's first
+    blob of correlations and the dealer keeps generating beside it (sharing this machine's
+    cores); "ahead": the dealer's whole offline phase finishes first (P1 buffers all of
+    it), as when the dealer runs ahead of requests on its own host.
     threads: torch intra-op threads per role. start_method: multiprocessing's (default:
     forkserver, whose helper process lives until this interpreter exits). run_timeout: optional bound on a whole run
     (None: a run may take any time as long as messages keep flowing). grace: seconds to
@@ -191,7 +197,9 @@ class ProcessCluster:
     def __init__(self, fxp: FixedPoint | None = None, trunc: str = "exact", timeout: float = 120.0,
                  threads: int = 1, start_method: str | None = None, start_timeout: float = 120.0,
                  host: str = "127.0.0.1", run_timeout: float | None = None,
-                 grace: float | None = None) -> None:
+                 grace: float | None = None, offline: str = "stream") -> None:
+        if offline not in ("stream", "ahead"):
+            raise ValueError(f"offline must be 'stream' or 'ahead', got {offline!r}")
         self.timeout = timeout
         self.run_timeout = run_timeout
         self.grace = min(1.0, timeout) if grace is None else grace
@@ -210,7 +218,7 @@ class ProcessCluster:
                 mine, theirs = ctx.Pipe()
                 p = ctx.Process(target=_worker, name=f"secformer-{ROLE_NAMES[rank]}", daemon=True,
                                 args=(rank, host, self.store.port, timeout, fxp or FixedPoint(),
-                                      trunc, threads, theirs))
+                                      trunc, threads, theirs, offline))
                 p.start()
                 theirs.close()
                 self.procs.append(p)

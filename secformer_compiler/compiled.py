@@ -114,9 +114,12 @@ class CompiledModel:
         inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)
         return tuple(o.float() for o in float_interp.run(self.graph, inputs))
 
-    def session(self, processes: bool = False, timeout: float = 300.0) -> "Session":
-        """Start P0, P1 and the dealer and load the weights once; then `session.infer(...)`."""
-        return Session(self, processes=processes, timeout=timeout)
+    def session(self, processes: bool = False, timeout: float = 300.0, offline: str = "stream") -> "Session":
+        """Start P0, P1 and the dealer and load the weights once; then `session.infer(...)`.
+
+        offline (processes only): "stream" lets the dealer generate beside the online
+        phase; "ahead" finishes the dealer's work before the online clock starts."""
+        return Session(self, processes=processes, timeout=timeout, offline=offline)
 
     def run(self, *args: Any, processes: bool = False, timeout: float = 300.0, **kwargs: Any) -> RunResult:
         """Real 2PC of one input: P0, P1 and the dealer as threads (default) or processes."""
@@ -182,11 +185,12 @@ class Session:
     """A running deployment of one compiled model: the weights are shared and loaded once
     (W - B opened for every fixed operand), then any number of inferences."""
 
-    def __init__(self, cm: CompiledModel, processes: bool = False, timeout: float = 300.0) -> None:
+    def __init__(self, cm: CompiledModel, processes: bool = False, timeout: float = 300.0,
+                 offline: str = "stream") -> None:
         self.cm = cm
         if processes:
             from .runtime.launch import ProcessCluster
-            self.cluster = ProcessCluster(cm.fxp, cm.trunc, timeout=timeout)
+            self.cluster = ProcessCluster(cm.fxp, cm.trunc, timeout=timeout, offline=offline)
         else:
             from .runtime.local import LocalCluster
             self.cluster = LocalCluster(cm.fxp, cm.trunc, timeout=timeout)

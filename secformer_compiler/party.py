@@ -357,10 +357,16 @@ class _Server:
         return stats
 
     def precompute(self) -> None:
-        """The dealer works ahead (DESIGN.md): the next inference's correlated randomness depends
-        only on the public shapes, so it is made while the parties load or wait for a client.
-        Role.run's dealer half, with the chunks kept (P1 is not receiving yet) instead of sent."""
+        """Work ahead (DESIGN.md): the next inference's correlated randomness depends only on
+        the public shapes, so it is made while the parties load or wait for a client. The
+        dealer runs Role.run's dealer half, with the chunks kept (P1 is not receiving yet)
+        instead of sent; P0 and P1 run their own offline phase (Role.prepare: A_i @ F of
+        every fixed-weight product)."""
         t0 = time.perf_counter()
+        if self.rank != 2:
+            self.role_obj.prepare(infer_with_progress, self.graph, self._meta_inputs(), None)
+            _log(self.role, f"next inference prepared in {time.perf_counter() - t0:.1f} s")
+            return
         ctx = self.role_obj.ctx
         chunks: list[torch.Tensor] = []
         flush, ctx.corr.flush = ctx.corr.flush, chunks.append
@@ -494,7 +500,7 @@ class _Server:
         except OSError:
             _log(self.role, f"client left before the result of {rid}")
         _log(self.role, f"inference {rid} done in {stats['seconds']:.2f} s")
-        if self.rank == 2 and self.cfg.dealer_ahead:
+        if self.rank != 2 or self.cfg.dealer_ahead:
             self.precompute()
         return None
 
@@ -597,7 +603,7 @@ def run_party(config: str | Path, role: str) -> int:
     try:
         server.join()
         server.load()
-        if role == "dealer" and cfg.dealer_ahead:
+        if cfg.dealer_ahead or role != "dealer":
             server.precompute()
         return server.serve()
     except KeyboardInterrupt:

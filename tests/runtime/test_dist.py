@@ -225,3 +225,32 @@ def test_init_dist_errors_are_clear():
     with pytest.raises(DistInitError, match=f"P1 could not reach the rendezvous at 127.0.0.1:{port} within 1 s"):
         init_dist(1, "127.0.0.1", port, timeout=1.0)
     assert time.monotonic() - t0 < 5.0
+
+
+def fixed_program(ctx, x, w, load):
+    """Load a fixed weight in one program, use it in the next (the deployed pattern)."""
+    if load:
+        ws = yield from arith.share(ctx, w, 1, (8, 5))
+        ctx.state["fw"] = yield from arith.fix_operand(ctx, ws, "fw")
+        return None
+    a = yield from arith.share(ctx, x, 0, (4, 8))
+    z = yield from trunc(ctx, (yield from arith.matmul_fixed(ctx, a, ctx.state["fw"])))
+    return (yield from arith.reveal(ctx, z))
+
+
+@pytest.mark.parametrize("offline", ["stream", "ahead"])
+def test_offline_modes_prepare_before_the_online_clock(offline, seed):
+    """The parties' offline phase (A_i @ F) and, with offline="ahead", the dealer's whole
+    stream finish before the online clock; outputs and counted bytes do not change."""
+    xf, wf = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    with ProcessCluster(FX, timeout=60.0, offline=offline) as c:
+        c.run(fixed_program, (None, None, True), (None, FX.encode(wf), True))
+        o0, o1, st = c.run(fixed_program, (FX.encode(xf), None, False), (None, None, False))
+    assert torch.equal(o0, o1) and (FX.decode(o0) - xf @ wf).abs().max() < 1e-3
+    assert set(st.prepare_s) == {P0, P1} and all(v >= 0 for v in st.prepare_s.values())
+    local = LocalCluster(FX)
+    local.run(fixed_program, (None, None, True), (None, FX.encode(wf), True))
+    _, _, lst = local.run(fixed_program, (FX.encode(xf), None, False), (None, None, False))
+    assert st.bytes_sent == lst.bytes_sent and st.rounds == lst.rounds and st.dealer_bytes > 0
+    with pytest.raises(ValueError, match="'stream' or 'ahead'"):
+        ProcessCluster(FX, offline="later")
