@@ -58,13 +58,14 @@ def need_gib(model: str, layers: int | None) -> float:
     return 2.45 * party + 0.4 + 30 * w / 2 ** 30
 
 
-def ours(model: str, seq: int, layers: int | None = None, runs: int = 1) -> dict:
-    tag = f"{model}_{seq}" + (f"_l{layers}" if layers else "")
+def ours(model: str, seq: int, layers: int | None = None, runs: int = 1, offline: str = "stream") -> dict:
+    tag = f"{model}_{seq}" + (f"_l{layers}" if layers else "") + ("_ahead" if offline == "ahead" else "")
     path = f"benchmarks/results/e2e_{tag}.json"
     argv = [OURS_PY, "benchmarks/e2e.py", "--model", model, "--seq", str(seq), "--runs", str(runs)]
-    argv += ["--layers", str(layers)] if layers else []
-    return dict(name=f"{model}-{seq}" + (f"-l{layers}" if layers else ""), side="ours", model=model,
-                seq=seq, layers=layers, json=path, argv=argv + ["--json", path], need_gib=need_gib(model, layers))
+    argv += (["--layers", str(layers)] if layers else []) + (["--offline", offline] if offline != "stream" else [])
+    return dict(name=f"{model}-{seq}" + (f"-l{layers}" if layers else "") + ("-ahead" if offline == "ahead" else ""),
+                side="ours", model=model, seq=seq, layers=layers, offline=offline, json=path,
+                argv=argv + ["--json", path], need_gib=need_gib(model, layers))
 
 
 def crypten(seq: int, layers: int | None = None, kernel: str = "torch") -> dict:
@@ -86,8 +87,11 @@ SCALING = [ours("base", 32), ours("base", 64), ours("base", 128, runs=2), ours("
 # colmajor first: it is the fair kernel for the time comparison and takes ~5 min against
 # ~12-28 min for CrypTen's as-installed int64 matmul
 CRYPTEN = [crypten(128, kernel="colmajor"), crypten(128)]
+# The same BERT-base run with the dealer's whole offline phase done before the online clock
+# (as on its own host, working ahead of requests): the online time without the dealer's CPU.
+OFFLINE = [ours("base", 128, runs=2, offline="ahead")]
 SUITES = {"quick": [ours("base", 32, layers=2), crypten(32, layers=2), ours("tiny", 32)],
-          "scaling": SCALING, "crypten": CRYPTEN, "all": SCALING + CRYPTEN}
+          "scaling": SCALING, "crypten": CRYPTEN, "offline": OFFLINE, "all": SCALING + OFFLINE + CRYPTEN}
 
 
 def load_avg() -> float:
@@ -142,6 +146,9 @@ def combine(jobs: list[dict]) -> list[dict]:
             continue
         key = (f"bert-{job['model']}", job["seq"], job["layers"])
         rec = recs.setdefault(key, {"model": key[0], "seq_len": key[1], "layers_override": key[2]})
+        if job.get("offline") == "ahead":  # beside the default (streamed) record, not instead
+            rec["ours_ahead"] = data[-1]
+            continue
         if job["side"] == "ours":
             r = data[-1]
             rec.update({k: r.get(k) for k in KEYS})
@@ -351,6 +358,50 @@ def summary(recs: list[dict], title: str) -> list[str]:
     return L + [""]
 
 
+# BERT-base seq 128 before each party computed A_i @ F ahead (two ring matmuls per linear
+# layer online): kept to show what that change did, measured the same day.
+BEFORE_PREPARE = "benchmarks/results/e2e_base_128_2026-11-26_before_prepare.json"
+
+
+def offline_section(b: dict, cr: dict) -> list[str]:
+    """Online against offline work: the effect of the parties' and the dealer's work-ahead."""
+    rows = []
+    p = ROOT / BEFORE_PREPARE
+    if p.exists():
+        rows.append(("two ring matmuls per linear layer online (before)", json.loads(p.read_text())[-1]))
+    if b["ours"].get("party_prepare_s") is not None:
+        rows.append(("A_i @ F prepared, dealer streaming beside the online phase (default)", b["ours"]))
+    if b.get("ours_ahead"):
+        rows.append(("A_i @ F prepared, dealer finished before the online phase (`--offline ahead`)", b["ours_ahead"]))
+    if len(rows) < 2:
+        return []
+    col = cr.get("secformer_colmajor")
+    L = ["### Online and offline work (BERT-base, seq 128)", "",
+         "A linear layer with a fixed weight W computes X @ W = E @ W + A @ F + A @ B, where E = X - A is "
+         "opened online, F = W - B was opened when the weights were loaded, and A is a fresh mask. A does not "
+         "depend on the input, so each party computes its share of A @ F before the request arrives (its "
+         "*prepare* phase, `runtime/engine.py` `Role.prepare`) and does one ring matmul online instead of "
+         "two. `secformer party` prepares between requests; `e2e.py` runs it before starting the online "
+         "clock and reports it separately. Bytes and rounds do not change.", "",
+         "| run | date | online wall s | party prepare s | dealer s | rounds | MiB / party | ratio to CrypTen-SecFormer colmajor (online) | (online + prepare) |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for label, o in rows:
+        prep = o.get("party_prepare_s")
+        c = col if col and _cdate(col) == (o.get("started_utc") or "")[:10] else None
+        r1 = f"{o['wall_s'] / c['wall_s']:.3f}" if c else "(no same-day CrypTen run)"
+        r2 = f"{(o['wall_s'] + (prep or 0)) / c['wall_s']:.3f}" if c else ""
+        la = o.get("load_average_1min_before_after")
+        L.append(f"| {label} | {(o.get('started_utc') or '')[:16]} (load {la[0]:.1f} / {la[1]:.1f}) | {fmt_s(o['wall_s'])} | "
+                 f"{fmt_s(prep) if prep else '0 (none)'} | {fmt_s(o.get('offline_s'))} | {o['rounds']} | "
+                 f"{fmt_mib(o['bytes_sent_per_party'])} | {r1} | {r2} |")
+    if col:
+        L += ["", f"CrypTen-SecFormer (column-major int64 matmul) in the same period: {fmt_s(col['wall_s'])} s "
+              f"(`{os.path.basename(col['json'])}`, started {col.get('started_utc')}). CrypTen with TFP makes its "
+              "Beaver triples inside its run, so its time holds its offline work too: compare it with "
+              "`online + prepare` (our dealer's work is on top of that, on a third process)."]
+    return L + [""]
+
+
 def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) -> str:
     from secformer_compiler.cost import NETWORKS
     L = [f"# {title}", "",
@@ -470,6 +521,7 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                   f"truncates locally, probabilistically): {mm_o} against {mm_c}, see the breakdown. Against CrypTen's "
                   f"own functions ({cr['crypten']['rounds']:,} rounds) the ratio is {ratio(b['rounds'], cr['crypten']['rounds']):.2f}."
                   if "crypten" in cr else "", ""]
+        L += offline_section(b, cr)
         # breakdown by layer type
         kinds = [("linear", "linear"), ("attention matmul", "attention_matmul"), ("softmax", "softmax"),
                  ("LayerNorm", "layernorm"), ("GeLU", "gelu"), ("other", None)]
@@ -515,13 +567,16 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
               "`err` = max abs error of the final hidden states against the float program with the same "
               "approximations; `vs exact` against the exact float model; `peak RSS` per process P0 / P1 / dealer; "
               "`load` = 1-minute load average before / after the run (2 cores).", "",
-              "| model | layers | seq | runs | wall s | dealer s | rounds | MiB sent / party | dealer MiB | torch s | err | vs exact | peak RSS MiB | LAN s | WAN s | load | date |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "`prep s` = each party's prepare phase (A_i @ F, before the online clock; empty for runs made "
+              "before it existed, whose wall holds two ring matmuls per linear layer).", "",
+              "| model | layers | seq | runs | wall s | prep s | dealer s | rounds | MiB sent / party | dealer MiB | torch s | err | vs exact | peak RSS MiB | LAN s | WAN s | load | date |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in scal:
             o = r["ours"]
             rss = " / ".join(f"{v:,.0f}" for v in o["peak_rss_mib"].values())
             la = o.get("load_average_1min_before_after")
-            L.append(f"| {r['model']} | {o.get('layers', LAYERS[r['model'][5:]])} | {r['seq_len']} | {len(o['wall_s_runs'])} | {fmt_s(r['wall_s'])} | {fmt_s(o['offline_s'])} | "
+            L.append(f"| {r['model']} | {o.get('layers', LAYERS[r['model'][5:]])} | {r['seq_len']} | {len(o['wall_s_runs'])} | {fmt_s(r['wall_s'])} | "
+                     f"{fmt_s(o.get('party_prepare_s'))} | {fmt_s(o['offline_s'])} | "
                      f"{r['rounds']} | {fmt_mib(r['bytes_sent_per_party'])} | {fmt_mib(r['dealer_bytes'])} | "
                      f"{fmt_s(r['torch_wall_s'])} | {r['max_abs_err']:.4f} | {o['max_abs_err_vs_exact_model']:.3f} | {rss} | "
                      f"{o['estimates_s']['LAN']:.2f} | {o['estimates_s']['WAN']:.1f} | "
