@@ -489,6 +489,19 @@ def findings(records: list[dict]) -> list[str]:
                 "1000-row training pool (cut to the program's length) plus a spread; the rerun above has "
                 "0 disagreements. The first run's chunk is not kept in the results.")
         out.append(line)
+    for task in sorted({r["task"] for r in records if r["mode"] == "2pc" and r["task"] != "SST-2"}):
+        tp = _rec(records, task, "secformer", "2pc")
+        if not tp:
+            continue
+        sim = (tp.get("simulate_metrics") or {}).get(tp["metric"])
+        tr = tp.get("teacher_float_same_rows")
+        m_sim = _rec(records, task, "mpcformer", "simulate")
+        out.append(f"- **{task} under real 2PC**: the `secformer` student's {tp['metric']} is {_v(tp)} on the first "
+                   f"{tp['n_examples']} dev rows (teacher {tr if tr is None else f'{tr:.2f}'} on the same rows; "
+                   f"simulator {sim}); {tp.get('disagreements')} predictions differ from the simulator's (max |logit "
+                   f"difference| {tp.get('max_abs_logit_diff_vs_simulate', float('nan')):.1e})"
+                   + (f"; the `mpcformer` student in the simulator on the same rows: {_v(m_sim)}"
+                      if m_sim and m_sim["n_examples"] == tp["n_examples"] else "") + ".")
     tasks = sorted({r["task"] for r in records if r["mode"] == "float_approx"})
     rows = []
     for task in tasks:
