@@ -93,6 +93,8 @@ def run_texts(client: Any, art: Any, texts: list[str], truncate: bool = False,
             t["bytes_sent"] += st["bytes_sent"]
             t["rounds"] += st["rounds"]
             t["runs"] += 1
+            if st.get("prepare_s") is not None:
+                t["prepare_s"] = t.get("prepare_s", 0.0) + st["prepare_s"]
         total.setdefault("client", {"seconds": 0.0})["seconds"] += res.seconds
     return rows, total
 
@@ -148,6 +150,9 @@ def format_costs(stats: dict, setup: dict | None = None) -> str:
              f"  bytes sent                   {_mb(p0['bytes_sent']):>10}    {_mb(p1['bytes_sent']):>10}",
              f"  rounds                       {p0['rounds']:>10}    {p1['rounds']:>10}",
              f"  dealer (correlated randomness, offline): {_mb(d['bytes_sent'])} sent, {d['seconds']:.2f} s"]
+    if p0.get("prepare_s") is not None and p1.get("prepare_s") is not None:
+        lines.insert(2, f"  prepare (each party's A_i @ F, offline, done before the request)\n"
+                        f"                               {p0['prepare_s']:>8.2f} s    {p1['prepare_s']:>8.2f} s")
     nbytes = max(p0["bytes_sent"], p1["bytes_sent"])
     for net, (bw, rtt) in NETWORKS.items():
         lines.append(f"  estimated online latency, {net} ({bw / 1e6:g} Mbit/s, {rtt * 1e3:g} ms RTT): "

@@ -365,7 +365,8 @@ class _Server:
         t0 = time.perf_counter()
         if self.rank != 2:
             self.role_obj.prepare(infer_with_progress, self.graph, self._meta_inputs(), None)
-            _log(self.role, f"next inference prepared in {time.perf_counter() - t0:.1f} s")
+            self.prepare_s = time.perf_counter() - t0
+            _log(self.role, f"next inference prepared in {self.prepare_s:.1f} s")
             return
         ctx = self.role_obj.ctx
         chunks: list[torch.Tensor] = []
@@ -400,6 +401,7 @@ class _Server:
     def _run(self, program: Callable, args: tuple, label: str) -> dict:
         """Run one program like ProcessCluster does; returns this role's cost of it."""
         t, role = self.transport, self.role_obj
+        prepared = role._prepared  # set by precompute() between requests
         sent0, rounds0 = dict(t.bytes_sent), role.engine.counter.rounds
         start = time.perf_counter()
         if self.rank != 2:
@@ -411,6 +413,8 @@ class _Server:
                  "sent_to": {NAME[ROLES[p]]: n - sent0.get(p, 0) for p, n in t.bytes_sent.items()},
                  "rounds": role.engine.counter.rounds - rounds0 if self.rank != 2 else 0}
         stats["bytes_sent"] = sum(stats["sent_to"].values())
+        if self.rank != 2 and prepared:  # its own offline phase, done before the request
+            stats["prepare_s"] = self.prepare_s
         self.last_out = out
         return stats
 
