@@ -90,12 +90,12 @@ class Correlations(ABC):
         return self.correlated([(shape, dom)])[0]
 
     def correlated(self, sources: Sequence[Source], derive: Derive | None = None,
-                   out_doms: Sequence[Dom] = (), fixed: Sequence[str] = (),
+                   out_doms: Sequence[Dom] = (),
                    keep: str | None = None, zero_at_zero: bool = False) -> list[torch.Tensor]:
-        """Shares of the sources, then of `derive(*sources, *fixed_values)` (one per out_dom).
+        """Shares of the sources, then of `derive(*sources)` (one per out_dom).
 
-        keep: remember these sources under a key so a later call can pass them in `fixed`
-        (a fixed weight's mask, reused across inferences).
+        keep: remember these sources under a key so `fixed_product` can use them (a fixed
+        weight's mask, reused across inferences).
         zero_at_zero: derive(0, ...) is 0 (Beaver products); lets the simulator skip it.
         """
         self._zero_at_zero = zero_at_zero
@@ -106,15 +106,13 @@ class Correlations(ABC):
         out_shapes: list[Shape] = []
         if derive is not None:
             metas = [_meta(s) for s, _ in sources]
-            for key in fixed:
-                metas += [_meta(s) for s in self._fixed_shapes[key]]
             out_shapes = [tuple(t.shape) for t in derive(*metas)]
             if len(out_shapes) != len(out_doms):
                 raise ValueError("derive returned a different number of values than out_doms")
-        return self._draw(sources, derive, out_doms, out_shapes, fixed, keep)
+        return self._draw(sources, derive, out_doms, out_shapes, keep)
 
     @abstractmethod
-    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep) -> list[torch.Tensor]:
+    def _draw(self, sources, derive, out_doms, out_shapes, keep) -> list[torch.Tensor]:
         """Produce this role's shares (see `correlated`)."""
 
     def publish(self, key: str, masked: torch.Tensor) -> None:
@@ -199,7 +197,7 @@ class PartyCorrelations(Correlations):
         self._buf, self._pos = (torch.cat([rest, chunk]) if rest.numel() else chunk), 0
         return True
 
-    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
+    def _draw(self, sources, derive, out_doms, out_shapes, keep):
         out = []
         for shape, dom in sources:
             if dom.owner is None or dom.owner == self.party:
@@ -250,7 +248,7 @@ class DealerCorrelations(Correlations):
         self.corrections, self._pending = [], 0
         return buf
 
-    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
+    def _draw(self, sources, derive, out_doms, out_shapes, keep):
         secrets = []
         for shape, dom in sources:
             s0 = self.prg0.ring(shape, dom.bits) if dom.owner in (None, 0) else None
@@ -264,10 +262,7 @@ class DealerCorrelations(Correlations):
         if keep is not None:
             self._fixed_values[keep] = secrets
         if derive is not None:
-            args = list(secrets)
-            for key in fixed:
-                args += self._fixed_values[key]
-            for value, shape, dom in zip(derive(*args), out_shapes, out_doms):
+            for value, shape, dom in zip(derive(*secrets), out_shapes, out_doms):
                 self._emit(value, shape, dom)
         return [_meta(s) for s, _ in sources] + [_meta(s) for s in out_shapes]
 
@@ -291,22 +286,13 @@ class DealerCorrelations(Correlations):
 class ClearCorrelations(Correlations):
     """The simulator's view: all sources zero, derived values held entirely by P0."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._fixed_values: dict[str, list[torch.Tensor]] = {}
-
-    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
+    def _draw(self, sources, derive, out_doms, out_shapes, keep):
         zeros = [torch.zeros(tuple(s), dtype=torch.int64) for s, _ in sources]
-        if keep is not None:
-            self._fixed_values[keep] = zeros
         derived = []
         if derive is not None and self._zero_at_zero:
             derived = [torch.zeros(s, dtype=torch.int64) for s in out_shapes]
         elif derive is not None:
-            args = list(zeros)
-            for key in fixed:
-                args += self._fixed_values[key]
-            for value, dom in zip(derive(*args), out_doms):
+            for value, dom in zip(derive(*zeros), out_doms):
                 v = value.to(torch.int64)
                 derived.append(v if dom.bits >= 64 else v & ((1 << dom.bits) - 1))
         return zeros + derived
@@ -327,7 +313,7 @@ class RecordingCorrelations(Correlations):
         self._fixed_shapes = dict(like._fixed_shapes)
         self.requests: list[tuple[str, Shape, Op]] = []
 
-    def _draw(self, sources, derive, out_doms, out_shapes, fixed, keep):
+    def _draw(self, sources, derive, out_doms, out_shapes, keep):
         return [_meta(s) for s, _ in sources] + [_meta(s) for s in out_shapes]
 
     def fixed_product(self, shape, key, op):
