@@ -22,7 +22,8 @@ from .correlations import DealerCorrelations, PartyCorrelations, RecordingCorrel
 from .messages import ADD, SWAP, XOR, Counter, Msg, Protocol
 from .packing import pack, packed_nbytes, unpack
 from .prg import PRG, new_seed
-from .ring import FixedPoint
+from .protocols.arith import FIXED_OPERANDS
+from .ring import FixedPoint, ring_matmul
 from .transport import PeerError, Transport
 
 
@@ -181,6 +182,12 @@ class Role:
                        recording=True)
         Engine(rctx).run(program(rctx, *_offline_args(args)))
         self.ctx.corr.prepare_products(rec.requests)
+        # Split this party's weight shares into float64 limbs now rather than in the first
+        # request's online phase (kept for every later request: ring.SplitOperand).
+        fixed = self.ctx.state.get(FIXED_OPERANDS, {})
+        for key, _shape, op in rec.requests:
+            if op is ring_matmul and key in fixed:
+                fixed[key].split_share()
         self._prepared = True
 
     def run(self, program: Callable[..., Protocol], *args: Any) -> Any:

@@ -192,6 +192,11 @@ def test_prepared_fixed_products_equal_inline_ones(seed):
         outs[auto] = ([FX.decode(t) for t in o0], stats.rounds, stats.bytes_sent)
         if auto:  # the prepared products were all used, in order
             assert all(r.ctx.corr.prepared_left() == 0 for r in c.roles[:2])
+        # the matmul operand's share was split into limbs once (in prepare, or at first use)
+        # and kept; the elementwise one was not
+        for r in c.roles[:2]:
+            assert r.ctx.state["fw"].split is not None and r.ctx.state["fg"].split is None
+            assert r.ctx.state["fw"].split.value is r.ctx.state["fw"].share
     (z, g), rounds, sent = outs[True]
     assert (z - xf @ wf).abs().max() < 1e-3
     assert (g - (xf @ wf) * wf[0]).abs().max() < 1e-2
@@ -211,3 +216,14 @@ def test_prepare_for_another_program_is_refused(seed):
     p0.prepare(_fixed_program, x, None, False)  # two products prepared, then a load program runs
     with pytest.raises(RuntimeError, match="prepared fixed products"):
         p0.ctx.corr.fixed_product((3, 8), "w_prep", arith.ring_matmul)
+
+
+def test_prepare_splits_matmul_weight_shares_before_the_request(seed):
+    """The limb split of a fixed matmul operand's share is offline work: prepare does it."""
+    x, w = FX.encode(torch.ones(4, 8, dtype=torch.float64)), FX.encode(torch.ones(8, 5, dtype=torch.float64))
+    c = LocalCluster(FX)
+    c.run(_fixed_program, (None, None, True), (None, w, True))
+    p0 = c.roles[0]
+    assert p0.ctx.state["fw"].split is None
+    p0.prepare(_fixed_program, x, None, False)
+    assert p0.ctx.state["fw"].split is not None and p0.ctx.state["fg"].split is None

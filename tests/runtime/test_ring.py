@@ -5,7 +5,7 @@ import torch
 
 from secformer_compiler.runtime.packing import pack, packed_nbytes, unpack
 from secformer_compiler.runtime.prg import PRG
-from secformer_compiler.runtime.ring import FixedPoint, ring_matmul
+from secformer_compiler.runtime.ring import FixedPoint, SplitOperand, ring_matmul
 
 
 def test_encode_decode_negative_values_round_trip(seed):
@@ -34,6 +34,24 @@ def test_ring_matmul_exact_mod_2_64(shapes):
     g = PRG()
     a, b = g.ring(shapes[0]), g.ring(shapes[1])
     assert torch.equal(ring_matmul(a, b), torch.matmul(a, b))
+
+
+@pytest.mark.parametrize("shapes", [((7, 33), (33, 5)), ((3, 8, 4200), (4200, 4)), ((2, 4, 9), (2, 9, 6))])
+def test_split_operand_gives_the_same_product(shapes):
+    """A right operand split once into limbs (a fixed weight's share) gives the exact product,
+    also across K chunks (4200 > 2 x 2048) and with batch dims, and can be reused."""
+    g = PRG()
+    a, b = g.ring(shapes[0]), g.ring(shapes[1])
+    split = SplitOperand(b)
+    assert torch.equal(ring_matmul(a, split), torch.matmul(a, b))
+    a2 = g.ring(shapes[0])
+    assert torch.equal(ring_matmul(a2, split), torch.matmul(a2, b))
+    assert split.shape == b.shape
+
+
+def test_split_operand_rejects_a_vector():
+    with pytest.raises(ValueError, match="2 or more dims"):
+        SplitOperand(torch.zeros(5, dtype=torch.int64))
 
 
 def test_ring_matmul_edge_values():
