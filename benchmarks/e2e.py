@@ -70,6 +70,10 @@ def main() -> None:
     ap.add_argument("--offline", choices=["stream", "ahead"], default="stream",
                     help="stream: the dealer generates beside the online phase (same cores); "
                          "ahead: its whole offline phase finishes before the online clock")
+    ap.add_argument("--trunc", choices=["exact", "local"], default="exact",
+                    help="truncation after products: exact (default; one round each) or local "
+                         "(SecureML, no round, fails with probability ~|x|/2^63 per element: what "
+                         "CrypTen does with 2 parties)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     load_before = os.getloadavg()  # the machine is shared: record how busy it was
@@ -82,7 +86,7 @@ def main() -> None:
     x = torch.randn(1, args.seq, cfg.hidden_size)
     cal = [torch.randn(1, args.seq, cfg.hidden_size) for _ in range(2)]
     t0 = time.perf_counter()
-    cm = sc.compile(model, (x,), preset=args.preset, calibration=[(c,) for c in cal])
+    cm = sc.compile(model, (x,), preset=args.preset, calibration=[(c,) for c in cal], trunc=args.trunc)
     compile_s = time.perf_counter() - t0
     with torch.no_grad():
         ts = []
@@ -116,11 +120,12 @@ def main() -> None:
         kind = KINDS.get(cm.graph[name].op, "other") if name in cm.graph else "other"
         breakdown[kind]["bytes_sent"] += row["bytes_sent"]
         breakdown[kind]["rounds"] += row["rounds"]
-    static = program_cost(cm.graph)
+    static = program_cost(cm.graph, args.trunc)
     assert static.rounds == st.rounds and static.bytes_per_party == st.bytes_sent[0], "cost model != counted"
     rec = {
         "model": f"bert-{args.model}", "seq_len": args.seq, "layers": cfg.num_hidden_layers,
         "preset": args.preset, "batch": 1, "runs": args.runs, "offline_mode": args.offline,
+        "trunc": args.trunc,
         "wall_s": statistics.median(walls), "wall_s_runs": walls,
         # each party's own input-independent phase (A_i @ F of every linear layer), run before
         # the online clock starts; `secformer party` runs it between requests

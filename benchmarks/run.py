@@ -45,27 +45,30 @@ MIB = 2 ** 20
 
 
 # Memory a run of ours needs in all (GiB), from the measured BERT-base runs: each party
-# process holds ~46 bytes per weight (shares, masks, opened masked weights: 4.2 GiB at seq
-# 32 and 128 alike), the dealer ~0.45 of a party, the compiling parent ~30 bytes per weight
-# (9.9 GiB seen for BERT-large). Jobs that do not fit are skipped rather than run into OOM.
+# process held ~46 bytes per weight (shares, masks, opened masked weights: 4.2 GiB at seq
+# 32 and 128 alike) before its weight shares were also kept split into float64 limbs (24
+# more bytes per weight), the dealer ~0.45 of a party, the compiling parent ~30 bytes per
+# weight (9.9 GiB seen for BERT-large). Jobs that do not fit are skipped rather than run into OOM.
 PARAMS_M = {"base": 7.1, "large": 12.6, "tiny": 0.05}  # encoder weights per layer, millions
 LAYERS = {"base": 12, "large": 24, "tiny": 2}
 
 
 def need_gib(model: str, layers: int | None) -> float:
     w = PARAMS_M[model] * (layers or LAYERS[model]) * 1e6
-    party = 0.4 + 46 * w / 2 ** 30
+    party = 0.4 + 70 * w / 2 ** 30
     return 2.45 * party + 0.4 + 30 * w / 2 ** 30
 
 
-def ours(model: str, seq: int, layers: int | None = None, runs: int = 1, offline: str = "stream") -> dict:
-    tag = f"{model}_{seq}" + (f"_l{layers}" if layers else "") + ("_ahead" if offline == "ahead" else "")
-    path = f"benchmarks/results/e2e_{tag}.json"
+def ours(model: str, seq: int, layers: int | None = None, runs: int = 1, offline: str = "stream",
+         trunc: str = "exact") -> dict:
+    suffix = (f"_l{layers}" if layers else "") + ("_ahead" if offline == "ahead" else "") + \
+        ("_local" if trunc == "local" else "")
+    path = f"benchmarks/results/e2e_{model}_{seq}{suffix}.json"
     argv = [OURS_PY, "benchmarks/e2e.py", "--model", model, "--seq", str(seq), "--runs", str(runs)]
     argv += (["--layers", str(layers)] if layers else []) + (["--offline", offline] if offline != "stream" else [])
-    return dict(name=f"{model}-{seq}" + (f"-l{layers}" if layers else "") + ("-ahead" if offline == "ahead" else ""),
-                side="ours", model=model, seq=seq, layers=layers, offline=offline, json=path,
-                argv=argv + ["--json", path], need_gib=need_gib(model, layers))
+    argv += ["--trunc", trunc] if trunc != "exact" else []
+    return dict(name=f"{model}-{seq}{suffix.replace('_', '-')}", side="ours", model=model, seq=seq, layers=layers,
+                offline=offline, trunc=trunc, json=path, argv=argv + ["--json", path], need_gib=need_gib(model, layers))
 
 
 def crypten(seq: int, layers: int | None = None, kernel: str = "torch", model: str = "base") -> dict:
@@ -92,9 +95,12 @@ CRYPTEN = [crypten(128, kernel="colmajor"), crypten(128)]
 OFFLINE = [ours("base", 128, runs=2, offline="ahead")]
 # BERT-large's first 6 layers on both sides (the whole model does not fit this machine)
 LARGE = [crypten(128, layers=6, kernel="colmajor", model="large")]
+# Our runtime with CrypTen's two-party truncation (local, probabilistic; DESIGN "Arithmetic"):
+# the rounds our operators need when truncation costs none, as on CrypTen's side.
+TRUNC = [ours("base", 128, trunc="local")]
 SUITES = {"quick": [ours("base", 32, layers=2), crypten(32, layers=2), ours("tiny", 32)],
-          "scaling": SCALING, "crypten": CRYPTEN, "offline": OFFLINE, "large": LARGE,
-          "all": SCALING + OFFLINE + CRYPTEN + LARGE}
+          "scaling": SCALING, "crypten": CRYPTEN, "offline": OFFLINE, "large": LARGE, "trunc": TRUNC,
+          "all": SCALING + OFFLINE + TRUNC + CRYPTEN + LARGE}
 
 
 def load_avg() -> float:
@@ -151,6 +157,9 @@ def combine(jobs: list[dict]) -> list[dict]:
         rec = recs.setdefault(key, {"model": key[0], "seq_len": key[1], "layers_override": key[2]})
         if job.get("offline") == "ahead":  # beside the default (streamed) record, not instead
             rec["ours_ahead"] = data[-1]
+            continue
+        if job.get("trunc", "exact") != "exact":
+            rec["ours_local_trunc"] = data[-1]
             continue
         if job["side"] == "ours":
             r = data[-1]
@@ -539,6 +548,11 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                   f"{(b['bytes_sent_per_party'] + b['ours']['load']['bytes_sent_per_party']) / sf['bytes_sent_per_party']:.3f} "
                   f"| {ok(rb <= 0.2)} per inference; {ok((b['bytes_sent_per_party'] + b['ours']['load']['bytes_sent_per_party']) / sf['bytes_sent_per_party'] <= 0.2)} with the load |",
                   f"| rounds ≤ 1/3 | {b['rounds']} / {sf['rounds']} = {rr:.3f} | {ok(rr <= 1 / 3)} |",
+                  *([f"| rounds, with CrypTen's truncation on our side too (local, probabilistic: `--trunc local`, "
+                     f"`e2e_base_128_local.json`; not our default) | {b['ours_local_trunc']['rounds']} / {sf['rounds']} = "
+                     f"{b['ours_local_trunc']['rounds'] / sf['rounds']:.3f}; time {fmt_s(b['ours_local_trunc']['wall_s'])} s, "
+                     f"err {b['ours_local_trunc']['max_abs_err']:.4f} | {ok(b['ours_local_trunc']['rounds'] / sf['rounds'] <= 1 / 3)} |"]
+                    if b.get("ours_local_trunc") else []),
                   f"| max error ≤ 0.05 vs the float model with the same approximations | {b['max_abs_err']:.4f} | "
                   f"{ok(b['max_abs_err'] <= 0.05)} |",
                   large_goal_row(recs), "",
