@@ -87,3 +87,16 @@ def test_prg_streams_are_independent_and_reproducible():
     # no overlap: stream 1's keystream is not a shifted copy of stream 0's
     long0 = PRG(s).ring((4096,))
     assert not any(torch.equal(long0[i:i + 4], other[:4]) for i in range(4093))
+
+
+@pytest.mark.parametrize("sizes", [[5, 3, 8], [1 << 22, 17, (1 << 22) + 9]])
+def test_prg_draws_are_the_aes_ctr_keystream(sizes):
+    """Draws of any size (also across the 4 MiB zero source) concatenate to the AES-128-CTR
+    keystream of the seed, with the stream number in the counter block's high half."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    s = b"0123456789abcdef"
+    g = PRG(s, stream=3)
+    got = b"".join(bytes(g.bytes(n)) for n in sizes)
+    enc = Cipher(algorithms.AES(s), modes.CTR((3).to_bytes(8, "big") + bytes(8))).encryptor()
+    assert got == enc.update(bytes(sum(sizes)))
+    assert g.bytes_drawn == sum(sizes)
