@@ -71,7 +71,7 @@ def categorize(path: str) -> dict:
                 cats["communication (gloo send/recv/wait)"] += tt
             elif any(k in low for k in ("matmul", "'mm'", "bmm", "addmm", "linear", "einsum", " mm ")):
                 cats["matmul kernels (float64 limbs)"] += tt
-            elif "method 'update'" in low:  # cryptography's CipherContext.update
+            elif "method 'update" in low:  # cryptography's CipherContext.update / update_into
                 cats["AES-CTR PRG"] += tt
             else:
                 cats["other torch kernels"] += tt
@@ -107,13 +107,57 @@ class Profiled:
         return _profiled(self.program, self.outdir, self.profile, ctx, *args)
 
 
+# (label, key in protocols_cum_s / cumulative_s / top_by_self_time) of the table's rows
+TABLE_ROWS = [
+    ("linear layers (Beaver matmul with the fixed weight, whole rule)", "proto", "mpc_interp.py:_linear"),
+    ("of which float64 limb matmul kernels (`torch.matmul`, all matmuls)", "self", "<built-in method torch.matmul>"),
+    ("of which limb splits (`ring._limbs`, all matmuls)", "self", "(_limbs)"),
+    ("GeLU (whole protocol)", "proto", "nonlinear.py:gelu_secformer"),
+    ("of which the two segment comparisons (`msb`)", "proto", "compare.py:msb"),
+    ("of which the secure sine series", "proto", "sine.py:x_sine_series"),
+    ("attention matmuls (secret x secret)", "proto", "mpc_interp.py:_product"),
+    ("LayerNorm", "proto", "nonlinear.py:layernorm_goldschmidt"),
+    ("softmax (2Quad)", "proto", "nonlinear.py:softmax_2quad"),
+    ("exact truncations (all ops)", "proto", "trunc.py:trunc_exact"),
+    ("openings (`exchange`: gloo send/recv/wait)", "cum", "dist.py:exchange"),
+    ("AES-CTR PRG draws (overlaps the rows above)", "cum", "prg.py:ring"),
+]
+
+
+def table(result: dict, role: str = "P0") -> str:
+    """The profiled run of `role` as a markdown table: seconds and share of its online wall."""
+    r, wall = result["profiled"]["roles"][role], result["profiled"]["online_wall_s"]
+    self_s: dict[str, float] = {}
+    for label, kind, key in TABLE_ROWS:  # functions by name ("(_limbs)" matches any line number)
+        if kind == "self":
+            hits = [t["self_s"] for t in r["top_by_self_time"] if t["function"] == key or t["function"].endswith(key)]
+            if hits:
+                self_s[key] = sum(hits)
+    src = {"proto": r["protocols_cum_s"], "cum": r["cumulative_s"], "self": self_s}
+    lines = [f"| {role}, profiled run ({wall:.1f} s online wall, {r['cpu_s']:.1f} s CPU) | s | share of wall |",
+             "|---|---|---|"]
+    for label, kind, key in TABLE_ROWS:
+        v = src[kind].get(key)
+        if v is not None:
+            lines.append(f"| {label} | {v:.2f} | {v / wall:.0%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="base")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--offline", choices=["stream", "ahead"], default="stream",
+                    help="the dealer beside the online phase (stream) or done before it (ahead)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--table-from", default=None, metavar="JSON",
+                    help="print the markdown table of a saved profile and exit")
     args = ap.parse_args()
+    if args.table_from:
+        with open(args.table_from) as fh:
+            print(table(json.load(fh)))
+        return
     import torch
     from transformers import BertConfig
 
@@ -143,7 +187,8 @@ def main() -> None:
     ProcessCluster.run = run
     result = {"model": f"bert-{args.model}", "layers": args.layers, "seq_len": args.seq, "started_utc": started,
               "cpu_count": os.cpu_count(), "command": " ".join(["python"] + sys.argv)}
-    with cm.session(processes=True, timeout=1800) as sess:
+    result["offline_mode"] = args.offline
+    with cm.session(processes=True, timeout=1800, offline=args.offline) as sess:
         for label, prof in (("plain", False), ("profiled", True)):
             mode["profile"] = prof
             res = sess.infer(x)
@@ -158,6 +203,7 @@ def main() -> None:
                              "dealer_bytes": res.stats.dealer_bytes, "roles": roles}
     result["load_average_1min_before_after"] = [load_before, os.getloadavg()[0]]
     print(json.dumps({k: v for k, v in result.items()}, indent=1)[:20000])
+    print(table(result))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
