@@ -47,7 +47,7 @@ MIB = 2 ** 20
 # Memory a run of ours needs in all (GiB), from the measured BERT-base runs: each party
 # process held ~46 bytes per weight (shares, masks, opened masked weights: 4.2 GiB at seq
 # 32 and 128 alike) before its weight shares were also kept split into float64 limbs (24
-# more bytes per weight), the dealer ~0.45 of a party, the compiling parent ~30 bytes per
+# more bytes per weight), the dealer ~0.45 of a party (before it kept its split weight masks), the compiling parent ~30 bytes per
 # weight (9.9 GiB seen for BERT-large). Jobs that do not fit are skipped rather than run into OOM.
 PARAMS_M = {"base": 7.1, "large": 12.6, "tiny": 0.05}  # encoder weights per layer, millions
 LAYERS = {"base": 12, "large": 24, "tiny": 2}
@@ -56,7 +56,7 @@ LAYERS = {"base": 12, "large": 24, "tiny": 2}
 def need_gib(model: str, layers: int | None) -> float:
     w = PARAMS_M[model] * (layers or LAYERS[model]) * 1e6
     party = 0.4 + 70 * w / 2 ** 30
-    return 2.45 * party + 0.4 + 30 * w / 2 ** 30
+    return 2.65 * party + 0.4 + 30 * w / 2 ** 30  # the dealer keeps split weight masks too: ~0.65 of a party
 
 
 def ours(model: str, seq: int, layers: int | None = None, runs: int = 1, offline: str = "stream",

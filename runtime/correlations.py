@@ -28,6 +28,7 @@ import torch
 
 from .packing import pack, packed_nbytes, unpack
 from .prg import PRG
+from .ring import SplitOperand, ring_matmul
 
 Shape = tuple[int, ...]
 
@@ -235,6 +236,9 @@ class DealerCorrelations(Correlations):
         self.prg0, self.prg1 = prg0, prg1
         self.linear0, self.linear1 = prg0.stream(LINEAR_STREAM), prg1.stream(LINEAR_STREAM)
         self._fixed_values: dict[str, list[torch.Tensor]] = {}
+        # B of each fixed matmul operand split into float64 limbs once (ring.SplitOperand):
+        # every inference's C = A @ B reuses it
+        self._fixed_split: dict[str, SplitOperand] = {}
         self.corrections: list[torch.Tensor] = []
         self.correction_bytes = 0
         # Stream P1's corrections in chunks so neither side holds a whole model's worth
@@ -278,7 +282,12 @@ class DealerCorrelations(Correlations):
 
     def fixed_product(self, shape, key, op):
         a = self.linear0.ring(shape) + self.linear1.ring(shape)
-        value = op(a, self._fixed_values[key][0])  # C = A op B; the dealer never sees F
+        b = self._fixed_values[key][0]
+        if op is ring_matmul and b.device.type != "meta":
+            if key not in self._fixed_split:
+                self._fixed_split[key] = SplitOperand(b)
+            b = self._fixed_split[key]
+        value = op(a, b)  # C = A op B; the dealer never sees F
         self._emit(value, tuple(value.shape), RING)
         return [_meta(shape), _meta(value.shape), _meta(value.shape)]
 

@@ -197,6 +197,8 @@ def test_prepared_fixed_products_equal_inline_ones(seed):
         for r in c.roles[:2]:
             assert r.ctx.state["fw"].split is not None and r.ctx.state["fg"].split is None
             assert r.ctx.state["fw"].split.value is r.ctx.state["fw"].share
+        # so did the dealer with its mask B of the matmul weight (C = A @ B every inference)
+        assert set(c.roles[2].ctx.corr._fixed_split) == {"w_prep"}
     (z, g), rounds, sent = outs[True]
     assert (z - xf @ wf).abs().max() < 1e-3
     assert (g - (xf @ wf) * wf[0]).abs().max() < 1e-2
