@@ -519,9 +519,10 @@ def findings(records: list[dict]) -> list[str]:
                         else "this 2-core CPU") for task, *_ in rows}
         gaps = ", ".join(f"{task} {a - tf:+.2f}" for task, tf, a, _ in rows)
         out.append("  `secformer` students against their teachers (float64): " + gaps + ". Trained on: "
-                   + ", ".join(f"{t} on {w}" for t, w in where.items()) + " (the GPU run's MRPC checkpoints could "
-                   "not be brought back, so MRPC was retrained here with smaller budgets: teacher on all 3,668 "
-                   "rows for 2 epochs, students on 2,000 rows for 1 + 1 epochs; see the checkpoints above). "
+                   + ", ".join(f"{t} on {w}" for t, w in where.items()) + " (the GPU run's MRPC and RTE checkpoints could "
+                   "not be brought back, so both were retrained here with smaller budgets: teacher on all training "
+                   "rows (3,668 and 2,490) for 2 epochs, students on 2,000 rows for 1 + 1 epochs; see the "
+                   "checkpoints above). "
                    "The small tasks' budgets, not the approximations, limit their students: SST-2's larger budget "
                    "closed the gap. STS-B and CoLA were not run; QNLI has no training split in the provided data.")
     out += [
