@@ -524,7 +524,9 @@ def findings(records: list[dict]) -> list[str]:
                    "rows (3,668 and 2,490) for 2 epochs, students on 2,000 rows for 1 + 1 epochs; see the "
                    "checkpoints above). "
                    "The small tasks' budgets, not the approximations, limit their students: SST-2's larger budget "
-                   "closed the gap. STS-B and CoLA were not run; QNLI has no training split in the provided data.")
+                   "closed the gap" + ("; CoLA's teacher (3,000 rows, 2 epochs, max-len 32) is itself weak" if "CoLA" in where else "")
+                   + ". " + ("STS-B and CoLA were" if "CoLA" not in where else "STS-B was") + " not run; QNLI has no "
+                   "training split in the provided data.")
     out += [
         "- **Calibration must run the approximated program.** Goldschmidt ranges measured on the exact model",
         "  are wrong for a replacement preset (Quad GeLU: LayerNorm var + eps ~200 measured, ~2300 seen) and",
