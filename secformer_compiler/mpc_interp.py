@@ -157,7 +157,7 @@ def _product(ctx, node, ins, op, fixed_op, public_op):
     if na.secret and nb.secret:
         key = _fixed_key(node, 1)
         if key is not None:
-            z = yield from fixed_op(ctx, a, ctx.state["fixed"][key])
+            z = yield from fixed_op(ctx, a, ctx.state[arith.FIXED_OPERANDS][key])
         else:
             z = yield from op(ctx, a, b)
         return (yield from T.trunc(ctx, z))
@@ -183,7 +183,7 @@ def _matmul(ctx, node, ins):
 @rule("linear")
 def _linear(ctx, node, ins):
     x = ins[0]
-    z = yield from arith.matmul_fixed(ctx, x, ctx.state["fixed"][_fixed_key(node, 1)])
+    z = yield from arith.matmul_fixed(ctx, x, ctx.state[arith.FIXED_OPERANDS][_fixed_key(node, 1)])
     z = yield from T.trunc(ctx, z)
     if len(ins) == 3:
         z = z + ins[2]
@@ -271,7 +271,7 @@ def _embedding(ctx, node, ins):
     ids_node = node.meta["in_nodes"][0]
     if ids_node.secret:
         # one-hot (scale 0) @ table (scale f): the product is already at scale f
-        return (yield from arith.matmul_fixed(ctx, ids, ctx.state["fixed"][_fixed_key(node, 1)]))
+        return (yield from arith.matmul_fixed(ctx, ids, ctx.state[arith.FIXED_OPERANDS][_fixed_key(node, 1)]))
     flat = ctx.pub(ids.reshape(-1).to(torch.int64))
     return table.index_select(0, flat).reshape(tuple(node.shape))
 
@@ -343,7 +343,6 @@ def load_program(ctx: Context, graph: Graph, weight_shares: dict[str, torch.Tens
     plan = plan_fixed(graph)
     ctx.state["weights"] = weight_shares
     keys = sorted(plan)
-    fixed: list = []
     batch: list = []
     size = 0
     for key in keys:  # openings go out in rounds of ~16M values: bounded memory for big models
@@ -352,11 +351,11 @@ def load_program(ctx: Context, graph: Graph, weight_shares: dict[str, torch.Tens
         batch.append(arith.fix_operand(ctx, w.t().contiguous() if layout == "t" else w, key))
         size += w.numel()
         if size >= LOAD_ROUND_VALUES:
-            fixed += yield from parallel(*batch)
+            yield from parallel(*batch)
             batch, size = [], 0
     if batch:
-        fixed += yield from parallel(*batch)
-    ctx.state["fixed"] = dict(zip(keys, fixed))
+        yield from parallel(*batch)
+    # each FixedOperand is in ctx.state[arith.FIXED_OPERANDS] under its key (fix_operand)
     return len(keys)
 
 

@@ -72,7 +72,7 @@ def _flatten_trailing(x: torch.Tensor, k: int) -> torch.Tensor:
 def _layernorm_secformer(ctx, node, ins, p) -> Protocol:
     k = node.attrs["dims"]
     x = _flatten_trailing(ins[0], k)
-    w = ctx.state["fixed"][_fixed_key(node, 1)] if len(ins) > 1 else None
+    w = ctx.state[arith.FIXED_OPERANDS][_fixed_key(node, 1)] if len(ins) > 1 else None
     if w is not None and k > 1:
         raise NotImplementedError("layernorm over several trailing dims with a gain")
     b = ins[2] if len(ins) > 2 else None
@@ -99,7 +99,7 @@ def _layernorm_crypten(ctx, node, ins, p) -> Protocol:
     r = yield from baselines.rsqrt_newton(ctx, var, int(p["iterations"]), int(p["exp_iterations"]))
     y = yield from trunc(ctx, (yield from arith.mul(ctx, d, r)))
     if len(ins) > 1:
-        y = yield from trunc(ctx, (yield from arith.mul_fixed(ctx, y, ctx.state["fixed"][_fixed_key(node, 1)])))
+        y = yield from trunc(ctx, (yield from arith.mul_fixed(ctx, y, ctx.state[arith.FIXED_OPERANDS][_fixed_key(node, 1)])))
     if len(ins) > 2:
         y = y + ins[2]
     return y.reshape(ins[0].shape)
