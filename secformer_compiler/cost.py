@@ -129,7 +129,7 @@ def _p(node) -> dict:
 
 
 nonlinear_cost("gelu", "gelu.secformer")(
-    lambda n, ins, mode, f: nl.gelu_secformer_cost(n.shape, int(_p(n).get("bits", 64)), mode))
+    lambda n, ins, mode, f: nl.gelu_secformer_cost(n.shape, nl.gelu_bits_from_params(_p(n), f), mode))
 
 
 from .runtime.protocols import activations as act  # noqa: E402

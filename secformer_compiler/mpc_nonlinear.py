@@ -61,7 +61,7 @@ nonlinear("softmax", "softmax.exact", "exact")(_exact(_sm_exact))
 @nonlinear("gelu", "gelu.secformer")
 def _gelu_secformer(ctx, node, ins, p) -> Protocol:
     return nl.gelu_secformer(ctx, ins[0], p["coeffs"], int(p["period"]), float(p["threshold"]),
-                             bits=int(p.get("bits", 64)))
+                             bits=nl.gelu_bits_from_params(p, ctx.f))
 
 
 def _flatten_trailing(x: torch.Tensor, k: int) -> torch.Tensor:

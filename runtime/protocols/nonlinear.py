@@ -66,6 +66,39 @@ def gelu_secformer(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], perio
     return mid + hi
 
 
+def gelu_cmp_bits(f: int, threshold: float, input_bound: float) -> int:
+    """Comparison width for `gelu_secformer` that is exact for every |x| <= input_bound.
+
+    The segment tests are msb(x - T) and msb(-x - T) of values read as signed `bits`-bit
+    integers, so they need (|x| + T) 2^f < 2^(bits - 1). The carry tree pads bits - 1 up to
+    a power of two anyway (compare.py), so we take that whole power: at f = 16 and a
+    bound of 1024 that is bits = 33, exact for |x| < 2^16 - T, with 6 rounds and 16.25
+    bytes per element and party per comparison instead of 7 and 32.25 at 64 bits.
+    Outside the bound a comparison reads a wrapped sign and the output is garbage, as for
+    any input outside a protocol's declared range (nothing may branch on a secret).
+    """
+    if not input_bound > 0:
+        raise ValueError(f"input_bound must be positive, got {input_bound}")
+    need = f + math.floor(math.log2(input_bound + threshold)) + 1  # 2^(need - f) > bound + T
+    if need > 63:
+        raise ValueError(f"|x| <= {input_bound} at {f} fractional bits does not fit a 64-bit ring")
+    width = 1 << (need - 1).bit_length()
+    return min(64, width + 1)
+
+
+def gelu_bits_from_params(params, f: int) -> int:
+    """The comparison width a compiled gelu.secformer node runs with (2PC rule and cost model).
+
+    An explicit "bits" wins; else "input_bound" (the approximation's declared comparison
+    range) gives `gelu_cmp_bits`; programs compiled before that parameter existed keep the
+    full 64 bits they were compiled with."""
+    if "bits" in params:
+        return int(params["bits"])
+    if "input_bound" in params:
+        return gelu_cmp_bits(f, float(params["threshold"]), float(params["input_bound"]))
+    return 64
+
+
 def gelu_secformer_cost(shape, bits: int = 64, mode: str = "exact") -> Cost:
     cmp = msb_cost(shape, bits)
     g = x_sine_series_cost(shape) + trunc_cost(shape, mode)

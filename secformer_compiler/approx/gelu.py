@@ -32,6 +32,11 @@ from .spec import approximation
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 ERF_SINE_PERIOD = 16  # int: the runtime checks it is a power of two
+# |x| up to which the 2PC segment comparisons must be exact. 32x the swept domain: a
+# trained BERT's GeLU inputs stay within a few tens, and LayerNorm's own product bound
+# (nonlinear.layernorm_goldschmidt) is tighter. At f = 16 it gives 33-bit comparisons,
+# exact up to |x| < 65532 (gelu_cmp_bits rounds the width up to the carry tree's).
+GELU_CMP_INPUT_BOUND = 1024.0
 ERF_SINE_THRESHOLD = 4.0
 # fit_erf_sine_series(16, 4.0, 7, 8001); tests/compiler/test_approximations.py refits.
 ERF_SINE_COEFFS = (
@@ -98,16 +103,23 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
     op="gelu",
     method="fourier_erf",
     domain=(-32.0, 32.0),
-    params={"period": ERF_SINE_PERIOD, "threshold": ERF_SINE_THRESHOLD, "coeffs": ERF_SINE_COEFFS},
+    params={"period": ERF_SINE_PERIOD, "threshold": ERF_SINE_THRESHOLD, "coeffs": ERF_SINE_COEFFS,
+            "input_bound": GELU_CMP_INPUT_BOUND},
     declared_max_abs_err=1.5e-4,
     source="SecFormer (Luo et al., Findings of ACL 2024), erf by a segmented Fourier series; "
     "refit for a power-of-two period (this module's docstring)",
-    notes="the error is the same for every |x| > T, so it holds beyond the swept domain",
+    notes="the error is the same for every |x| > T, so it holds beyond the swept domain, up "
+    "to input_bound: the 2PC segment comparisons are exact for |x| <= input_bound (their "
+    "width is derived from it, runtime.protocols.nonlinear.gelu_cmp_bits)",
 )
 def gelu_fourier_erf(
-    x: torch.Tensor, *, period: float, threshold: float, coeffs: tuple[float, ...]
+    x: torch.Tensor, *, period: float, threshold: float, coeffs: tuple[float, ...],
+    input_bound: float = GELU_CMP_INPUT_BOUND,
 ) -> torch.Tensor:
-    """x/2 (1 + erf~) with erf~ = -1 | sum beta_k sin(2 pi k x / P) | +1 split at -T, T."""
+    """x/2 (1 + erf~) with erf~ = -1 | sum beta_k sin(2 pi k x / P) | +1 split at -T, T.
+
+    input_bound is a runtime parameter (the comparison width); the float reference has
+    no range limit and ignores it."""
     series = torch.zeros_like(x)
     for k, beta in enumerate(coeffs, start=1):
         series = series + beta * torch.sin(x * (2 * math.pi * k / period))

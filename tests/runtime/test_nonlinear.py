@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from secformer_compiler.approx import goldschmidt as approx_gs
+from secformer_compiler.approx import get_approx, goldschmidt as approx_gs
 from secformer_compiler.approximations import (
     ERF_SINE_COEFFS, ERF_SINE_PERIOD, ERF_SINE_THRESHOLD, choose_goldschmidt)
 from secformer_compiler.runtime.engine import run_clear
@@ -14,7 +14,8 @@ from secformer_compiler.runtime.local import LocalCluster
 from secformer_compiler.runtime.protocols import arith
 from secformer_compiler.runtime.protocols.goldschmidt import effective_prescale
 from secformer_compiler.runtime.protocols.nonlinear import (
-    gelu_secformer, gelu_secformer_cost, layernorm_effective_prescale, layernorm_goldschmidt,
+    gelu_bits_from_params, gelu_cmp_bits, gelu_secformer, gelu_secformer_cost,
+    layernorm_effective_prescale, layernorm_goldschmidt,
     layernorm_goldschmidt_cost, softmax_2quad, softmax_2quad_cost)
 from secformer_compiler.runtime.ring import FixedPoint
 
@@ -46,14 +47,20 @@ def _gelu_program(shape, bits):
     return program
 
 
-@pytest.mark.parametrize("bits", [64, 32])
+@pytest.mark.parametrize("bits", [64, 33, 32])
 def test_gelu_secformer(cluster, seed, bits):
-    """x ~ N(0, 3^2) and a sweep of [-20, 20] with both thresholds' neighbourhoods."""
+    """x ~ N(0, 3^2), a sweep of [-20, 20] with both thresholds' neighbourhoods, and, below
+    64 bits, a sweep out to the comparison width's limit |x| + T < 2^(bits - 1 - f)."""
     t = ERF_SINE_THRESHOLD
     edges = torch.tensor([t, -t, t + 2 ** -16, -t - 2 ** -16, t - 2 ** -16, 0.0, 20.0, -20.0],
                          dtype=torch.float64)
-    x = torch.cat([torch.randn(3000, dtype=torch.float64) * 3,
-                   torch.linspace(-20, 20, 4001, dtype=torch.float64), edges])
+    parts = [torch.randn(3000, dtype=torch.float64) * 3,
+             torch.linspace(-20, 20, 4001, dtype=torch.float64), edges]
+    if bits < 64:
+        top = 2.0 ** (bits - 1 - 16) - t - 2 ** -16  # the largest |x| the width allows
+        far = torch.linspace(20, top, 500, dtype=torch.float64)
+        parts += [far, -far]
+    x = torch.cat(parts)
     shape = x.shape
     program = _gelu_program(shape, bits)
     o0, o1, stats = cluster.run(program, (FX.encode(x),), (None,))
@@ -69,6 +76,28 @@ def test_gelu_secformer(cluster, seed, bits):
     n = x.numel()
     print(f"gelu bits={bits}: {cost.rounds} rounds, {cost.bytes / n:.2f} bytes/element/party")
     assert cost.rounds == (8 if bits == 64 else 7)
+
+
+@pytest.mark.parametrize("f, bound, bits", [(16, 1024.0, 33), (12, 1024.0, 33), (20, 4000.0, 33),
+                                            (16, 2.0 ** 16, 64), (24, 1024.0, 64), (16, 8.0, 33), (4, 8.0, 9)])
+def test_gelu_cmp_bits_covers_the_bound(f, bound, bits):
+    """The width derived from a declared input bound: (bound + T) 2^f < 2^(bits - 1), and
+    bits - 1 is the carry tree's power of two (a narrower width would cost the same)."""
+    t = ERF_SINE_THRESHOLD
+    got = gelu_cmp_bits(f, t, bound)
+    assert got == bits
+    assert (bound + t) * 2 ** f < 2 ** (got - 1)
+    assert got == 64 or (got - 1) & (got - 2) == 0
+
+
+def test_gelu_bits_from_params():
+    spec = get_approx("gelu.secformer")
+    assert gelu_bits_from_params(spec.params, 16) == 33  # the shipped bound, 1024
+    assert gelu_bits_from_params({**spec.params, "bits": 64}, 16) == 64  # explicit width wins
+    old = {k: v for k, v in spec.params.items() if k != "input_bound"}
+    assert gelu_bits_from_params(old, 16) == 64  # compiled before input_bound: unchanged
+    with pytest.raises(ValueError, match="64-bit ring"):
+        gelu_cmp_bits(16, ERF_SINE_THRESHOLD, 2.0 ** 50)
 
 
 # --- LayerNorm --------------------------------------------------------------------------------
