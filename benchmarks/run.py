@@ -351,7 +351,7 @@ def summary(recs: list[dict], title: str) -> list[str]:
         L.append("- **Scaling, BERT-base** (online wall s / MiB per party): "
                  + ", ".join(f"seq {r['seq_len']}: {fmt_s(r['wall_s'])}{'*' if r['ours'].get('party_prepare_s') else ''}"
                              f" / {fmt_mib(r['bytes_sent_per_party'])}" for r in base)
-                 + f"; rounds {base[0]['rounds']} at every length"
+                 + "; " + _rounds_by_length(base)
                  + ("; * = measured with the parties' prepare phase (one online ring matmul per linear layer), the "
                     "others before it (two)." if any(r["ours"].get("party_prepare_s") for r in base) else "."))
     lg = large_128(recs)
@@ -435,6 +435,14 @@ def offline_section(b: dict, cr: dict) -> list[str]:
               "online ratio is the online phase alone, with all input-independent work (dealer and prepare) "
               "done before the request, as in an offline/online deployment."]
     return L + [""]
+
+
+def _rounds_by_length(base: list[dict]) -> str:
+    """'rounds R at every length', or each length's rounds when runs of different code are mixed."""
+    rounds = {r["rounds"] for r in base}
+    if len(rounds) == 1:
+        return f"rounds {rounds.pop()} at every length"
+    return "rounds " + ", ".join(f"{r['rounds']} (seq {r['seq_len']})" for r in base)
 
 
 def large_goal_row(recs: list[dict]) -> str:
@@ -653,8 +661,8 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
             g = lambda k: (hi[k] / lo[k]) ** (1 / n)  # noqa: E731
             L += ["", f"BERT-base from seq {lo['seq_len']} to {hi['seq_len']}, per doubling of the sequence length: "
                   f"online wall x{g('wall_s'):.2f}, bytes per party x{g('bytes_sent_per_party'):.2f}, dealer bytes "
-                  f"x{g('dealer_bytes'):.2f}, float torch x{g('torch_wall_s'):.2f}; rounds stay {lo['rounds']} (every "
-                  "opening covers the whole sequence). Bytes grow a little faster than the length because of the "
+                  f"x{g('dealer_bytes'):.2f}, float torch x{g('torch_wall_s'):.2f}; " + _rounds_by_length(base) + " (every "
+                  "opening covers the whole sequence; rounds differ only between code versions). Bytes grow a little faster than the length because of the "
                   "attention scores (seq²). Time grows slower than bytes: part of it does not grow with the "
                   f"sequence (a straight line through the seq {a['seq_len']} and {c['seq_len']} points meets seq 0 at "
                   f"{fixed:.0f} s; the points were measured under different loads, so this is rough)."]

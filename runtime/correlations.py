@@ -245,6 +245,30 @@ class DealerCorrelations(Correlations):
         # (several GB for BERT-base); the dealer still runs ahead of the online phase.
         self.flush, self._pending = flush, 0
         self.chunk_bytes = chunk_bytes or DealerCorrelations.default_chunk_bytes
+        self._log: list | None = None  # the requests of the program being recorded
+
+    # A program's requests depend only on public shapes (DESIGN.md: control flow never
+    # depends on a secret), so the dealer can run a program once on meta tensors, keep the
+    # list of requests it made, and replay that list for every later inference of the same
+    # program and shapes: the same draws in the same order, so the same correction stream
+    # byte for byte, without re-running the protocol code (most of the dealer's CPU was
+    # torch's meta kernels and the generators' Python, not the correlations themselves).
+
+    def start_recording(self) -> list:
+        """Record every request from now on; returns the (growing) list."""
+        self._log = []
+        return self._log
+
+    def stop_recording(self) -> None:
+        self._log = None
+
+    def replay(self, plan: Sequence[tuple]) -> None:
+        """Serve a recorded request list again: fresh draws, in the recorded order."""
+        for entry in plan:
+            if entry[0] == "draw":
+                self._draw(*entry[1:])
+            else:
+                self.fixed_product(*entry[1:])
 
     def take_corrections(self) -> torch.Tensor:
         """P1's correction stream since the last call, as one uint8 buffer."""
@@ -253,6 +277,8 @@ class DealerCorrelations(Correlations):
         return buf
 
     def _draw(self, sources, derive, out_doms, out_shapes, keep):
+        if self._log is not None:
+            self._log.append(("draw", sources, derive, out_doms, out_shapes, keep))
         secrets = []
         for shape, dom in sources:
             s0 = self.prg0.ring(shape, dom.bits) if dom.owner in (None, 0) else None
@@ -281,6 +307,8 @@ class DealerCorrelations(Correlations):
             self.flush(self.take_corrections())
 
     def fixed_product(self, shape, key, op):
+        if self._log is not None:
+            self._log.append(("fixed", shape, key, op))
         a = self.linear0.ring(shape) + self.linear1.ring(shape)
         b = self._fixed_values[key][0]
         if op is ring_matmul and b.device.type != "meta":

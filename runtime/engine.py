@@ -6,8 +6,10 @@ meta tensors (the offline phase: before any input exists it produces P1's whole
 correction stream and sends it as one blob), then P0 and P1 run it online. Each party has
 its own offline phase too (`Role.prepare`): a meta-tensor pass records the program's
 fixed-weight products so their input-independent half (A_i @ F) is computed before the
-online phase starts. The same function serves threads (`runtime.local`) and processes
-(`runtime.dist`).
+online phase starts. Both offline passes are recorded the first time a program runs with
+given argument shapes and replayed after that (`plan_key`, `Role.dealer_offline`): the
+requests depend only on public shapes. The same function serves threads (`runtime.local`)
+and processes (`runtime.dist`).
 """
 
 from __future__ import annotations
@@ -123,6 +125,29 @@ def meta_like(x: Any) -> Any:
     return x
 
 
+def plan_key(program: Callable[..., Protocol], args: tuple) -> Any:
+    """What an offline pass depends on: the program and its arguments' public structure.
+
+    Tensors count by shape and dtype (their values are secret or not there at all: the
+    dealer and the offline passes see meta tensors); everything else (the graph object,
+    ints, names, functions) by value or identity. None when an argument is unhashable:
+    then nothing is recorded. A party keys its prepare pass on `_offline_args` (progress
+    callbacks dropped), which is also what that pass runs."""
+    def sig(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return ("tensor", tuple(x.shape), x.dtype)
+        if isinstance(x, (list, tuple)):
+            return (type(x).__name__,) + tuple(sig(v) for v in x)
+        if isinstance(x, dict):
+            return ("dict",) + tuple((k, sig(v)) for k, v in x.items())
+        hash(x)
+        return x
+    try:
+        return (program, sig(args))
+    except TypeError:
+        return None
+
+
 def _offline_args(args: tuple) -> tuple:
     """Arguments for a party's offline pass: shapes only, and no callbacks (a progress bar
     must not see the meta pass)."""
@@ -143,6 +168,9 @@ class Role:
         self.dealer_bytes = 0
         self.auto_prepare = True  # parties: run `prepare` before each program unless done
         self._prepared = False
+        # recorded offline passes by (program, argument shapes): the dealer's request lists
+        # and the parties' fixed-product lists (see `dealer_offline` and `prepare`)
+        self._plans: dict[Any, Any] = {}
 
     @property
     def name(self) -> str:
@@ -177,18 +205,54 @@ class Role:
             self.setup()
         if self.rank == DEALER:
             return
-        rec = RecordingCorrelations(self.ctx.corr)
-        rctx = Context(DEALER, DEALER_MODE, rec, self.fxp, self.trunc, state=meta_like(self.ctx.state),
-                       recording=True)
-        Engine(rctx).run(program(rctx, *_offline_args(args)))
-        self.ctx.corr.prepare_products(rec.requests)
+        key = plan_key(program, _offline_args(args))
+        requests = self._plans.get(key) if key is not None else None
+        if requests is None:
+            rec = RecordingCorrelations(self.ctx.corr)
+            rctx = Context(DEALER, DEALER_MODE, rec, self.fxp, self.trunc, state=meta_like(self.ctx.state),
+                           recording=True)
+            Engine(rctx).run(program(rctx, *_offline_args(args)))
+            requests = rec.requests
+            self._remember(key, requests)
+        self.ctx.corr.prepare_products(requests)
         # Split this party's weight shares into float64 limbs now rather than in the first
         # request's online phase (kept for every later request: ring.SplitOperand).
         fixed = self.ctx.state.get(FIXED_OPERANDS, {})
-        for key, _shape, op in rec.requests:
+        for key, _shape, op in requests:
             if op is ring_matmul and key in fixed:
                 fixed[key].split_share()
         self._prepared = True
+
+    MAX_PLANS = 16  # recorded passes kept (programs x shapes; accuracy runs use a few buckets)
+
+    def _remember(self, key: Any, plan: Any) -> None:
+        if key is None:
+            return
+        if len(self._plans) >= self.MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan
+
+    def dealer_offline(self, program: Callable[..., Protocol], *args: Any) -> None:
+        """The dealer's half of `run`: produce the program's correlations (P1's corrections
+        go out through the correlations' flush and `take_corrections`).
+
+        The first time a program runs with given argument shapes the dealer runs it on meta
+        tensors and records its requests (`DealerCorrelations.start_recording`); later runs
+        replay the list. A program that fixes operands (`keep`: the weight loading) is not
+        recorded: it runs once, and its keys may not be registered twice."""
+        corr = self.ctx.corr
+        key = plan_key(program, args)
+        plan = self._plans.get(key) if key is not None else None
+        if plan is not None:
+            corr.replay(plan)
+            return
+        log = corr.start_recording()
+        try:
+            self.engine.run(program(self.ctx, *meta_like(args)))
+        finally:
+            corr.stop_recording()
+        if not any(e[0] == "draw" and e[-1] is not None for e in log):
+            self._remember(key, log)
 
     def run(self, program: Callable[..., Protocol], *args: Any) -> Any:
         """Run one program: offline (dealer) then online (P0, P1). Returns this role's result."""
@@ -198,7 +262,7 @@ class Role:
             self.prepare(program, *args)
         self._prepared = False
         if self.rank == DEALER:
-            self.engine.run(program(self.ctx, *meta_like(args)))
+            self.dealer_offline(program, *args)
             buf = self.ctx.corr.take_corrections()
             if buf.numel():
                 self._send_chunk(buf)

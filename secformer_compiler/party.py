@@ -372,7 +372,7 @@ class _Server:
         chunks: list[torch.Tensor] = []
         flush, ctx.corr.flush = ctx.corr.flush, chunks.append
         try:
-            self.role_obj.engine.run(infer_with_progress(ctx, self.graph, self._meta_inputs(), None))
+            self.role_obj.dealer_offline(infer_with_progress, self.graph, self._meta_inputs(), None)
         finally:
             ctx.corr.flush = flush
         last = ctx.corr.take_corrections()
