@@ -353,6 +353,8 @@ def _cell(r: dict | None) -> str:
     s += ")"
     if r["mode"] == "2pc" and r.get("disagreements") is not None:
         s += f", {r['disagreements']} disagree"
+    if r.get("nonfinite_rows"):
+        s += f", **{r['nonfinite_rows']} rows non-finite** (scored as 0)"
     return s
 
 

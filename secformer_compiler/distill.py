@@ -509,6 +509,13 @@ class _Programs:
         self.sessions.clear()
 
 
+def _zero_nonfinite(logits: np.ndarray) -> int:
+    """Set rows with any inf/NaN output to 0 in place; returns how many there were."""
+    bad = ~np.isfinite(logits).all(axis=1)
+    logits[bad] = 0.0
+    return int(bad.sum())
+
+
 def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secformer", mode: str = "float",
              n_examples: int | None = None, *, data_dir: str | Path, split: str = "dev", tokenizer: Any = None,
              batch_size: int = 16, max_len: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -603,6 +610,14 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
     finally:
         programs.close()
     gold = [e.label for e in evaluated]
+    # An approximation driven outside its calibrated range (a Goldschmidt iteration that
+    # diverges) gives inf/NaN in float64; the fixed-point runtimes give a finite garbage
+    # value instead. Either way the row is wrong: it is scored as output 0 (class 0 for a
+    # classifier), counted in the record, and never silently dropped or averaged away.
+    nonfinite = _zero_nonfinite(logits)
+    if nonfinite:
+        log(f"eval {spec.name}/{preset}/{mode}: {nonfinite} of {len(evaluated)} rows gave non-finite "
+            "outputs (an approximation left its calibrated range); scored as output 0")
     pred = glue.predictions(spec.name, logits)
     metrics = glue.compute_metrics(spec.name, pred, gold)
     record: dict[str, Any] = {
@@ -615,12 +630,14 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
         "seconds": round(time.time() - t0, 1), "run_seconds": round(run_seconds, 1),
         "compile_seconds": round(programs.compile_seconds, 1),
         "programs": sorted({f"{b}x{L}" for (b, L) in programs.cache}),
+        "nonfinite_rows": nonfinite,
     }
     if mode == "2pc":
         record["load_seconds"] = round(programs.load_seconds, 1)
         record["simulate_seconds"] = round(sim_seconds, 1)
         record["processes"] = processes
     if sim_logits is not None:
+        record["simulate_nonfinite_rows"] = _zero_nonfinite(sim_logits)
         sim_pred = glue.predictions(spec.name, sim_logits)
         if spec.is_regression:
             record["disagreements"] = None

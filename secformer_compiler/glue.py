@@ -134,6 +134,9 @@ def f1(pred: Sequence, gold: Sequence, positive: int = 1) -> float:
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("pearson: the predictions contain inf or NaN (score them first: "
+                         "distill.evaluate sets such rows to 0 and counts them)")
     a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 0 else 0.0
@@ -155,6 +158,7 @@ def _ranks(v: np.ndarray) -> np.ndarray:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    pearson(x, y)  # the same finiteness check (ranks of NaN would look finite)
     return pearson(_ranks(np.asarray(x, dtype=np.float64)), _ranks(np.asarray(y, dtype=np.float64)))
 
 

@@ -85,3 +85,21 @@ def test_compute_metrics_and_predictions():
     reg = glue.predictions("STS-B", np.array([[4.5], [1.0], [3.0]]))
     m = glue.compute_metrics("STS-B", reg, [5.0, 0.5, 2.0])
     assert m["pearson"] > 90 and math.isclose(m["spearman"], 100.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_correlations_refuse_non_finite_predictions(bad):
+    """A diverged approximation's NaN must not turn into a silent 0.00 score."""
+    with pytest.raises(ValueError, match="inf or NaN"):
+        glue.pearson([1.0, bad, 3.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="inf or NaN"):
+        glue.spearman([1.0, bad, 3.0], [1.0, 2.0, 3.0])
+
+
+def test_non_finite_rows_are_scored_as_zero_and_counted():
+    from secformer_compiler.distill import _zero_nonfinite
+
+    logits = np.array([[0.5, 1.0], [np.nan, 2.0], [np.inf, -np.inf], [3.0, 1.0]])
+    assert _zero_nonfinite(logits) == 2
+    assert np.array_equal(logits, [[0.5, 1.0], [0.0, 0.0], [0.0, 0.0], [3.0, 1.0]])
+    assert _zero_nonfinite(logits) == 0
