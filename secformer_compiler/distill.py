@@ -408,7 +408,8 @@ def distill(teacher_dir: str | Path, task: str, preset: str = "secformer", *, da
         "kind": "student", "task": spec.name, "preset": preset, "overrides": dict(overrides or {}),
         "num_labels": spec.num_labels, "head": tmeta.get("head", "mean"), "teacher": str(teacher_dir),
         "teacher_meta": tmeta, "method": "MPCFormer-style: stage 1 attention-probability + hidden-state "
-        "MSE, stage 2 soft cross-entropy on logits, through the compiled program's training view",
+        "MSE, stage 2 " + ("MSE on the predicted score" if spec.is_regression else "soft cross-entropy on logits")
+        + ", through the compiled program's training view",
         "train_rows": len(train), "train_subsample": train_subsample, "seed": seed,
         "layer_epochs": layer_epochs, "pred_epochs": pred_epochs, "batch_size": batch_size, "lr": lr,
         "max_len": max_len, "buckets": list(lengths), "train_seconds": round(time.time() - t0, 1),
