@@ -494,6 +494,11 @@ class _Programs:
     def session(self, batch_size: int, length: int):
         key = (batch_size, length)
         if key not in self.sessions:
+            # Batches come grouped by length bucket (static_batches), so a session is done
+            # once the next one is needed: close it. Holding every bucket's session at once
+            # (three roles' weight shares and limb caches each) got a 2PC run of MiniLM
+            # OOM-killed at 16 GiB on this 23.5 GiB machine.
+            self.close()
             t = time.time()
             self.sessions[key] = self.get(batch_size, length).session(processes=self.processes)
             self.load_seconds += time.time() - t
