@@ -138,6 +138,8 @@ def command(args: argparse.Namespace, task: str, step: str, preset: str | None =
             parts.append("--processes")
         if args.chunk_rows:
             parts.append(f"--chunk-rows {args.chunk_rows}")
+    if step != "finetune":
+        parts.append(f"--max-len {args.max_len}")  # the evaluation's truncation (CoLA runs at 32)
     if step in ("float", "approx") and args.n_float:
         parts.append(f"--n-float {args.n_float}")
     if step in ("simulate", "2pc", "approx"):

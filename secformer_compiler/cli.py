@@ -192,7 +192,8 @@ def tokenize(tok: Any, texts: list[str], seq_len: int, names: list[str]) -> dict
 
 def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str = "secformer", seq_len: int = 128,
                        batch: int = 1, calibrate: Path | None = None, samples: int = 16, frac_bits: int = 16,
-                       trunc: str = "exact", force: bool = False, log: Callable[[str], None] = _note) -> Any:
+                       trunc: str = "exact", force: bool = False, range_margin: float | None = None,
+                       log: Callable[[str], None] = _note) -> Any:
     """Checkpoint -> compiled program -> artifact folder at `out` (written atomically)."""
     from . import compile as sf_compile
     from .artifact import save_artifact
@@ -200,6 +201,8 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
     _check_preset(preset)
     if seq_len < 2 or batch < 1:
         raise UserError("--seq-len must be >= 2 and --batch >= 1")
+    if range_margin is not None and not range_margin >= 1:
+        raise UserError(f"--range-margin must be >= 1 (a factor on the largest calibrated value), got {range_margin}")
     if Path(out).exists() and not force:
         raise UserError(f"{out} already exists (pass --force to replace it)")
     t0 = time.perf_counter()
@@ -213,8 +216,11 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
     chunks = [tokenize(tok, texts[i:i + batch], seq_len, names) for i in range(0, len(texts), batch)]
     log(f"compiling ({task}, preset {preset}, batch {batch} x seq {seq_len}; calibrating on {len(texts)} "
         f"text(s) from {calibrate or 'built-in sentences'})")
-    cm = sf_compile(model, chunks[0], preset=preset, calibration=chunks, frac_bits=frac_bits, trunc=trunc)
-    calib = {"source": str(calibrate) if calibrate else "built-in sentences", "texts": len(texts)}
+    cm = sf_compile(model, chunks[0], preset=preset, calibration=chunks, frac_bits=frac_bits, trunc=trunc,
+                    range_margin=range_margin)
+    from .calibrate import HI_MARGIN
+    calib = {"source": str(calibrate) if calibrate else "built-in sentences", "texts": len(texts),
+             "range_margin": HI_MARGIN if range_margin is None else range_margin}
     save_artifact(cm, out, tokenizer=tok, task=task, seq_len=seq_len, batch=batch, labels=labels,
                   source=source, calibration=calib, force=force)
     n_params = sum(v.numel() for v in cm.graph.weights.values())
@@ -240,11 +246,14 @@ def compile_cmd(
                                               "or auto (from the checkpoint's architecture)."),
     frac_bits: int = typer.Option(16, help="Fixed-point fractional bits."),
     trunc: str = typer.Option("exact", help="Truncation after products: exact or local."),
+    range_margin: Optional[float] = typer.Option(None, help="Goldschmidt must converge up to this factor times "
+                                                           "the largest calibrated value (default 2.5)."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Compile a checkpoint into an artifact folder (program.onnx, weights, tokenizer, manifest)."""
     compile_checkpoint(checkpoint, out, task=task.value, preset=preset, seq_len=seq_len, batch=batch,
-                       calibrate=calibrate, samples=samples, frac_bits=frac_bits, trunc=trunc, force=force)
+                       calibrate=calibrate, samples=samples, frac_bits=frac_bits, trunc=trunc, force=force,
+                       range_margin=range_margin)
 
 
 @app.command()

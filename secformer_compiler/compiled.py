@@ -148,7 +148,8 @@ class CompiledModel:
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secformer",
             calibration: Sequence[Any] | None = None, frac_bits: int = 16, trunc: str = "exact",
-            overrides: Mapping[str, str] | None = None, **per_op: str) -> CompiledModel:
+            overrides: Mapping[str, str] | None = None, range_margin: float | None = None,
+            **per_op: str) -> CompiledModel:
     """Compile `model` for 2PC inference.
 
     Args:
@@ -158,9 +159,13 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             "secformer-exact-softmax", or "exact" (simulator only).
         calibration: sample inputs (a list of tuples/dicts like example_inputs); each
             approximated op's input range is measured on them, running the approximated
-            program in float64 (with a 25% margin), and its
-            pre-scale and iteration count chosen to meet the declared bound. Default: the
-            example inputs themselves; `[]` keeps the documented conservative defaults.
+            program in float64, and its pre-scale and iteration count chosen to meet the
+            declared bound. Default: the example inputs themselves; `[]` keeps the
+            documented conservative defaults.
+        range_margin: factor on the largest measured value that Goldschmidt must still
+            converge for (default `calibrate.HI_MARGIN`, 2.5: real inputs exceed a sample's
+            range, and past it the iterations diverge); larger costs about one iteration
+            (2 rounds) per doubling.
         per_op / overrides: per-op methods, e.g. softmax="puma".
     """
     graph = build_ir(model, example_inputs, preset=preset, overrides=overrides, **per_op)
@@ -175,7 +180,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
         # all-MiniLM-L6-v2 with Quad), and Goldschmidt calibrated for the exact model's range
         # then diverges.
         from .training import measure_ranges
-        ranges = measure_ranges(graph, calibration)
+        ranges = measure_ranges(graph, calibration, hi_margin=range_margin)
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
                          calibration=ranges, **per_op)
     return CompiledModel(graph, FixedPoint(frac_bits), trunc, preset)

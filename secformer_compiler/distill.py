@@ -638,6 +638,9 @@ def evaluate(model: str | Path | torch.nn.Module, task: str, preset: str = "secf
         "programs": sorted({f"{b}x{L}" for (b, L) in programs.cache}),
         "nonfinite_rows": nonfinite,
     }
+    if mode != "float" and calibrate:
+        from .calibrate import HI_MARGIN
+        record["range_margin"] = HI_MARGIN
     if mode == "2pc":
         record["load_seconds"] = round(programs.load_seconds, 1)
         record["simulate_seconds"] = round(sim_seconds, 1)

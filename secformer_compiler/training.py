@@ -313,10 +313,11 @@ def with_weights(graph: Graph, weights: Mapping[str, torch.Tensor] | TrainingVie
 
 # -- calibration on the approximated program ---------------------------------------------------
 
-def measure_ranges(graph: Graph, samples: Sequence[Any], device: str | torch.device = "cpu"
-                   ) -> dict[str, tuple[float, float]]:
+def measure_ranges(graph: Graph, samples: Sequence[Any], device: str | torch.device = "cpu",
+                   hi_margin: float | None = None) -> dict[str, tuple[float, float]]:
     """{node: (lo, hi)} of each Goldschmidt input (var + eps of a layernorm, masked 2Quad row sums
-    of a softmax) as the *approximated* program computes them, with `calibrate.MARGIN`.
+    of a softmax) as the *approximated* program computes them, with `calibrate.with_margins`
+    (hi_margin: None for `calibrate.HI_MARGIN`).
 
     `calibrate.measure_ranges` runs the exact model (compile() used it until this was found): for a replacement preset the approximated program's ranges differ (Quad GeLU makes
     all-MiniLM-L6-v2's LayerNorm variances 10x larger than exact GeLU does; a distilled 2Quad
@@ -324,7 +325,7 @@ def measure_ranges(graph: Graph, samples: Sequence[Any], device: str | torch.dev
     runs the training view with exact Goldschmidt steps, so what is measured does not depend
     on the parameters being chosen. device: where the view runs (a GPU makes this fast).
     """
-    from .calibrate import MARGIN
+    from .calibrate import with_margins
 
     view = approximated_module(graph, dtype=torch.float64, goldschmidt="exact").to(device)
     nodes = [n for n in graph if n.op in ("layernorm", "softmax")]
@@ -348,12 +349,13 @@ def measure_ranges(graph: Graph, samples: Sequence[Any], device: str | torch.dev
                     v = q.sum(n.attrs["dim"])
                 lo[n.name] = min(lo.get(n.name, float("inf")), float(v.min()))
                 hi[n.name] = max(hi.get(n.name, 0.0), float(v.max()))
-    return {k: (max(lo[k] / MARGIN, 1e-6), hi[k] * MARGIN) for k in lo}
+    return with_margins(lo, hi, hi_margin)
 
 
 def compile_calibrated(model: torch.nn.Module, example_inputs: Any, samples: Sequence[Any], *,
                        preset: str = "secformer", frac_bits: int = 16, trunc: str = "exact",
-                       overrides: Mapping[str, str] | None = None, device: str | torch.device = "cpu"):
+                       overrides: Mapping[str, str] | None = None, device: str | torch.device = "cpu",
+                       range_margin: float | None = None):
     """`compile()` with Goldschmidt ranges measured on the approximated program (`measure_ranges`)
     instead of the exact model. Suggested as compile()'s calibration for every preset."""
     from .compiled import CompiledModel
@@ -363,7 +365,7 @@ def compile_calibrated(model: torch.nn.Module, example_inputs: Any, samples: Seq
     graph = build_ir(model, example_inputs, preset=preset, overrides=overrides)
     if samples:
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
-                         calibration=measure_ranges(graph, samples, device))
+                         calibration=measure_ranges(graph, samples, device, range_margin))
     cm = CompiledModel(graph, FixedPoint(frac_bits), trunc, preset)
     cm.calibration = "approximated program" if samples else "defaults"
     return cm

@@ -55,6 +55,7 @@ def test_round_trip_text_and_simulation(compiled):
     assert {i["name"] for i in m["inputs"]} == {"input_ids", "attention_mask"}
     assert set(m["files"]) >= {"program.onnx", "weights.safetensors", "tokenizer/tokenizer.json"}
     assert any(a["method"] == "gelu.secformer" for a in m["approximations"].values())
+    assert m["calibration"]["range_margin"] == 2.5 and m["calibration"]["texts"] == 4
 
 
 def test_classifier_artifact_has_labels(cls_artifact):

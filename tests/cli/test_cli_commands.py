@@ -57,6 +57,9 @@ def test_compile_refuses_to_overwrite_and_checks_flags(artifact, ckpt_dir, tmp_p
     assert r.exit_code == 1 and "unknown preset 'fastest'" in r.output
     r = invoke("compile", ckpt_dir, "-o", tmp_path / "o", "--calibrate", tmp_path / "missing.txt")
     assert r.exit_code == 1 and "no such calibration file" in r.output
+    r = invoke("compile", ckpt_dir, "-o", tmp_path / "o", "--range-margin", "0.5")
+    assert r.exit_code == 1 and "--range-margin must be >= 1" in r.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_calibration_file_formats(tmp_path):

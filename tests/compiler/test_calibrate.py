@@ -1,0 +1,67 @@
+"""Calibration margins (secformer_compiler/calibrate.py): the ranges Goldschmidt is chosen for.
+
+Above the measured range Goldschmidt diverges, so the high-side margin must cover inputs a
+deployment sees beyond the calibration sample (STS-B dev rows reached 2.9x the training
+rows' maximum); these tests pin the margins and show what the default buys.
+"""
+
+import pytest
+import torch
+
+import secformer_compiler as sc
+from secformer_compiler import calibrate
+from secformer_compiler.approx.softmax import quad2_exact
+from secformer_compiler.training import float_approx
+
+
+def test_margins_widen_the_high_side_more():
+    assert calibrate.with_margins({"a": 1.0}, {"a": 10.0}) == {"a": (0.8, 10.0 * calibrate.HI_MARGIN)}
+    assert calibrate.HI_MARGIN == 2.5 and calibrate.MARGIN == 1.25
+    assert calibrate.with_margins({"a": 1.0}, {"a": 10.0}, hi_margin=4) == {"a": (0.8, 40.0)}
+    with pytest.raises(ValueError, match="range_margin must be >= 1"):
+        calibrate.with_margins({"a": 1.0}, {"a": 10.0}, hi_margin=0.5)
+
+
+class _Softmax(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, dim=-1)
+
+
+def _two_quad(x: torch.Tensor) -> torch.Tensor:
+    """2Quad with an exact division: what the Goldschmidt reciprocal must reproduce."""
+    return quad2_exact(x, None, -1, c=5.0)
+
+
+def _scores() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    cal = torch.rand(1, 4, 16) * 2 - 1  # scores in [-1, 1]: 2Quad row sums of (x + 5)^2 near 400
+    big = torch.full((1, 4, 16), 4.0)
+    big[..., 0] = 5.0  # row sums 1,315: about 2.6x the sample's largest
+    return cal, big
+
+
+def test_default_margin_converges_past_the_sample_range():
+    cal, big = _scores()
+    cm = sc.compile(_Softmax(), (cal,), calibration=[(cal,)])
+    ref = _two_quad(big)
+    assert (float_approx(cm, big)[0] - ref).abs().max().item() < 1e-3
+    assert (cm.simulate(big)[0] - ref).abs().max().item() < 1e-3
+
+
+def test_a_narrow_margin_diverges_there():
+    """What the default prevents: with x1.25 (the margin before STS-B), the same input leaves
+    the convergence interval and the fixed-point result is garbage, silently."""
+    cal, big = _scores()
+    cm = sc.compile(_Softmax(), (cal,), calibration=[(cal,)], range_margin=1.25)
+    ref = _two_quad(big)
+    assert (cm.simulate(big)[0] - ref).abs().max().item() > 1.0
+
+
+def test_wider_margin_costs_iterations_not_accuracy():
+    cal, _ = _scores()
+    its = {}
+    for m in (1.25, 2.5, 10.0):
+        cm = sc.compile(_Softmax(), (cal,), calibration=[(cal,)], range_margin=m)
+        its[m] = next(n.attrs["params"]["iterations"] for n in cm.graph if n.op == "softmax")
+        assert (cm.simulate(cal)[0] - _two_quad(cal)).abs().max().item() < 1e-3
+    assert its[1.25] <= its[2.5] <= its[10.0] and its[1.25] < its[10.0]
