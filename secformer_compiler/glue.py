@@ -132,11 +132,17 @@ def f1(pred: Sequence, gold: Sequence, positive: int = 1) -> float:
     return float(2 * precision * recall / (precision + recall))
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+def _finite(name: str, x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float64 arrays; inf/NaN is refused (ranks or a mean of NaN would hide it)."""
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("pearson: the predictions contain inf or NaN (score them first: "
+        raise ValueError(f"{name}: the predictions contain inf or NaN (score them first: "
                          "distill.evaluate sets such rows to 0 and counts them)")
+    return a, b
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    a, b = _finite("pearson", x, y)
     a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 0 else 0.0
@@ -158,8 +164,8 @@ def _ranks(v: np.ndarray) -> np.ndarray:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    pearson(x, y)  # the same finiteness check (ranks of NaN would look finite)
-    return pearson(_ranks(np.asarray(x, dtype=np.float64)), _ranks(np.asarray(y, dtype=np.float64)))
+    a, b = _finite("spearman", x, y)
+    return pearson(_ranks(a), _ranks(b))
 
 
 def matthews(pred: Sequence, gold: Sequence) -> float:
