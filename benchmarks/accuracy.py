@@ -373,8 +373,23 @@ def _nonfinite_note(records: list[dict]) -> str:
     return ("Some rows gave inf/NaN in float64, scored as output 0 (so the metric counts them as wrong, not "
             "dropped): " + ", ".join(f"{r['task']} `{r['preset']}` {r['mode']} {r['nonfinite_rows']} of {r['n_examples']}"
                                      for r in bad)
-            + ". Most likely a Goldschmidt step driven outside the range calibrated on training rows (25% margin); "
-            "not investigated further. ")
+            + ". " + _nonfinite_cause(bad))
+
+
+def _nonfinite_cause(bad: list[dict]) -> str:
+    """What is known of why: rows calibrated with the old 1.25x top margin vs the rest."""
+    old = [r for r in bad if r.get("range_margin") is None]
+    out = ""
+    if old:
+        out += ("Rows without a `range_margin` were computed with the 1.25x top margin used before 2026-11-26: "
+                "Goldschmidt diverged where a dev row's 2Quad row sums or LayerNorm variances passed the top of "
+                "the range calibrated on training rows (STS-B's dev rows reach 2.9x the maximum over 1,000 "
+                "training rows; `secformer_compiler/calibrate.py`). ")
+    if len(old) < len(bad):
+        out += ("With the 2.5x margin, the rows that remain come from the `crypten` preset's fixed-domain "
+                "Newton iterations (its LayerNorm inverse square root is declared on [0.1, 150]), not from "
+                "Goldschmidt. ")
+    return out
 
 
 def _not_run_note(where: dict) -> str:
