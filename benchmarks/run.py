@@ -483,9 +483,12 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
          f"Python {mach['python']}, torch {mach['torch']}. One torch thread per party process; P0, P1 and the "
          "dealer (ours) or the two CrypTen parties are processes on this machine talking over loopback (gloo). "
          "**The 2 cores are shared** with other jobs: the 2026-11-25 runs had a 1-minute load average of 3 to "
-         "10, the 2026-11-26 runs 4 to 7 (a GLUE 2PC accuracy job and other developers' tests ran beside "
-         "them). Wall times are inflated and noisy and only roughly comparable between runs; bytes and rounds "
-         "are deterministic (ours: asserted equal to the static cost model in every run).", "",
+         "10, the 2026-11-26 runs up to 13:00 UTC 4 to 7 (a GLUE 2PC accuracy job and other developers' tests "
+         "ran beside them); the 13:33-14:02 UTC runs had the machine to themselves (load 1.7 to 2.6: their own "
+         "2 or 3 processes). Load slows CrypTen more than ours (its 13:39 BERT-base run: 99.1 s, against "
+         "257.0 s at load 3.9 at 10:37), so only same-load pairs give a time ratio, and the quiet pair is the "
+         "one to quote. Bytes and rounds are deterministic (ours: asserted equal to the static cost model in "
+         "every run).", "",
          "## Reproduce", "",
          "```bash",
          "bash benchmarks/crypten/setup.sh                      # CrypTen 0.4.1 in its own venv (once)",
