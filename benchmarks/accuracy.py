@@ -448,6 +448,8 @@ def write_report(records: list[dict], path: Path, ck: Path) -> None:
             t = f"{r['seconds']:.0f} s" if r.get("seconds") is not None else ""
             if r.get("calibration"):
                 t += f", calibration: {r['calibration']}"
+                if r["calibration"] != "defaults":  # the top margin Goldschmidt was sized for
+                    t += f" x{r.get('range_margin') or 1.25:g}"
             extra = ""
             if r["mode"] == "2pc" and r.get("value") is not None:
                 extra = (f"; 2PC {r.get('run_seconds')} s for {r['n_examples']} rows in batches of "
@@ -606,7 +608,9 @@ NOTES = [
     "  contribute exactly zero, so padding does not change predictions. Each program's Goldschmidt",
     "  pre-scales and iteration counts are calibrated on four batches of train.tsv rows, measured on the",
     "  approximated program (`calibration: approx`; rows marked `exact` used compile()'s calibration on",
-    "  two batches).",
+    "  two batches). The factor after it is the top margin: Goldschmidt is sized to converge up to that",
+    "  many times the largest calibrated value (x2.5 since 2026-11-26, `calibrate.HI_MARGIN`; rows marked",
+    "  x1.25 ran before, and some of their dev rows diverged, see the summary).",
     "- Distillation (MPCFormer-style) trains the compiled program's training view",
     "  (`secformer_compiler.training`): stage 1 fits every layer's attention probabilities and hidden states",
     "  to the teacher's (masked MSE), stage 2 the logits (soft cross-entropy). Presets not listed as",
