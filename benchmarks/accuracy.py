@@ -501,6 +501,12 @@ def _v(r: dict | None) -> str:
     return "n/a" if r is None else f"{r['value']:.2f}"
 
 
+def _student_meta(records: list[dict], task: str) -> dict:
+    """The `secformer` student checkpoint's own record (secformer.json), found through its row."""
+    path = ((_rec(records, task, "secformer", "float_approx") or {}).get("checkpoint") or {}).get("path")
+    return checkpoint_meta(HERE.parent / path) if path else {}
+
+
 def findings(records: list[dict]) -> list[str]:
     """The findings, with their numbers read from the records (so they follow a rerun)."""
     out = ["## Findings", ""]
@@ -549,8 +555,11 @@ def findings(records: list[dict]) -> list[str]:
         m_sim = _rec(records, task, "mpcformer", "simulate")
         out.append(f"- **{task} under real 2PC**: the `secformer` student's {tp['metric']} is {_v(tp)} on the first "
                    f"{tp['n_examples']} dev rows (teacher {tr if tr is None else f'{tr:.2f}'} on the same rows; "
-                   f"simulator {sim}); {tp.get('disagreements')} predictions differ from the simulator's (max |logit "
-                   f"difference| {tp.get('max_abs_logit_diff_vs_simulate', float('nan')):.1e})"
+                   f"simulator {sim}); "
+                   + (f"{tp.get('disagreements')} predictions differ from the simulator's (max |logit difference| "
+                      if tp.get("disagreements") is not None else "a regression score, so no class to disagree on "
+                      "(max |score difference| ")
+                   + f"{tp.get('max_abs_logit_diff_vs_simulate', float('nan')):.1e})"
                    + (f"; the `mpcformer` student in the simulator on the same rows: {_v(m_sim)}"
                       if m_sim and m_sim["n_examples"] == tp["n_examples"] else "") + ".")
     tasks = sorted({r["task"] for r in records if r["mode"] == "float_approx"})
@@ -566,8 +575,9 @@ def findings(records: list[dict]) -> list[str]:
                    f"sets): teacher {avg[0]:.2f}, `secformer` {avg[1]:.2f}, `mpcformer` {avg[2]:.2f}; "
                    + ("`secformer` ahead of `mpcformer` on every task." if all(r[2] > r[3] for r in rows)
                       else "the ordering differs on some task."))
-        where = {task: ("an NVIDIA H200" if (_rec(records, task, "secformer", "float_approx") or {}).get("device")
-                        else "this 2-core CPU") for task, *_ in rows}
+        # where the student was trained: its checkpoint's own record (not where a row was evaluated)
+        where = {task: ("an NVIDIA H200" if str(_student_meta(records, task).get("device") or "cpu")
+                        .startswith("cuda") else "this 2-core CPU") for task, *_ in rows}
         gaps = ", ".join(f"{task} {a - tf:+.2f}" for task, tf, a, _ in rows)
         out.append("  `secformer` students against their teachers (float64): " + gaps + ". Trained on: "
                    + ", ".join(f"{t} on {w}" for t, w in where.items()) + " (the GPU run's MRPC and RTE checkpoints could "
@@ -629,11 +639,13 @@ NOTES = [
     "  (`secformer_compiler.training`): stage 1 fits every layer's attention probabilities and hidden states",
     "  to the teacher's (masked MSE), stage 2 the logits (soft cross-entropy). Presets not listed as",
     "  distilled are evaluated on the teacher's weights as they are.",
-    "- Machines: training and the float / float_approx rows ran on an NVIDIA H200 (`benchmarks/train_gpu.py`,",
+    "- Machines: SST-2's teacher and students were trained on an NVIDIA H200 (`benchmarks/train_gpu.py`,",
     "  one 423 s run; word embeddings frozen so that each checkpoint came back as 21 MB of float16",
     "  weights, `train_gpu.py unpack` rebuilds it; the SST-2 float row was re-measured here from the",
-    "  unpacked weights: 89.22, as on the GPU). The simulate and 2pc rows ran on this shared 2-core CPU",
-    "  with `torch.set_num_threads(1)` while other jobs ran, so their timings are upper bounds.",
+    "  unpacked weights: 89.22, as on the GPU). Every other task was trained on this 2-core CPU, and every",
+    "  float_approx row was re-run here on 2026-11-26 (x2.5 margin; SST-2's values equal the GPU's). The",
+    "  simulate and 2pc rows ran on this shared 2-core CPU with `torch.set_num_threads(1)` while other jobs",
+    "  ran, so their timings are upper bounds.",
 ]
 
 
