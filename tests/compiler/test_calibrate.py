@@ -20,6 +20,9 @@ def test_margins_widen_the_high_side_more():
     assert calibrate.with_margins({"a": 1.0}, {"a": 10.0}, hi_margin=4) == {"a": (0.8, 40.0)}
     with pytest.raises(ValueError, match="range_margin must be >= 1"):
         calibrate.with_margins({"a": 1.0}, {"a": 10.0}, hi_margin=0.5)
+    cal = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match="range_margin must be >= 1"):  # even with no calibration to apply it to
+        sc.compile(_Softmax(), (cal,), calibration=[], range_margin=0.9)
 
 
 class _Softmax(torch.nn.Module):
