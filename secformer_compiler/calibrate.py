@@ -34,12 +34,18 @@ MARGIN = 1.25  # below the smallest measured value
 HI_MARGIN = 2.5  # above the largest (see the module docstring for why it is wider)
 
 
+def resolve_margin(hi_margin: float | None, name: str = "range_margin") -> float:
+    """The top margin to use (None: `HI_MARGIN`); ValueError, naming `name`, if below 1."""
+    m = HI_MARGIN if hi_margin is None else float(hi_margin)
+    if not m >= 1:
+        raise ValueError(f"{name} must be >= 1 (a factor on the largest calibrated value), got {hi_margin}")
+    return m
+
+
 def with_margins(lo: dict[str, float], hi: dict[str, float], hi_margin: float | None = None
                  ) -> dict[str, tuple[float, float]]:
     """{node: (lo / MARGIN, hi * hi_margin)}, the ranges Goldschmidt is chosen for."""
-    m = HI_MARGIN if hi_margin is None else float(hi_margin)
-    if not m >= 1:
-        raise ValueError(f"range_margin must be >= 1 (a factor on the largest measured value), got {hi_margin}")
+    m = resolve_margin(hi_margin)
     return {k: (max(lo[k] / MARGIN, 1e-6), hi[k] * m) for k in lo}
 
 

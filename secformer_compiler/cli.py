@@ -201,8 +201,11 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
     _check_preset(preset)
     if seq_len < 2 or batch < 1:
         raise UserError("--seq-len must be >= 2 and --batch >= 1")
-    if range_margin is not None and not range_margin >= 1:
-        raise UserError(f"--range-margin must be >= 1 (a factor on the largest calibrated value), got {range_margin}")
+    from .calibrate import resolve_margin
+    try:
+        margin = resolve_margin(range_margin, "--range-margin")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if Path(out).exists() and not force:
         raise UserError(f"{out} already exists (pass --force to replace it)")
     t0 = time.perf_counter()
@@ -217,10 +220,9 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
     log(f"compiling ({task}, preset {preset}, batch {batch} x seq {seq_len}; calibrating on {len(texts)} "
         f"text(s) from {calibrate or 'built-in sentences'})")
     cm = sf_compile(model, chunks[0], preset=preset, calibration=chunks, frac_bits=frac_bits, trunc=trunc,
-                    range_margin=range_margin)
-    from .calibrate import HI_MARGIN
+                    range_margin=margin)
     calib = {"source": str(calibrate) if calibrate else "built-in sentences", "texts": len(texts),
-             "range_margin": HI_MARGIN if range_margin is None else range_margin}
+             "range_margin": margin}
     save_artifact(cm, out, tokenizer=tok, task=task, seq_len=seq_len, batch=batch, labels=labels,
                   source=source, calibration=calib, force=force)
     n_params = sum(v.numel() for v in cm.graph.weights.values())

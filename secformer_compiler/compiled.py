@@ -168,8 +168,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             (2 rounds) per doubling.
         per_op / overrides: per-op methods, e.g. softmax="puma".
     """
-    if range_margin is not None and not range_margin >= 1:  # refused before any tracing work
-        raise ValueError(f"range_margin must be >= 1 (a factor on the largest calibrated value), got {range_margin}")
+    from .calibrate import resolve_margin
+    resolve_margin(range_margin)  # a bad value is refused before any tracing work
     graph = build_ir(model, example_inputs, preset=preset, overrides=overrides, **per_op)
     if calibration is None:
         # The documented wide defaults cannot hold LayerNorm's variance range at 16 fractional
