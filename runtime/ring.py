@@ -8,9 +8,15 @@ additions and elementwise products of shares are native. Two things are not:
   because it truncates toward zero on the reconstructed value's shares.
 * torch's int64 matmul has no BLAS path and is 15-80x slower than float64 on this
   machine (measured: (128x768)@(768x3072) 3.3 s int64 vs 0.044 s float64). `ring_matmul`
-  splits both operands into three signed 22-bit limbs and runs the six limb products
-  whose weight is below 2^64 in float64, where every partial sum is an exact integer
-  (|limb| <= 2^21, so |product| <= 2^42, and K is chunked to <= 2^11: |sum| <= 2^53).
+  splits both operands into three signed 22-bit limbs (a = a0 + a1 2^22 + a2 2^44) and
+  needs only the limb products whose weight is below 2^64: c0 = a0 b0, c1 = a0 b1 + a1 b0,
+  c2 = a0 b2 + a1 b1 + a2 b0. It computes them with five float64 GEMMs instead of six
+  (Karatsuba on the two low limbs: c1 = (a0 + a1)(b0 + b1) - a0 b0 - a1 b1, and a1 b1 is
+  needed for c2 anyway): the GEMMs are 35-40% of a party's online CPU in BERT, and this
+  removes a sixth of them. Every partial sum is an exact integer in float64: |limb| <= 2^21
+  (top limb <= 2^20), so plain limb products are <= 2^42 and K is chunked to <= 2^11
+  (|sum| <= 2^53); the Karatsuba factors are <= 2^22, so their product's K is chunked to
+  <= 2^9 (again 2^44 * 2^9 = 2^53).
   A right operand used again and again (a party's share of a fixed weight) can be split
   once (`SplitOperand`): splitting a (768 x 3072) share costs about a quarter of one
   (128 x 768) @ (768 x 3072) product here, paid on every call otherwise.
@@ -25,7 +31,8 @@ import torch
 
 RING_BITS = 64
 _LIMB_BITS = 22
-_MAX_K_CHUNK = 2048  # 2^42 * 2^11 = 2^53: float64 sums stay exact
+_MAX_K_CHUNK = 2048  # 2^42 * 2^11 = 2^53: float64 sums of limb products stay exact
+_MID_K_CHUNK = 512  # 2^44 * 2^9 = 2^53: the same for the Karatsuba product (a0 + a1)(b0 + b1)
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,8 @@ def low_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
-    """Split int64 x into three signed limbs (float64) with x = l0 + l1*2^22 + l2*2^44 mod 2^64."""
+    """Split int64 x into three signed limbs (float64) with x = l0 + l1*2^22 + l2*2^44 mod 2^64,
+    followed by l0 + l1 (the Karatsuba factor, exact: |l0 + l1| <= 2^22)."""
     half = 1 << (_LIMB_BITS - 1)
     mask = (1 << _LIMB_BITS) - 1
     out = []
@@ -80,14 +88,16 @@ def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
         out.append(limb.to(torch.float64))
         rest = (rest - limb) >> _LIMB_BITS  # exact: rest - limb is divisible by 2^22
     out.append(rest.to(torch.float64))  # top limb: |rest| < 2^20 after two arithmetic shifts
+    out.append(out[0] + out[1])
     return out
 
 
 class SplitOperand:
     """A right operand of `ring_matmul` split once into float64 limbs, per chunk of K.
 
-    Holds 3 float64 limbs per element (24 bytes, against the int64's 8): memory traded for
-    the split that every product would otherwise redo. `value` is the int64 tensor itself.
+    Holds 4 float64 values per element (three limbs and the sum of the two low ones: 32
+    bytes, against the int64's 8): memory traded for the split that every product would
+    otherwise redo. `value` is the int64 tensor itself.
     """
 
     __slots__ = ("value", "chunks")
@@ -125,9 +135,18 @@ def ring_matmul(a: torch.Tensor, b: "torch.Tensor | SplitOperand") -> torch.Tens
 
 
 def _combine(la: list[torch.Tensor], lb: list[torch.Tensor], op: Callable) -> torch.Tensor:
-    acc = None
-    for i in range(3):
-        for j in range(3 - i):  # weight 2^(22(i+j)) with i+j >= 3 vanishes mod 2^64
-            term = op(la[i], lb[j]).to(torch.int64) << (_LIMB_BITS * (i + j))
-            acc = term if acc is None else acc + term
-    return acc
+    """(a @ b) mod 2^64 of one K chunk (<= 2^11) from its limbs (`_limbs`), in five products."""
+    a0, a1, a2, a01 = la
+    b0, b1, b2, b01 = lb
+    i64 = torch.int64
+    p00 = op(a0, b0).to(i64)
+    p11 = op(a1, b1).to(i64)
+    # a0 b2 + a2 b0: each |sum| <= 2^21 * 2^20 * 2^11 = 2^52, so their float sum is exact too
+    c2 = p11 + (op(a0, b2) + op(a2, b0)).to(i64)
+    k = a01.shape[-1]
+    mid = None
+    for s in range(0, k, _MID_K_CHUNK):
+        part = op(a01[..., s:s + _MID_K_CHUNK], b01[..., s:s + _MID_K_CHUNK, :]).to(i64)
+        mid = part if mid is None else mid + part
+    c1 = mid - p00 - p11
+    return p00 + (c1 << _LIMB_BITS) + (c2 << (2 * _LIMB_BITS))

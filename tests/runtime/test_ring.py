@@ -60,6 +60,23 @@ def test_ring_matmul_edge_values():
     assert torch.equal(ring_matmul(a, a.t()), torch.matmul(a, a.t()))
 
 
+def test_ring_matmul_exact_at_the_limb_extremes():
+    """Limbs at the bottom of their range make the Karatsuba factors (a0 + a1)(b0 + b1) as
+    large as they get (2^22 each): a full K chunk (2048) of them is exact only because their
+    product is summed over at most 512 terms at a time (1024 would pass 2^53 and round)."""
+    g = torch.Generator().manual_seed(0)
+
+    def extreme(shape):
+        low = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
+        mid = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
+        top = torch.randint(-(2 ** 19), 2 ** 19, shape, generator=g)
+        return low + (mid << 22) + (top << 44)
+
+    a, b = extreme((6, 2048)), extreme((2048, 5))
+    assert torch.equal(ring_matmul(a, b), torch.matmul(a, b))
+    assert torch.equal(ring_matmul(a, SplitOperand(b)), torch.matmul(a, b))
+
+
 @pytest.mark.parametrize("bits", [1, 3, 8, 12, 16, 21, 32, 40, 64])
 def test_pack_round_trip(bits):
     t = PRG().ring((3, 37), bits)
