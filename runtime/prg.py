@@ -59,13 +59,26 @@ class PRG:
         return buf
 
     def ring(self, shape: tuple[int, ...] | torch.Size, bits: int = 64) -> torch.Tensor:
-        """Uniform int64 tensor; for bits < 64, uniform in [0, 2^bits) (low bits of a full draw)."""
+        """Uniform int64 tensor; for bits < 64, uniform in [0, 2^bits).
+
+        A value of `bits` bits is the low bits of the fewest whole keystream bytes that hold
+        it (1, 2, 4 or 8 per element): the carry tree's narrow words, bit shares and 33-bit
+        comparison masks are most of what a party draws, and at 8 bytes each most of the
+        AES output was thrown away. Both ends of a shared seed draw the same way."""
         n = 1
         for s in shape:
             n *= int(s)
         if n == 0:
             return torch.zeros(shape, dtype=torch.int64)
-        t = torch.frombuffer(self.bytes(8 * n), dtype=torch.int64).reshape(shape)
-        if bits < 64:
+        width = _WIDTH[min(bits, 64)]
+        t = torch.frombuffer(self.bytes(width * n), dtype=_DTYPE[width]).reshape(shape)
+        if width < 8:
+            t = t.to(torch.int64)  # unsigned widths: already in [0, 2^(8 width))
+        if bits < 8 * width:
             t = t & ((1 << bits) - 1)
         return t
+
+
+# keystream bytes per element for a draw of b bits, and the dtype that reads them
+_WIDTH = {b: 1 if b <= 8 else 2 if b <= 16 else 4 if b <= 32 else 8 for b in range(1, 65)}
+_DTYPE = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.int64}

@@ -5,10 +5,11 @@ exact (default): one round, 1 bit each way, error at most 1 ulp, never catastrop
 unsigned, u0 + u1 = x' + w*2^64 with the wrap bit w = msb(u0) OR msb(u1) (if both msbs
 are 0 the sum is below 2^64; if one is set and the sum did not wrap, x' >= 2^63 - a
 contradiction). So floor(x'/2^k) = (u0 >> k) + (u1 >> k) - w*2^(64-k) + c, where c in {0, 1}
-is the carry of the two low parts, which we drop (result at most 1 ulp low); and w = a + b - ab for bits a, b that P0 and P1 hold privately. The product
-ab comes from a dealer-assisted product of private bits: P0 sends a XOR u, P1 sends
-b XOR v (u, v uniform private bits from the dealer) and the dealer supplies shares of uv
-mod 2^k. Only bits masked by fresh uniform bits are ever sent.
+is the carry of the two low parts, which we drop (result at most 1 ulp low); and w = a + b - ab
+for bits a, b that P0 and P1 hold privately. The product ab comes from a dealer-assisted
+product of private bits: P0 sends a XOR u, P1 sends b XOR v (u, v uniform private bits from
+the dealer) and the dealer supplies shares of uv mod 2^k. Only bits masked by fresh uniform
+bits are ever sent.
 
 local (SecureML): no communication; wrong by about 2^(64-k) with probability about
 |x|/2^63 per element (measured in benchmarks/truncation.py).
@@ -51,20 +52,19 @@ def trunc_exact(ctx: Context, x: torch.Tensor, k: int) -> Protocol:
     u, v, uv = ctx.corr.correlated(
         [(x.shape, Dom("xor", 1, owner=0)), (x.shape, Dom("xor", 1, owner=1))],
         lambda u, v: [u * v], [mod_dom(k)])
-    mine = u if ctx.party == P0 else v
-    (theirs,) = yield from swap(msb ^ mine, bits=1)
-    if ctx.party == P0:
-        alpha, beta = msb ^ mine, theirs
-    else:
-        alpha, beta = theirs, msb ^ mine
-    s_a, s_b = 1 - 2 * alpha, 1 - 2 * beta
-    # shares of ab = alpha*beta + alpha*s_b*v + beta*s_a*u + s_a*s_b*uv (mod 2^k is enough)
-    if ctx.party == P0:
-        ab = alpha * beta + beta * s_a * u + s_a * s_b * uv
-    else:
-        ab = alpha * s_b * v + s_a * s_b * uv
-    wrap_share = (msb - ab) << (64 - k)
-    return ctx.add_public(low - wrap_share, -(_OFFSET >> k))
+    mine = msb ^ (u if ctx.party == P0 else v)  # alpha = a ^ u at P0, beta = b ^ v at P1
+    (theirs,) = yield from swap(mine, bits=1)
+    # The wrap bit is w = a OR b = a + b - ab for P0's msb a and P1's msb b. With a = alpha ^ u,
+    # (1 - 2 alpha) u = a - alpha (and likewise for b), so
+    #   ab = alpha b + beta a - alpha beta + (1 - 2 (alpha ^ beta)) uv,
+    # and the shares of w (mod 2^k is enough) are a (1 - beta) - sign uv_0 at P0 and
+    # b (1 - alpha) + alpha beta - sign uv_1 at P1, sign = 1 - 2 (alpha ^ beta): a few
+    # bit operations instead of the general product formula's nine multiplies and adds.
+    signed_uv = torch.where((mine ^ theirs).bool(), -uv, uv)
+    wrap_share = (msb & (theirs ^ 1)) - signed_uv
+    if ctx.party != P0:
+        wrap_share = wrap_share + (mine & theirs)
+    return ctx.add_public(low - (wrap_share << (64 - k)), -(_OFFSET >> k))
 
 
 def trunc_cost(shape, mode: str = "exact") -> Cost:

@@ -117,3 +117,26 @@ def test_prg_draws_are_the_aes_ctr_keystream(sizes):
     enc = Cipher(algorithms.AES(s), modes.CTR((3).to_bytes(8, "big") + bytes(8))).encryptor()
     assert got == enc.update(bytes(sum(sizes)))
     assert g.bytes_drawn == sum(sizes)
+
+
+@pytest.mark.parametrize("bits,width", [(1, 1), (3, 1), (8, 1), (12, 2), (16, 2), (21, 4), (32, 4),
+                                        (33, 8), (63, 8), (64, 8)])
+def test_prg_narrow_draws_take_the_fewest_keystream_bytes(bits, width):
+    """A b-bit draw is the low b bits of 1, 2, 4 or 8 keystream bytes per element: in range,
+    the same values as the keystream read at that width, and uniform."""
+    s = b"fedcba9876543210"
+    n = 1 << 14
+    g = PRG(s)
+    t = g.ring((n,), bits)
+    assert g.bytes_drawn == width * n
+    assert t.dtype == torch.int64
+    if bits < 64:
+        assert int(t.min()) >= 0 and int(t.max()) < 1 << bits
+    dt = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.int64}[width]
+    raw = torch.frombuffer(PRG(s).bytes(width * n), dtype=dt).to(torch.int64)
+    assert torch.equal(t, raw & ((1 << bits) - 1) if bits < 64 else raw)
+    # uniform: each of the 8 top buckets of the range holds 1/8 of the draws (+-6 sigma)
+    top = (t >> max(bits - 3, 0)) & 7 if bits >= 3 else t
+    counts = torch.bincount(top, minlength=1 << min(bits, 3)).double()
+    p = 1 / counts.numel()
+    assert (counts / n - p).abs().max() < 6 * (p * (1 - p) / n) ** 0.5
