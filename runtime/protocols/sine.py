@@ -57,31 +57,14 @@ def _mod_bits(period: int, f: int) -> int:
     return bits
 
 
-def _harmonics(theta: torch.Tensor, k_max: int):
-    """(sin k theta, cos k theta) for k = 1..k_max, from one sin and one cos.
-
-    The angle-addition recurrence (a complex multiply per k) replaces 2 k_max transcendental
-    calls by 2 and 4 (k_max - 1) float64 multiplies; its error is a few k ulps of 1 (about
-    1e-15 for k <= 16), far below the 2^-16 the results are rounded to. It runs only on
-    values every role computes identically (public d, or the dealer's own masks)."""
-    s1, c1 = torch.sin(theta), torch.cos(theta)
-    s, c = s1, c1
-    for k in range(1, k_max + 1):
-        if k > 1:
-            s, c = s * c1 + c * s1, c * c1 - s * s1
-        yield s, c
-
-
 def trig_of_mask(t: torch.Tensor, k_max: int, mod_bits: int, f: int) -> list[torch.Tensor]:
     """[sin(2 pi k t/M) for k=1..K] + [cos(...)], t read mod M = 2^mod_bits, encoded with f bits.
 
     Runs in the dealer (on real masks and, for shapes, on meta tensors) and in the simulator.
     """
     tm = (t & ((1 << mod_bits) - 1)).to(torch.float64) * (2 * math.pi / (1 << mod_bits))
-    sins, coss = [], []
-    for s, c in _harmonics(tm, k_max):
-        sins.append(torch.round(s * (1 << f)).to(torch.int64))
-        coss.append(torch.round(c * (1 << f)).to(torch.int64))
+    sins = [torch.round(torch.sin(k * tm) * (1 << f)).to(torch.int64) for k in range(1, k_max + 1)]
+    coss = [torch.round(torch.cos(k * tm) * (1 << f)).to(torch.int64) for k in range(1, k_max + 1)]
     return sins + coss
 
 
@@ -90,9 +73,9 @@ def _public_factors(d: torch.Tensor, coeffs: Sequence[float], mod_bits: int, fra
     dm = (d & ((1 << mod_bits) - 1)).to(torch.float64) * (2 * math.pi / (1 << mod_bits))
     scale = float(1 << frac)
     us, vs = [], []
-    for beta, (s, c) in zip(coeffs, _harmonics(dm, len(coeffs))):
-        us.append(torch.round(s * (beta * scale)).to(torch.int64))
-        vs.append(torch.round(c * (beta * scale)).to(torch.int64))
+    for k, beta in enumerate(coeffs, 1):
+        us.append(torch.round(beta * scale * torch.sin(k * dm)).to(torch.int64))
+        vs.append(torch.round(beta * scale * torch.cos(k * dm)).to(torch.int64))
     return us, vs
 
 
