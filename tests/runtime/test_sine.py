@@ -130,12 +130,3 @@ def test_period_must_be_power_of_two(period):
     with pytest.raises(ValueError, match="power of two"):
         run_clear(program, torch.zeros(3, dtype=torch.int64))
 
-
-def test_harmonics_recurrence_matches_sin_and_cos():
-    """sin/cos of k theta by angle addition stay within 1e-13 of torch's up to k = 16: far
-    below the 2^-16 (1.5e-5) the public factors and the dealer's shares are rounded to."""
-    from secformer_compiler.runtime.protocols.sine import _harmonics
-    th = torch.rand(200_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 * math.pi
-    for k, (s, c) in enumerate(_harmonics(th, 16), 1):
-        assert (s - torch.sin(k * th)).abs().max() < 1e-13
-        assert (c - torch.cos(k * th)).abs().max() < 1e-13
