@@ -40,6 +40,7 @@ from .context import DEALER, P0, P1, ROLE_NAMES
 from .dist import init_dist
 from .engine import Role, meta_like
 from .local import RunStats
+from .memory import release_free_memory
 from .messages import Protocol
 from .ring import FixedPoint
 from .transport import PeerError
@@ -104,6 +105,7 @@ def _run_one(role: Role, payload: bytes, offline: str = "stream") -> tuple[Any, 
         if d["bytes_sent"] or d["rounds"]:
             by_tag[k] = d
     stats["by_tag"] = by_tag
+    release_free_memory()  # this program's temporaries are dead (runtime/memory.py)
     return out, stats
 
 

@@ -19,6 +19,7 @@ from .ir import Graph
 from .mpc_interp import infer_program, load_program, plan_fixed
 from .runtime.context import clear_context
 from .runtime.engine import run_clear
+from .runtime.memory import release_free_memory
 from .runtime.prg import PRG
 from .runtime.ring import FixedPoint
 
@@ -107,6 +108,8 @@ class CompiledModel:
         run_clear(_load, self.graph, self._ring_weights, ctx=ctx)
         outs, counter = run_clear(_infer, self.graph, client_encode(self.graph, self.fxp, inputs), ctx=ctx)
         self.last_simulation_counter = counter
+        del ctx
+        release_free_memory()  # the simulator's limb products and weight copies are dead
         return tuple(self.fxp.decode(o).float() for o in outs)
 
     def float(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
@@ -185,6 +188,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
         ranges = measure_ranges(graph, calibration, hi_margin=range_margin)
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
                          calibration=ranges, **per_op)
+    release_free_memory()  # calibration's float64 runs are done (runtime/memory.py)
     return CompiledModel(graph, FixedPoint(frac_bits), trunc, preset)
 
 

@@ -45,6 +45,8 @@ from typing import Any, Callable
 
 import torch
 
+from .runtime.memory import release_free_memory
+
 ROLES = ("p0", "p1", "dealer")
 RANK = {"p0": 0, "p1": 1, "dealer": 2}
 NAME = {"p0": "P0", "p1": "P1", "dealer": "dealer"}
@@ -416,6 +418,7 @@ class _Server:
         if self.rank != 2 and prepared:  # its own offline phase, done before the request
             stats["prepare_s"] = self.prepare_s
         self.last_out = out
+        release_free_memory()  # the request's temporaries are dead (runtime/memory.py)
         return stats
 
     # -- serving --
