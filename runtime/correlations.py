@@ -228,7 +228,9 @@ class PartyCorrelations(Correlations):
 class DealerCorrelations(Correlations):
     """The dealer: mirrors both parties' seeds, computes derived values, emits P1's corrections."""
 
-    default_chunk_bytes = 256 << 20
+    # 64 MiB: the dealer concatenates a chunk before sending it and P1 holds the one it reads
+    # (and any still referenced); 256 MiB chunks cost both up to ~0.5 GB more at seq 512.
+    default_chunk_bytes = 64 << 20
 
     def __init__(self, prg0: PRG, prg1: PRG, flush: Callable[[torch.Tensor], None] | None = None,
                  chunk_bytes: int | None = None) -> None:
@@ -311,10 +313,11 @@ class DealerCorrelations(Correlations):
             self._log.append(("fixed", shape, key, op))
         a = self.linear0.ring(shape) + self.linear1.ring(shape)
         b = self._fixed_values[key][0]
-        if op is ring_matmul and b.device.type != "meta":
-            if key not in self._fixed_split:
-                self._fixed_split[key] = SplitOperand(b)
-            b = self._fixed_split[key]
+        if key in self._fixed_split:  # B is kept as limbs only (ring.SplitOperand)
+            b = self._fixed_split[key] if op is ring_matmul else self._fixed_split[key].value
+        elif op is ring_matmul and b.device.type != "meta":
+            b = self._fixed_split[key] = SplitOperand(b)
+            self._fixed_values[key][0] = None  # the limbs hold B: do not keep it twice
         value = op(a, b)  # C = A op B; the dealer never sees F
         self._emit(value, tuple(value.shape), RING)
         return [_meta(shape), _meta(value.shape), _meta(value.shape)]

@@ -96,23 +96,27 @@ class SplitOperand:
     """A right operand of `ring_matmul` split once into float64 limbs, per chunk of K.
 
     Holds 4 float64 values per element (three limbs and the sum of the two low ones: 32
-    bytes, against the int64's 8): memory traded for the split that every product would
-    otherwise redo. `value` is the int64 tensor itself.
+    bytes) and not the int64 tensor itself: a party keeps one of these per weight matrix
+    for the whole session, so the 8 bytes would be 20% more of its largest memory. `value`
+    rebuilds the int64 tensor exactly from the limbs when some other use needs it.
     """
 
-    __slots__ = ("value", "chunks")
+    __slots__ = ("shape", "chunks")
 
     def __init__(self, value: torch.Tensor) -> None:
         if value.dim() < 2:
             raise ValueError(f"a matmul right operand needs 2 or more dims, got shape {tuple(value.shape)}")
-        self.value = value
+        self.shape = value.shape
         k = value.shape[-2]
         self.chunks = tuple(tuple(_limbs(value[..., s:s + _MAX_K_CHUNK, :]))
                             for s in range(0, k, _MAX_K_CHUNK))
 
     @property
-    def shape(self) -> torch.Size:
-        return self.value.shape
+    def value(self) -> torch.Tensor:
+        """The int64 operand, l0 + l1 2^22 + l2 2^44 mod 2^64 (exact: the limbs are integers)."""
+        parts = [(l0.to(torch.int64) + (l1.to(torch.int64) << _LIMB_BITS) + (l2.to(torch.int64) << (2 * _LIMB_BITS)))
+                 for l0, l1, l2, _ in self.chunks]
+        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
 
 def ring_matmul(a: torch.Tensor, b: "torch.Tensor | SplitOperand") -> torch.Tensor:
@@ -121,8 +125,9 @@ def ring_matmul(a: torch.Tensor, b: "torch.Tensor | SplitOperand") -> torch.Tens
     b may be a `SplitOperand` (its limbs computed once, ahead of the call)."""
     split = b if isinstance(b, SplitOperand) else None
     if split is not None:
-        b = split.value
-    if a.device.type == "meta" or b.device.type == "meta":
+        if a.device.type == "meta":
+            return torch.matmul(a, torch.empty(split.shape, dtype=torch.int64, device="meta"))
+    elif a.device.type == "meta" or b.device.type == "meta":
         return torch.matmul(a, b)
     k = a.shape[-1]
     acc = None

@@ -132,17 +132,25 @@ class FixedOperand:
 
     key: str
     masked: torch.Tensor  # F = W - B (public)
-    share: torch.Tensor  # this party's share of W re-based on the mask: B_i, plus F at P0
-    split: SplitOperand | None = None  # `share` in float64 limbs, once it is a matmul operand
+    # this party's share of W re-based on the mask: B_i, plus F at P0. None once `split`
+    # holds it (a matmul operand keeps only its limbs: `share_value` rebuilds it)
+    share: torch.Tensor | None
+    split: SplitOperand | None = None  # the share in float64 limbs, once it is a matmul operand
 
     def split_share(self) -> SplitOperand | torch.Tensor:
         """The share as a matmul right operand: split into limbs on first use, then reused
-        by every later inference (ring.SplitOperand; meta shares are not split)."""
-        if self.share.device.type == "meta":
-            return self.share
+        by every later inference (ring.SplitOperand; meta shares are not split). The int64
+        share is dropped then: for a BERT-base party that is 0.68 GB of 4."""
         if self.split is None:
+            if self.share.device.type == "meta":
+                return self.share
             self.split = SplitOperand(self.share)
+            self.share = None
         return self.split
+
+    def share_value(self) -> torch.Tensor:
+        """The int64 share (rebuilt from the limbs if only those are kept)."""
+        return self.share if self.share is not None else self.split.value
 
 
 def fix_operand(ctx: Context, w: torch.Tensor, key: str) -> Protocol:
@@ -164,7 +172,7 @@ def _beaver_fixed(ctx: Context, x: torch.Tensor, w: FixedOperand, op: Op, rhs=No
     a, pre, c = ctx.corr.fixed_product(x.shape, w.key, op)  # pre = A_i op F, made offline
     (e,) = yield from open_add(x - a)  # fresh activation mask every call
     # x op W = E op W + A op F + A op B: one product online, E op W_i.
-    return op(e, w.share if rhs is None else rhs) + pre + c
+    return op(e, w.share_value() if rhs is None else rhs) + pre + c
 
 
 def mul_fixed(ctx: Context, x: torch.Tensor, w: FixedOperand) -> Protocol:

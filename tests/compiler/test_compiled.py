@@ -58,6 +58,25 @@ def test_2pc_equals_simulator_and_cost_model_equals_counts(tiny_bert, preset):
         assert (row["bytes_sent"], row["rounds"]) == (c.bytes, c.rounds), name
 
 
+def test_a_session_keeps_only_the_weight_shares_it_reads(tiny_bert):
+    """Linear weights live on only as their fixed operands (as limbs once split); biases,
+    LayerNorm gains and the embedding tables stay as shares. Two inferences stay right."""
+    model, x, cal = tiny_bert
+    cm = sc.compile(model, x, preset="secformer", calibration=cal)
+    sim = cm.simulate(**x)[0]
+    with cm.session() as sess:
+        for _ in range(2):
+            assert (sess.infer(**x).outputs[0] - sim).abs().max() < 5e-3
+        for role in sess.cluster.roles[:2]:
+            kept = role.ctx.state["weights"]
+            dropped = {k for k, v in kept.items() if v.device.type == "meta"}
+            assert dropped and all(k.endswith("weight") and "LayerNorm" not in k and "embeddings" not in k
+                                   for k in dropped), dropped
+            assert "encoder.layer.0.attention.self.query.weight" in dropped
+            assert kept["encoder.layer.0.attention.self.query.bias"].device.type == "cpu"
+            assert kept["embeddings.word_embeddings.weight"].device.type == "cpu"
+
+
 def test_report_lists_approximations(tiny_bert):
     model, x, cal = tiny_bert
     cm = sc.compile(model, x, calibration=cal)

@@ -193,12 +193,14 @@ def test_prepared_fixed_products_equal_inline_ones(seed):
         if auto:  # the prepared products were all used, in order
             assert all(r.ctx.corr.prepared_left() == 0 for r in c.roles[:2])
         # the matmul operand's share was split into limbs once (in prepare, or at first use)
-        # and kept; the elementwise one was not
+        # and kept as limbs only (they rebuild it exactly); the elementwise one was not split
         for r in c.roles[:2]:
             assert r.ctx.state["fw"].split is not None and r.ctx.state["fg"].split is None
-            assert r.ctx.state["fw"].split.value is r.ctx.state["fw"].share
+            assert r.ctx.state["fw"].share is None and r.ctx.state["fg"].share is not None
+        assert torch.equal(c.roles[0].ctx.state["fw"].share_value() + c.roles[1].ctx.state["fw"].share_value(), w)
         # so did the dealer with its mask B of the matmul weight (C = A @ B every inference)
         assert set(c.roles[2].ctx.corr._fixed_split) == {"w_prep"}
+        assert c.roles[2].ctx.corr._fixed_values["w_prep"][0] is None
     (z, g), rounds, sent = outs[True]
     assert (z - xf @ wf).abs().max() < 1e-3
     assert (g - (xf @ wf) * wf[0]).abs().max() < 1e-2
@@ -229,3 +231,30 @@ def test_prepare_splits_matmul_weight_shares_before_the_request(seed):
     assert p0.ctx.state["fw"].split is None
     p0.prepare(_fixed_program, x, None, False)
     assert p0.ctx.state["fw"].split is not None and p0.ctx.state["fg"].split is None
+
+
+def _square_program(ctx, x, w, load):
+    """One fixed W used both as a matmul operand (kept as limbs) and elementwise."""
+    if load:
+        ws = yield from arith.share(ctx, w, 1, (5, 5))
+        ctx.state["fw"] = yield from arith.fix_operand(ctx, ws, "w_both")
+        return None
+    a = yield from arith.share(ctx, x, 0, (5, 5))
+    z = yield from trunc(ctx, (yield from arith.matmul_fixed(ctx, a, ctx.state["fw"])))
+    g = yield from trunc(ctx, (yield from arith.mul_fixed(ctx, z, ctx.state["fw"])))
+    return [(yield from arith.reveal(ctx, g))]
+
+
+def test_fixed_operand_kept_as_limbs_still_serves_elementwise_products(seed):
+    """After a matmul the parties and the dealer keep W's share and mask only as limbs; an
+    elementwise product with the same W rebuilds them exactly (the result is right)."""
+    xf = torch.randn(5, 5, dtype=torch.float64)
+    wf = torch.randn(5, 5, dtype=torch.float64)
+    x, w = FX.encode(xf), FX.encode(wf)
+    c = LocalCluster(FX)
+    c.run(_square_program, (None, None, True), (None, w, True))
+    for _ in range(2):
+        (g,), _, _ = c.run(_square_program, (x, None, False), (None, None, False))
+        assert (FX.decode(g) - (xf @ wf) * wf).abs().max() < 1e-2
+    assert all(r.ctx.state["fw"].share is None for r in c.roles[:2])
+    assert c.roles[2].ctx.corr._fixed_values["w_both"][0] is None

@@ -47,6 +47,7 @@ def test_split_operand_gives_the_same_product(shapes):
     a2 = g.ring(shapes[0])
     assert torch.equal(ring_matmul(a2, split), torch.matmul(a2, b))
     assert split.shape == b.shape
+    assert torch.equal(split.value, b)  # the limbs alone rebuild the operand exactly
 
 
 def test_split_operand_rejects_a_vector():
