@@ -366,10 +366,16 @@ def summary(recs: list[dict], title: str) -> list[str]:
         p0, w = pr["profiled"]["roles"]["P0"], pr["profiled"]["online_wall_s"]
         pc, plain = p0["protocols_cum_s"], pr["plain"]["roles"]
         cpu = {k: v["cpu_s"] for k, v in plain.items()}
-        L.append(f"- **Where the time goes** (cProfile, BERT-base 2 layers seq 128, {pr['started_utc'][:10]}): in P0 the "
-                 f"linear layers take {pc['mpc_interp.py:_linear'] / w:.0%} of the online wall, GeLU "
+        ahead = RES / "profile_base_l2_128_ahead.json"  # the parties' own work, no dealer beside them
+        how = "default mode"
+        if ahead.exists():
+            pa = json.loads(ahead.read_text())
+            p0, w, pc = pa["profiled"]["roles"]["P0"], pa["profiled"]["online_wall_s"], pa["profiled"]["roles"]["P0"]["protocols_cum_s"]
+            how = "`--offline ahead`, so P0's own work"
+        L.append(f"- **Where the time goes** (cProfile, BERT-base 2 layers seq 128, {pr['started_utc'][:10]}): in P0 "
+                 f"({how}) the linear layers take {pc['mpc_interp.py:_linear'] / w:.0%} of the online wall, GeLU "
                  f"{pc['nonlinear.py:gelu_secformer'] / w:.0%}, openings {p0['cumulative_s']['dist.py:exchange'] / w:.0%}; "
-                 f"the dealer uses {cpu['dealer'] / sum(cpu.values()):.0%} of the inference's CPU and P1 waited "
+                 f"in default mode the dealer uses {cpu['dealer'] / sum(cpu.values()):.0%} of the inference's CPU and P1 waited "
                  f"{pr['profiled']['roles']['P1']['cumulative_s'].get('dist.py:recv_blob', 0):.2f} s for it.")
     return L + [""]
 
@@ -484,8 +490,9 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
          "dealer (ours) or the two CrypTen parties are processes on this machine talking over loopback (gloo). "
          "**The 2 cores are shared** with other jobs: the 2026-11-25 runs had a 1-minute load average of 3 to "
          "10, the 2026-11-26 runs up to 13:00 UTC 4 to 7 (a GLUE 2PC accuracy job and other developers' tests "
-         "ran beside them); the 13:33-14:02 UTC runs had the machine to themselves (load 1.7 to 2.6: their own "
-         "2 or 3 processes). Load slows CrypTen more than ours (its 13:39 BERT-base run: 99.1 s, against "
+         "ran beside them); the 13:33-14:02 and 16:39-17:18 UTC series had the machine to themselves (load 1.3 "
+         "to 2.6: their own 2 or 3 processes; the second is the current code, `results/e2e_notes.md`). Load "
+         "slows CrypTen more than ours (its BERT-base run: 99.1 s at 13:39 and 105.6 s at 16:56, against "
          "257.0 s at load 3.9 at 10:37), so only same-load pairs give a time ratio, and the quiet pair is the "
          "one to quote. Bytes and rounds are deterministic (ours: asserted equal to the static cost model in "
          "every run).", "",
@@ -505,10 +512,10 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
             where = "" if c["json"] in c["command"] else f", copied to `{c['json']}`"
             L.append(f"- `{c['command']}` (CrypTen, both configurations{where}; started "
                      f"{c['started_utc'] or '2026-11-25 (earlier run)'}, load {la[0]:.1f} / {la[1]:.1f} before / after)")
-    prof = RES / "profile_base_l2_128.json"
-    if prof.exists() and "quick" not in title.lower():
-        p = json.loads(prof.read_text())
-        L.append(f"- `{p['command']}` (profile; started {p['started_utc']})")
+    for prof in (RES / "profile_base_l2_128.json", RES / "profile_base_l2_128_ahead.json"):
+        if prof.exists() and "quick" not in title.lower():
+            p = json.loads(prof.read_text())
+            L.append(f"- `{p['command']}` (profile; started {p['started_utc']})")
     L.append("")
 
     b = _get(recs, "bert-base", 128)
