@@ -362,17 +362,17 @@ def load_program(ctx: Context, graph: Graph, weight_shares: dict[str, torch.Tens
 
 def _without_fixed_only(graph: Graph, weight_shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weight shares a session must keep: a weight read only through its fixed operand
-    (every user is a linear, matmul or mul that takes it at its planned fixed position: their
-    rules never read the value there) is replaced by a meta tensor of its shape. Its FixedOperand holds this party's
-    share (re-based on the mask), so the original copy is dead: for BERT-base that is 0.68
-    GB per party. Embedding tables and LayerNorm gains stay: a public-ids lookup and some
-    LayerNorm methods read the share itself."""
+    (every user is a linear, matmul or mul taking it at its planned fixed position, where
+    their rules never read the value) is replaced by a meta tensor of its shape. Its
+    FixedOperand holds this party's share (re-based on the mask), so the original copy is
+    dead: for BERT-base that is 0.68 GB per party. Embedding tables and LayerNorm gains
+    stay: a public-ids lookup and some LayerNorm methods read the share itself.
+    Needs `plan_fixed` to have run (load_program does it first)."""
     fixed_only = set()
     read = set()  # weight names some node reads by value
     for n in graph:
-        for pos, i in enumerate(n.inputs):
-            src = n.meta["in_nodes"][pos] if "in_nodes" in n.meta else None
-            if src is None or src.op != "weight":
+        for pos, src in enumerate(n.meta["in_nodes"]):
+            if src.op != "weight":
                 continue
             name = src.attrs["name"]
             if n.op in ("linear", "matmul", "mul") and pos in n.meta.get("fixed", {}):
