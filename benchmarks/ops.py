@@ -297,28 +297,32 @@ def gelu_records(cluster: ProcessCluster, quick: bool, runs: int, gen: torch.Gen
     x = 3.0 * torch.randn(*shape, generator=gen, dtype=torch.float64)
     ref = torch.nn.functional.gelu(x)  # exact (erf) GeLU in float64
     # The width the compiler uses: derived from the spec's declared input bound
-    # (`nonlinear.gelu_bits_from_params`, as the 2PC rule and the cost model do).
-    bits = nonlinear.gelu_bits_from_params(spec.params, FX.frac_bits)
+    # (`nonlinear.gelu_cmp_from_params`, as the 2PC rule and the cost model do).
+    bits, drop = nonlinear.gelu_cmp_from_params(spec.params, FX.frac_bits)
     params = {"coeffs": tuple(spec.coeffs), "period": int(spec.period), "threshold": float(spec.threshold),
-              "bits": bits}
+              "bits": bits, "drop": drop}
     cfg = {"x": "N(0, 3^2)", "approximation": "gelu.secformer", "period": spec.period,
            "threshold": spec.threshold, "terms": len(spec.coeffs), "comparison_bits": bits,
+           "comparison_dropped_low_bits": drop,
            "input_bound": spec.params.get("input_bound"),
            "f": FX.frac_bits, "declared_max_abs_err_of_approximation": spec.declared_max_abs_err}
     note = (f"SecFormer GeLU: x [x > T] + [|x| <= T] x (1 + erf~(x))/2, erf~ = {len(spec.coeffs)}-term "
             f"sine series of period {spec.period} (one opening of x - a, fused with the product by x), "
             f"T = {spec.threshold}; the two comparisons run in parallel with the series and its "
-            f"truncation; {bits}-bit comparisons, the width the compiler derives from the spec's declared "
-            f"input bound |x| <= {spec.params.get('input_bound')} (exact for |x| + T < 2^{bits - 1 - FX.frac_bits}).")
+            f"truncation; {bits}-bit comparisons of the shares' top {bits - drop} bits, the plan the compiler "
+            f"derives from the spec's declared input bound |x| <= {spec.params.get('input_bound')} (right for "
+            f"|x| + T + 2^{drop - FX.frac_bits} <= 2^{bits - 1 - FX.frac_bits}, thresholds moved by at most "
+            f"2^{drop - FX.frac_bits} towards zero).")
     out = [run_record(cluster, op="gelu", record="gelu", inputs_f=[x], owners=[P0], params=params,
-                      declared=nonlinear.gelu_secformer_cost(shape, bits=bits), reference=ref,
+                      declared=nonlinear.gelu_secformer_cost(shape, bits=bits, drop=drop), reference=ref,
                       runs=runs, config=cfg, note=note)]
     # The full-width variant: what an artifact compiled before the declared bound uses.
     note64 = note.split("; " + f"{bits}-bit")[0] + "; full 64-bit comparisons (no bound on x assumed)."
     out.append(run_record(cluster, op="gelu", record="gelu[64-bit comparisons]", inputs_f=[x], owners=[P0],
-                          params={**params, "bits": 64},
+                          params={**params, "bits": 64, "drop": 0},
                           declared=nonlinear.gelu_secformer_cost(shape, bits=64), reference=ref,
-                          runs=runs, config={**cfg, "comparison_bits": 64}, note=note64))
+                          runs=runs, config={**cfg, "comparison_bits": 64, "comparison_dropped_low_bits": 0},
+                          note=note64))
     return out
 
 

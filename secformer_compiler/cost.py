@@ -128,8 +128,10 @@ def _p(node) -> dict:
     return node.attrs.get("params") or {}
 
 
-nonlinear_cost("gelu", "gelu.secformer")(
-    lambda n, ins, mode, f: nl.gelu_secformer_cost(n.shape, nl.gelu_bits_from_params(_p(n), f), mode))
+@nonlinear_cost("gelu", "gelu.secformer")
+def _gelu_secformer_cost(n, ins, mode, f):
+    bits, drop = nl.gelu_cmp_from_params(_p(n), f)  # as the 2PC rule (mpc_nonlinear) runs it
+    return nl.gelu_secformer_cost(n.shape, bits, mode, drop=drop)
 
 
 from .runtime.protocols import activations as act  # noqa: E402

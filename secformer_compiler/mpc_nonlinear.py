@@ -60,8 +60,9 @@ nonlinear("softmax", "softmax.exact", "exact")(_exact(_sm_exact))
 
 @nonlinear("gelu", "gelu.secformer")
 def _gelu_secformer(ctx, node, ins, p) -> Protocol:
+    bits, drop = nl.gelu_cmp_from_params(p, ctx.f)
     return nl.gelu_secformer(ctx, ins[0], p["coeffs"], int(p["period"]), float(p["threshold"]),
-                             bits=nl.gelu_bits_from_params(p, ctx.f))
+                             bits=bits, drop=drop)
 
 
 def _flatten_trailing(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -35,10 +35,18 @@ from .trunc import trunc, trunc_cost
 
 
 def gelu_secformer(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period: int,
-                   threshold: float, bits: int = 64) -> Protocol:
-    """SecFormer GeLU for x at f fractional bits; the comparisons need |x| + T < 2^(bits-1-f).
+                   threshold: float, bits: int = 64, drop: int = 0) -> Protocol:
+    """SecFormer GeLU for x at f fractional bits; the comparisons need
+    (|x| + T) 2^f + 2^drop <= 2^(bits-1) (`gelu_cmp_plan` derives bits and drop).
 
-    Rounds: max(comparison rounds, 2) + 1 (8 at bits=64, 7 at bits=32). Schedule:
+    drop > 0: the segment tests compare only the high bits (compare.msb), so each
+    threshold may move by up to 2^(drop-f) towards zero: [x > T] may read 1 for
+    T - 2^(drop-f) < x <= T (output x instead of x G(x)) and [x < -T] may read 1 for
+    -T <= x < -T + 2^(drop-f) (output 0). Both differ from GeLU by about |x| Phi(-|x|)
+    there (1.5e-4 at T = 4), less than the series' own error.
+
+    Rounds: max(comparison rounds, 2) + 1 (8 at bits=64, 7 at bits=32, 6 when
+    bits - drop = 17: `gelu_cmp_plan`'s default at f = 16). Schedule:
       rounds 1..7: s_hi = [x > T] and s_lo = [x < -T] (compare.py), and in parallel
         round 1: x G(x) at 3f bits from one opening of x - a (sine.x_sine_series),
         round 2: truncate it to f bits;
@@ -59,48 +67,70 @@ def gelu_secformer(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], perio
         return xg, opened
 
     s_hi, s_lo, (xg, opened) = yield from parallel(
-        gt_public(ctx, x, t, bits), lt_public(ctx, x, -t, bits), g_path())
+        gt_public(ctx, x, t, bits, drop), lt_public(ctx, x, -t, bits, drop), g_path())
     s_mid = not_bit(ctx, s_hi ^ s_lo)
     (mid,), (hi,) = yield from parallel(bit_mul(ctx, [s_mid], xg),
                                         bits_times_x(ctx, opened, [s_hi]))
     return mid + hi
 
 
-def gelu_cmp_bits(f: int, threshold: float, input_bound: float) -> int:
-    """Comparison width for `gelu_secformer` that is exact for every |x| <= input_bound.
+# How far GeLU's segment thresholds may move (in value) so that its comparisons can drop
+# low bits: 2^-5 makes them 17-bit carry trees at f = 16 and the shipped bound (5 rounds
+# and 8.25 bytes per element instead of 6 and 16.25), for an extra error of at most
+# |x| Phi(-|x|) ~ 1.5e-4 next to +-T (`gelu_secformer`).
+GELU_CMP_WINDOW = 2.0 ** -5
 
-    The segment tests are msb(x - T) and msb(-x - T) of values read as signed `bits`-bit
-    integers, so they need (|x| + T) 2^f < 2^(bits - 1). The carry tree pads bits - 1 up to
-    a power of two anyway (compare.py), so we take that whole power: at f = 16 and a
-    bound of 1024 that is bits = 33, exact for |x| < 2^16 - T, with 6 rounds and 16.25
-    bytes per element and party per comparison instead of 7 and 32.25 at 64 bits.
+
+def gelu_cmp_plan(f: int, threshold: float, input_bound: float,
+                  window: float = GELU_CMP_WINDOW) -> tuple[int, int]:
+    """(bits, drop) for `gelu_secformer`'s comparisons: right for every |x| <= input_bound
+    except within `window` of a threshold (see `gelu_secformer`).
+
+    The tests are msb(T - x) and msb(x + T) with drop low bits dropped (compare.msb): they
+    need V + 2^drop <= 2^(bits-1) for V = ceil((input_bound + T) 2^f), and the carry tree
+    runs on n = bits - drop - 1 bits padded to a power of two. We take the smallest power n
+    that any drop with 2^(drop - f) <= window allows, then the smallest drop that still
+    reaches it (the narrowest window for that cost). At f = 16 and a bound of 1024 that
+    is bits = 28, drop = 11 (n = 16: 5 rounds, 8.25 bytes per element and party per
+    comparison); with window = 0 it is the exact width of before, bits = 33 (n = 32).
     Outside the bound a comparison reads a wrapped sign and the output is garbage, as for
     any input outside a protocol's declared range (nothing may branch on a secret).
     """
     if not input_bound > 0:
         raise ValueError(f"input_bound must be positive, got {input_bound}")
-    need = f + math.floor(math.log2(input_bound + threshold)) + 1  # 2^(need - f) > bound + T
-    if need > 63:
+    v = math.ceil((input_bound + threshold) * 2.0 ** f)
+    if v >= 1 << 62:
         raise ValueError(f"|x| <= {input_bound} at {f} fractional bits does not fit a 64-bit ring")
-    width = 1 << (need - 1).bit_length()
-    return min(64, width + 1)
+    max_drop = max(0, f + math.floor(math.log2(window))) if window > 0 else 0
+
+    def width(drop: int) -> int:  # the carry tree's n for this drop
+        n = 1
+        while v + (1 << drop) > 1 << (n + drop):
+            n *= 2
+        return n
+
+    n = width(max_drop)
+    drop = next(d for d in range(max_drop + 1) if width(d) == n)
+    if n + drop + 1 > 64:  # no narrower tree: the plain 64-bit comparison
+        return 64, 0
+    return n + drop + 1, drop
 
 
-def gelu_bits_from_params(params, f: int) -> int:
-    """The comparison width a compiled gelu.secformer node runs with (2PC rule and cost model).
+def gelu_cmp_from_params(params, f: int) -> tuple[int, int]:
+    """(bits, drop) a compiled gelu.secformer node runs with (2PC rule and cost model).
 
-    An explicit "bits" wins; else "input_bound" (the approximation's declared comparison
-    range) gives `gelu_cmp_bits`; programs compiled before that parameter existed keep the
-    full 64 bits they were compiled with."""
+    An explicit "bits" wins (with "drop", default 0); else "input_bound" (the
+    approximation's declared comparison range) gives `gelu_cmp_plan`; programs compiled
+    before that parameter existed keep the full 64 bits they were compiled with."""
     if "bits" in params:
-        return int(params["bits"])
+        return int(params["bits"]), int(params.get("drop", 0))
     if "input_bound" in params:
-        return gelu_cmp_bits(f, float(params["threshold"]), float(params["input_bound"]))
-    return 64
+        return gelu_cmp_plan(f, float(params["threshold"]), float(params["input_bound"]))
+    return 64, 0
 
 
-def gelu_secformer_cost(shape, bits: int = 64, mode: str = "exact") -> Cost:
-    cmp = msb_cost(shape, bits)
+def gelu_secformer_cost(shape, bits: int = 64, mode: str = "exact", drop: int = 0) -> Cost:
+    cmp = msb_cost(shape, bits, drop)
     g = x_sine_series_cost(shape) + trunc_cost(shape, mode)
     return (cmp | cmp | g) + (bit_mul_cost([shape], shape) | bits_times_x_cost([shape]))
 

@@ -32,10 +32,11 @@ from .spec import approximation
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 ERF_SINE_PERIOD = 16  # int: the runtime checks it is a power of two
-# |x| up to which the 2PC segment comparisons must be exact. 32x the swept domain: a
+# |x| up to which the 2PC segment comparisons must be right. 32x the swept domain: a
 # trained BERT's GeLU inputs stay within a few tens, and LayerNorm's own product bound
-# (nonlinear.layernorm_goldschmidt) is tighter. At f = 16 it gives 33-bit comparisons,
-# exact up to |x| < 65532 (gelu_cmp_bits rounds the width up to the carry tree's).
+# (nonlinear.layernorm_goldschmidt) is tighter. At f = 16 `nonlinear.gelu_cmp_plan` makes
+# them 28-bit comparisons of the shares' top 17 bits (right up to |x| < 2044, except that
+# a threshold may move by 2^-5 towards zero, which changes the output by at most ~1.5e-4).
 GELU_CMP_INPUT_BOUND = 1024.0
 ERF_SINE_THRESHOLD = 4.0
 # fit_erf_sine_series(16, 4.0, 7, 8001); tests/compiler/test_approximations.py refits.
@@ -109,8 +110,9 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
     source="SecFormer (Luo et al., Findings of ACL 2024), erf by a segmented Fourier series; "
     "refit for a power-of-two period (this module's docstring)",
     notes="the error is the same for every |x| > T, so it holds beyond the swept domain, up "
-    "to input_bound: the 2PC segment comparisons are exact for |x| <= input_bound (their "
-    "width is derived from it, runtime.protocols.nonlinear.gelu_cmp_bits)",
+    "to input_bound: the 2PC segment comparisons are right for |x| <= input_bound (their "
+    "width is derived from it, runtime.protocols.nonlinear.gelu_cmp_plan), except that "
+    "each threshold may move by up to 2^-5 towards zero there (about 1.5e-4 more error)",
 )
 def gelu_fourier_erf(
     x: torch.Tensor, *, period: float, threshold: float, coeffs: tuple[float, ...],

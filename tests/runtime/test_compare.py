@@ -86,6 +86,40 @@ def test_msb_whole_range(cluster, seed, bits):
     assert torch.equal(got, (x < 0).long())
 
 
+@pytest.mark.parametrize("bits, drop", [(28, 11), (64, 20), (33, 16), (20, 3), (5, 2)])
+def test_msb_with_dropped_low_bits_whole_range(cluster, seed, bits, drop):
+    """msb(x, bits, drop) = [x < 0] on [-2^(bits-1) + 2^drop, 2^(bits-1)) except in the
+    one-sided window 0 <= x < 2^drop, where it may be 1 (the dropped parts' carry), and it
+    costs the (bits - drop)-bit comparison. In the window the answer depends on how x was
+    split, so some elements there must come out 1 and some 0."""
+    lim, w = 1 << (bits - 1), 1 << drop
+    x = _in_range(bits, 4000)
+    x = x[(x >= -lim + w)]
+    window = torch.randint(0, w, (2000,))
+    edges = torch.tensor([-lim + w, -1, 0, w - 1, w, lim - 1, -w, -w - 1], dtype=torch.int64)
+    x = torch.cat([x, window, edges])
+    shape = x.shape
+
+    def program(ctx, x):
+        s = yield from arith.share(ctx, x, 0, shape)
+        b = yield from cmp.msb(ctx, s, bits, drop)
+        return (yield from open_xor(b, bits=1))[0]
+
+    o0, o1, stats = cluster.run(program, (x,), (None,))
+    assert torch.equal(o0, o1)
+    inside = (x >= 0) & (x < w)
+    assert torch.equal(o0[~inside], (x[~inside] < 0).long())
+    assert 0 < int(o0[inside].sum()) < int(inside.sum())  # the carry really is dropped
+    clear, counter = run_clear(program, x)  # the simulator's P1 share is 0: no carry, exact
+    assert torch.equal(clear, (x < 0).long())
+    declared = arith.share_cost(shape) + cmp.msb_cost(shape, bits, drop) + arith.Cost(1, cmp.packed_nbytes(x.numel(), 1))
+    assert stats.rounds == counter.rounds == declared.rounds
+    assert stats.bytes_sent[1] == declared.bytes - arith.share_cost(shape).bytes
+    assert cmp.msb_cost(shape, bits, drop) == cmp.msb_cost(shape, bits - drop)
+    with pytest.raises(ValueError, match="drop must be"):
+        run_clear(lambda ctx, v: cmp.msb(ctx, v, bits, bits - 1), x)
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_compare_with_public_and_secret(cluster, seed, bits):
     """x < c, x > c (c a Python int and a tensor) and x < y, including values next to c."""
