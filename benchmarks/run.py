@@ -490,12 +490,14 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
          "dealer (ours) or the two CrypTen parties are processes on this machine talking over loopback (gloo). "
          "**The 2 cores are shared** with other jobs: the 2026-11-25 runs had a 1-minute load average of 3 to "
          "10, the 2026-11-26 runs up to 13:00 UTC 4 to 7 (a GLUE 2PC accuracy job and other developers' tests "
-         "ran beside them); the 13:33-14:02 and 16:39-17:18 UTC series had the machine to themselves (load 1.3 "
-         "to 2.6: their own 2 or 3 processes; the second is the current code, `results/e2e_notes.md`). Load "
-         "slows CrypTen more than ours (its BERT-base run: 99.1 s at 13:39 and 105.6 s at 16:56, against "
-         "257.0 s at load 3.9 at 10:37), so only same-load pairs give a time ratio, and the quiet pair is the "
-         "one to quote. Bytes and rounds are deterministic (ours: asserted equal to the static cost model in "
-         "every run).", "",
+         "ran beside them); the 13:33-14:02 and 16:39-17:18 UTC series and the two 2026-11-26 evening series "
+         "(20:55-21:19, the current code, `results/e2e_notes.md`) had the machine to themselves (load 1.0 "
+         "to 2.6: their own 2 or 3 processes). Load slows CrypTen more than ours (its BERT-base run: 99.1 s "
+         "at 13:39 and 105.6 s at 16:56, against 257.0 s at load 3.9 at 10:37), and so does a slow spell of "
+         "the shared host that the load average does not show (126.5 s at 21:02, when the float probe ran "
+         "22% slower, and 112.6 s at 21:14 with a normal probe). So only same-time pairs give a time ratio, "
+         "and the pair with normal probes is the one to quote. Bytes and rounds are deterministic (ours: "
+         "asserted equal to the static cost model in every run).", "",
          "## Reproduce", "",
          "```bash",
          "bash benchmarks/crypten/setup.sh                      # CrypTen 0.4.1 in its own venv (once)",
