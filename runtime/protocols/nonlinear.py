@@ -47,7 +47,8 @@ def gelu_secformer(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], perio
 
     Rounds: max(comparison rounds, 2) + 1 (8 at bits=64, 7 at bits=32, 6 when
     bits - drop = 17: `gelu_cmp_plan`'s default at f = 16). Schedule:
-      rounds 1..7: s_hi = [x > T] and s_lo = [x < -T] (compare.py), and in parallel
+      rounds 1..c: s_hi = [x > T] and s_lo = [x < -T] (compare.py; c = 7 at bits=64, 5 with
+        `gelu_cmp_plan`'s 17-bit trees), and in parallel
         round 1: x G(x) at 3f bits from one opening of x - a (sine.x_sine_series),
         round 2: truncate it to f bits;
       last round: s_mid = 1 ^ s_hi ^ s_lo (local: the segments are disjoint, at most one
