@@ -9,8 +9,12 @@ picks p and the iteration count for a declared range), and the result is correct
 p (1/y = p/(p y)) or sqrt(p) (1/sqrt(y) = sqrt(p)/sqrt(p y)). Inputs outside the
 declared range give garbage, not an error: nothing may branch on a secret.
 
-Rounds. Each iteration is one product round plus one truncation round, and the
-products of one iteration share their round:
+Rounds. Each iteration is one product round, and each product's result is truncated; the
+truncation's round is shared with the next iteration's opening (fused.py: the opened value
+is base - mask, and the truncation's secret correction enters the Beaver formulas), so a
+core of n >= 2 iterations takes n rounds and leaves its result as a pending truncation
+(`trunc.Pending`) whose round the caller shares with its own next product. The products of
+one iteration share their round:
 
 * reciprocal: with e = 1 - y the iterates are y_(i+1) = y_i (2 - y_i), a square, and
   x_(i+1) = x_i (2 - y_i) = 2 x_i - x_i y_i; both come from one opening of y - a and
@@ -26,14 +30,15 @@ products of one iteration share their round:
 * The pre-scale of the input folds into the truncation that produced it when the caller
   has one (LayerNorm and 2Quad do this); otherwise p y is formed by reading y's f bits
   as f + s bits (p = mult 2^-s), which is free while f + s is at most the iterate's
-  fractional bits (reciprocal: p >= 2^-11; rsqrt: p >= 2^-3) and costs one truncation
-  round below that.
+  fractional bits (reciprocal: p >= 2^-11; rsqrt: p >= 2^-3) and a truncation below
+  that, whose round is the first opening's.
 
-Costs per element and party, n iterations, T = 1/8 byte per truncation:
-    n >= 2: 2n rounds, 8 + 16 (n - 1) bytes + (2n - 2) T (the last T is the final
-            rescale to out_frac; it disappears when out_frac keeps every bit)
-    n == 1: local, plus at most one truncation (the rescale);
-    plus, unless scaled_input, one truncation round for a small input prescale (below).
+Costs per element and party of `reciprocal_goldschmidt` / `rsqrt_goldschmidt` (which finish
+the result themselves), n iterations, T = 1/8 byte per truncation:
+    n >= 2: n + 1 rounds, 8 + 16 (n - 1) bytes + (2n - 1) T (less one T where the final
+            rescale to out_frac keeps every bit: then also one round less), plus T for a
+            small input prescale;
+    n == 1: local, plus at most one truncation round (the rescale, and the prescale's T).
 
 Fixed point: the converging iterate (y of the reciprocal, x of rsqrt) carries guard
 bits (`recip_fracs`, `rsqrt_frac`): its absolute error becomes a relative error of the
@@ -50,10 +55,11 @@ import torch
 
 from ..context import Context
 from ..correlations import RING
-from ..messages import Protocol, open_add, parallel
-from .arith import numel, square
+from ..messages import Protocol
+from . import fused
+from .arith import numel
 from .cost import Cost
-from .trunc import trunc, trunc_cost
+from .trunc import Pending, begin, begin_rescale, finish, trunc, trunc_cost
 
 # Domains of p * y at f = 16 (low ends: overflow bounds, see the cores). Near the low end
 # the input's own resolution limits accuracy: relative 2^-(fy_0 + 1) / (p y) for the
@@ -124,16 +130,6 @@ def rescale_cost(shape, frm: int, to: int, mode: str) -> Cost:
     return trunc_cost(shape, mode) if frm > to else Cost()
 
 
-def _powers(ctx: Context, e: torch.Tensor, a: torch.Tensor, a2: torch.Tensor,
-            a3: torch.Tensor | None = None):
-    """Shares of x^2 (and x^3) for x = e + a with e public: binomial expansion (P0 adds e^k)."""
-    x2 = ctx.add_public(2 * e * a + a2, e * e)
-    if a3 is None:
-        return x2
-    x3 = ctx.add_public(3 * e * e * a + 3 * e * a2 + a3, e * e * e)
-    return x2, x3
-
-
 # --- reciprocal -----------------------------------------------------------------------------
 
 def recip_fracs(f: int, mult: int, iters: int) -> list[int]:
@@ -155,10 +151,12 @@ def recip_fracs(f: int, mult: int, iters: int) -> list[int]:
     return fys
 
 
-def reciprocal_core(ctx: Context, y0: torch.Tensor, mult: int, shift: int, iters: int,
-                     out_frac: int) -> Protocol:
+def reciprocal_core(ctx: Context, y0: Pending | torch.Tensor, mult: int, shift: int,
+                     iters: int, out_frac: int) -> Protocol:
     """(mult 2^-shift) / y0 at out_frac bits, for y0 (recip_fracs(...)[0] bits) in the domain.
 
+    y0 may be a pending truncation (its round is the first product's); the result is one
+    (`trunc.Pending`: the caller finishes it, or fuses it into its next product).
     x_i = p x' with x' = prod m carries f + X_GUARD + shift fractional bits (x_1:
     fy_0 + shift), i.e. it is stored as mult x' 2^(f + X_GUARD). Its relative precision
     matters (the result inherits it) and x'_1 = 2 - p y is small when p y is near 2, hence
@@ -168,45 +166,73 @@ def reciprocal_core(ctx: Context, y0: torch.Tensor, mult: int, shift: int, iters
     f = ctx.f
     fys = recip_fracs(f, mult, iters)
     fy = fys[0]
-    # iteration 1 from x_0 = p (public): x_1 = p (2 - y_0) is local, at fy_0 + shift bits
-    x = mult * ctx.add_public(-y0, 2 << fy)
+    Y = fused.as_pending(y0)
+    if iters == 1:  # x_1 = p (2 - y_0) from x_0 = p (public) is local
+        y0 = yield from finish(ctx, Y)
+        return begin_rescale(ctx, mult * ctx.add_public(-y0, 2 << fy), fy + shift, out_frac)
+    # y_1 = y_0 (2 - y_0): the square's opening finishes y_0 (monomials: a, a^2)
+    rnd = yield from fused.fused_round(ctx, [Y], [0], lambda a: [a * a], [RING], cross=[(0, 0)])
+    y0 = rnd.values[0]
+    X = Pending(mult * ctx.add_public(-y0, 2 << fy))  # x_1 at fy_0 + shift bits
     xf = fy + shift
-    if iters == 1:
-        return (yield from rescale(ctx, x, xf, out_frac))
-    sq = yield from square(ctx, y0)
-    y = yield from trunc(ctx, (y0 << (fy + 1)) - sq, 2 * fy - fys[1])  # y_1 = y_0 (2 - y_0)
+    Y = begin(ctx, (y0 << (fy + 1)) - fused.square(ctx, rnd, 0, 1), 2 * fy - fys[1])
     fy = fys[1]
     for i in range(2, iters + 1):
         last = i == iters
+        Y, X = yield from fused.settle(ctx, Y, X)
+        # entries 0 = y (mask a), 1 = x (mask c); monomials a, c, [a^2], c a
         if last:
-            a, c, ca = ctx.corr.correlated([(y.shape, RING), (x.shape, RING)],
-                                           lambda a, c: [c * a], [RING])
+            rnd = yield from fused.fused_round(ctx, [Y, X], [0, 1], lambda a, c: [c * a],
+                                               [RING], cross=[(0, 1), (1, 0)])
+            ca = 2
         else:
-            a, c, a2, ca = ctx.corr.correlated([(y.shape, RING), (x.shape, RING)],
-                                               lambda a, c: [a * a, c * a], [RING, RING])
-        e, g = yield from open_add(y - a, x - c)
-        xy = x * e + g * a + ca  # Beaver: x = g + c, y = e + a
-        x_new = (x << (fy + 1)) - xy  # x (2 - y) at xf + fy bits
+            rnd = yield from fused.fused_round(ctx, [Y, X], [0, 1],
+                                               lambda a, c: [a * a, c * a], [RING, RING],
+                                               cross=[(0, 0), (0, 1), (1, 0)])
+            ca = 3
+        y, x = rnd.values
+        x_new = (x << (fy + 1)) - fused.product(ctx, rnd, 1, 0, ca)  # x (2 - y) at xf + fy bits
         if last:
-            return (yield from rescale(ctx, x_new, xf + fy, out_frac))
-        y_new = (y << (fy + 1)) - _powers(ctx, e, a, a2)  # y (2 - y) at 2 fy bits
-        y, x = yield from parallel(trunc(ctx, y_new, 2 * fy - fys[i]),
-                                   rescale(ctx, x_new, xf + fy, f + X_GUARD + shift))
+            return begin_rescale(ctx, x_new, xf + fy, out_frac)
+        y_new = (y << (fy + 1)) - fused.square(ctx, rnd, 0, 2)  # y (2 - y) at 2 fy bits
+        Y = begin(ctx, y_new, 2 * fy - fys[i])
+        X = begin_rescale(ctx, x_new, xf + fy, f + X_GUARD + shift)
         fy, xf = fys[i], f + X_GUARD + shift
 
 
 def reciprocal_core_cost(shape, mult: int, shift: int, iters: int, out_frac: int, f: int,
-                          mode: str) -> Cost:
-    n, t = numel(shape), trunc_cost(shape, mode)
+                          mode: str, y0_k: int = 0) -> Cost:
+    """Cost of `reciprocal_core` up to its pending result (whose round the caller counts).
+
+    y0_k: the shift left pending on y0 (fused.pending_k; 0: y0 is finished)."""
+    n = numel(shape)
     fys = recip_fracs(f, mult, iters)
     if iters == 1:
-        return rescale_cost(shape, fys[0] + shift, out_frac, mode)
-    total = Cost(1, 8 * n) + t
-    xf = fys[0] + shift
-    for i in range(2, iters):
-        total = total + Cost(1, 16 * n) + (t | t)
-        xf = f + X_GUARD + shift
-    return total + Cost(1, 16 * n) + rescale_cost(shape, xf + fys[iters - 1], out_frac, mode)
+        return fused.fused_round_cost((), [shape]) if y0_k else Cost()
+    total = fused.fused_round_cost([shape], [shape] if y0_k else [])
+    ky, kx = fused.pending_k(2 * fys[0] - fys[1], mode), 0
+    xf, fy = fys[0] + shift, fys[1]
+    for i in range(2, iters + 1):
+        settled = fused.settle_cost(shape, ky, shape, kx)
+        if settled.rounds:
+            ky = kx = 0
+        total = total + settled + fused.fused_round_cost(
+            [shape, shape], [shape for k in (ky, kx) if k])
+        if i == iters:
+            return total
+        ky = fused.pending_k(2 * fy - fys[i], mode)
+        kx = fused.pending_k(xf + fy - (f + X_GUARD + shift), mode)
+        fy, xf = fys[i], f + X_GUARD + shift
+
+
+def reciprocal_core_out_k(mult: int, shift: int, iters: int, out_frac: int, f: int,
+                          mode: str) -> int:
+    """The shift left pending on `reciprocal_core`'s result (0: none)."""
+    fys = recip_fracs(f, mult, iters)
+    if iters == 1:
+        return fused.pending_k(fys[0] + shift - out_frac, mode)
+    xf = fys[0] + shift if iters == 2 else f + X_GUARD + shift
+    return fused.pending_k(xf + fys[iters - 1] - out_frac, mode)
 
 
 def reciprocal_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters: int, *,
@@ -222,20 +248,22 @@ def reciprocal_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters
     if iters < 1:
         raise ValueError("Goldschmidt needs at least one iteration")
     mult, shift = prescale_const(prescale)
-    y = yield from rescale(ctx, y if scaled_input else y * mult,
-                            f if scaled_input else f + shift, recip_fracs(f, mult, iters)[0])
-    return (yield from reciprocal_core(ctx, y, mult, shift, iters,
-                                        f if out_frac is None else out_frac))
+    y0 = begin_rescale(ctx, y if scaled_input else y * mult, f if scaled_input else f + shift,
+                       recip_fracs(f, mult, iters)[0])
+    r = yield from reciprocal_core(ctx, y0, mult, shift, iters, f if out_frac is None else out_frac)
+    return (yield from finish(ctx, r))
 
 
 def reciprocal_goldschmidt_cost(shape, prescale: float, iters: int, *, scaled_input: bool = False,
                                 out_frac: int | None = None, f: int = 16,
                                 mode: str = "exact") -> Cost:
     mult, shift = prescale_const(prescale)
-    pre = rescale_cost(shape, f if scaled_input else f + shift, recip_fracs(f, mult, iters)[0],
-                        mode)
-    return pre + reciprocal_core_cost(shape, mult, shift, iters,
-                                       f if out_frac is None else out_frac, f, mode)
+    out_frac = f if out_frac is None else out_frac
+    y0_k = fused.pending_k(f + (0 if scaled_input else shift) - recip_fracs(f, mult, iters)[0],
+                           mode)
+    out_k = reciprocal_core_out_k(mult, shift, iters, out_frac, f, mode)
+    return (reciprocal_core_cost(shape, mult, shift, iters, out_frac, f, mode, y0_k)
+            + (trunc_cost(shape, mode) if out_k else Cost()))
 
 
 # --- inverse square root --------------------------------------------------------------------
@@ -252,62 +280,92 @@ def rsqrt_frac(f: int) -> int:
     return 19
 
 
-def rsqrt_core(ctx: Context, x0: torch.Tensor, mult: int, shift: int, iters: int,
+def rsqrt_core(ctx: Context, x0: Pending | torch.Tensor, mult: int, shift: int, iters: int,
                 out_frac: int) -> Protocol:
     """(mult/2^shift) / sqrt(x0) at out_frac fractional bits, for x0 (rsqrt_frac bits) in (0, 3).
 
+    x0 may be a pending truncation (its round is the first opening's); the result is one
+    (`trunc.Pending`, as in `reciprocal_core`).
     y_i = c prod m is held at f + shift bits as mult y' 2^f, y' <= 1/sqrt(x0), mult < 2^16:
     the truncated y (3 - x) is 2 y'_(i+1) mult 2^(f + fx) < 2^(1 + 16 + 16 + 19) y', below
     2^62 for y' < 2^8, i.e. x0 > 2^-16 (f = 16).
     """
     f, fx = ctx.f, rsqrt_frac(ctx.f)
-    # iteration 1 from y_0 = c (public): y_1 = c (3 - x_0)/2 is local, at fx + shift + 1 bits
-    y = mult * ctx.add_public(-x0, 3 << fx)
+    X = fused.as_pending(x0)
     yf = fx + shift + 1
-    if iters == 1:
-        return (yield from rescale(ctx, y, yf, out_frac))
-    x = x0
-    for i in range(1, iters + 1):
-        first, last = i == 1, i == iters
-        if first:  # y_0 is public: only x is opened, for x_1 = x_0 (3 - x_0)^2 / 4
-            a, a2, a3 = ctx.corr.correlated([(x.shape, RING)], lambda a: [a * a, a * a * a],
-                                            [RING, RING])
-            (e,) = yield from open_add(x - a)
-        elif last:  # only y_n = y (3 - x)/2 is needed
-            a, c, ca = ctx.corr.correlated([(x.shape, RING), (y.shape, RING)],
-                                           lambda a, c: [c * a], [RING])
-            e, g = yield from open_add(x - a, y - c)
+    if iters == 1:  # y_1 = c (3 - x_0)/2 from y_0 = c (public) is local, at fx + shift + 1 bits
+        x0 = yield from finish(ctx, X)
+        return begin_rescale(ctx, mult * ctx.add_public(-x0, 3 << fx), yf, out_frac)
+    # iteration 1: y_0 is public, so only x_0 is opened, for x_1 = x_0 (3 - x_0)^2 / 4
+    # (entry 0 = x, mask a; monomials a, a^2, a^3)
+    rnd = yield from fused.fused_round(ctx, [X], [0], lambda a: [a * a, a * a * a],
+                                       [RING, RING], cross=[(0, 0), (0, 1)])
+    x = rnd.values[0]
+    Y = Pending(mult * ctx.add_public(-x, 3 << fx))
+    X = begin(ctx, _cubic(ctx, rnd, x, fx, 1, 2), 2 * fx + 2)
+    for i in range(2, iters + 1):
+        last = i == iters
+        X, Y = yield from fused.settle(ctx, X, Y)
+        # entries 0 = x (mask a), 1 = y (mask c); monomials a, c, [a^2, a^3], c a
+        if last:  # only y_n = y (3 - x)/2 is needed
+            rnd = yield from fused.fused_round(ctx, [X, Y], [0, 1], lambda a, c: [c * a],
+                                               [RING], cross=[(0, 1), (1, 0)])
+            ca = 2
         else:
-            a, c, a2, a3, ca = ctx.corr.correlated(
-                [(x.shape, RING), (y.shape, RING)], lambda a, c: [a * a, a * a * a, c * a],
-                [RING] * 3)
-            e, g = yield from open_add(x - a, y - c)
-        if not first:
-            yx = y * e + g * a + ca  # Beaver: y = g + c, x = e + a
-            y_new = ((3 * y) << fx) - yx  # y (3 - x) = 2 y m at yf + fx bits
-            y_frac = yf + fx + 1  # read with one more fractional bit it is y m
-            if last:
-                return (yield from rescale(ctx, y_new, y_frac, out_frac))
-        x2, x3 = _powers(ctx, e, a, a2, a3)
-        cubic = ((9 * x) << (2 * fx)) - ((6 * x2) << fx) + x3  # x (3 - x)^2 = 4 x m^2 at 3 fx
-        if first:
-            x = yield from trunc(ctx, cubic, 2 * fx + 2)
-        else:
-            x, y = yield from parallel(trunc(ctx, cubic, 2 * fx + 2),
-                                       rescale(ctx, y_new, y_frac, f + shift))
-            yf = f + shift
-
-
-def rsqrt_core_cost(shape, shift: int, iters: int, out_frac: int, f: int, mode: str) -> Cost:
-    n, t, fx = numel(shape), trunc_cost(shape, mode), rsqrt_frac(f)
-    if iters == 1:
-        return rescale_cost(shape, fx + shift + 1, out_frac, mode)
-    total = Cost(1, 8 * n) + t
-    yf = fx + shift + 1
-    for _ in range(2, iters):
-        total = total + Cost(1, 16 * n) + (t | rescale_cost(shape, yf + fx + 1, f + shift, mode))
+            rnd = yield from fused.fused_round(
+                ctx, [X, Y], [0, 1], lambda a, c: [a * a, a * a * a, c * a], [RING] * 3,
+                cross=[(0, 0), (0, 2), (0, 1), (1, 0)])
+            ca = 4
+        x, y = rnd.values
+        y_new = ((3 * y) << fx) - fused.product(ctx, rnd, 1, 0, ca)  # 2 y m at yf + fx bits
+        y_frac = yf + fx + 1  # read with one more fractional bit it is y m
+        if last:
+            return begin_rescale(ctx, y_new, y_frac, out_frac)
+        X = begin(ctx, _cubic(ctx, rnd, x, fx, 2, 3), 2 * fx + 2)
+        Y = begin_rescale(ctx, y_new, y_frac, f + shift)
         yf = f + shift
-    return total + Cost(1, 16 * n) + rescale_cost(shape, yf + fx + 1, out_frac, mode)
+
+
+def _cubic(ctx: Context, rnd: fused.Round, x: torch.Tensor, fx: int, a2: int,
+           a3: int) -> torch.Tensor:
+    """x (3 - x)^2 = 4 x m^2 at 3 fx bits for x = e + a (opened entry 0): one opening."""
+    x2 = fused.square(ctx, rnd, 0, a2)
+    x3 = (fused.power_times(ctx, rnd, 0, 3) + 3 * fused.power_times(ctx, rnd, 0, 2, 0)
+          + 3 * fused.power_times(ctx, rnd, 0, 1, a2) + rnd.mons[a3])
+    return ((9 * x) << (2 * fx)) - ((6 * x2) << fx) + x3
+
+
+def rsqrt_core_cost(shape, shift: int, iters: int, out_frac: int, f: int, mode: str,
+                    x0_k: int = 0) -> Cost:
+    """Cost of `rsqrt_core` up to its pending result (whose round the caller counts).
+
+    x0_k: the shift left pending on x0 (fused.pending_k; 0: x0 is finished)."""
+    fx = rsqrt_frac(f)
+    if iters == 1:
+        return fused.fused_round_cost((), [shape]) if x0_k else Cost()
+    total = fused.fused_round_cost([shape], [shape] if x0_k else [])
+    kx, ky = fused.pending_k(2 * fx + 2, mode), 0
+    yf = fx + shift + 1
+    for i in range(2, iters + 1):
+        settled = fused.settle_cost(shape, kx, shape, ky)
+        if settled.rounds:
+            kx = ky = 0
+        total = total + settled + fused.fused_round_cost(
+            [shape, shape], [shape for k in (kx, ky) if k])
+        if i == iters:
+            return total
+        kx = fused.pending_k(2 * fx + 2, mode)
+        ky = fused.pending_k(yf + fx + 1 - (f + shift), mode)
+        yf = f + shift
+
+
+def rsqrt_core_out_k(shift: int, iters: int, out_frac: int, f: int, mode: str) -> int:
+    """The shift left pending on `rsqrt_core`'s result (0: none)."""
+    fx = rsqrt_frac(f)
+    if iters == 1:
+        return fused.pending_k(fx + shift + 1 - out_frac, mode)
+    yf = fx + shift + 1 if iters == 2 else f + shift
+    return fused.pending_k(yf + fx + 1 - out_frac, mode)
 
 
 def rsqrt_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters: int, *,
@@ -323,10 +381,11 @@ def rsqrt_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters: int
     if iters < 1:
         raise ValueError("Goldschmidt needs at least one iteration")
     p_eff, mult, shift = _rsqrt_prescale(prescale, scaled_input)
-    y = yield from rescale(ctx, y if scaled_input else y * mult,
-                            f if scaled_input else f + shift, rsqrt_frac(f))
+    x0 = begin_rescale(ctx, y if scaled_input else y * mult, f if scaled_input else f + shift,
+                       rsqrt_frac(f))
     cm, cs = fixed_const(math.sqrt(p_eff))
-    return (yield from rsqrt_core(ctx, y, cm, cs, iters, f if out_frac is None else out_frac))
+    r = yield from rsqrt_core(ctx, x0, cm, cs, iters, f if out_frac is None else out_frac)
+    return (yield from finish(ctx, r))
 
 
 def _rsqrt_prescale(prescale: float, scaled_input: bool) -> tuple[float, int, int]:
@@ -339,6 +398,9 @@ def _rsqrt_prescale(prescale: float, scaled_input: bool) -> tuple[float, int, in
 def rsqrt_goldschmidt_cost(shape, prescale: float, iters: int, *, scaled_input: bool = False,
                            out_frac: int | None = None, f: int = 16, mode: str = "exact") -> Cost:
     p_eff, _, shift = _rsqrt_prescale(prescale, scaled_input)
-    pre = rescale_cost(shape, f if scaled_input else f + shift, rsqrt_frac(f), mode)
+    out_frac = f if out_frac is None else out_frac
+    x0_k = fused.pending_k(f + shift - rsqrt_frac(f), mode)
     _, cs = fixed_const(math.sqrt(p_eff))
-    return pre + rsqrt_core_cost(shape, cs, iters, f if out_frac is None else out_frac, f, mode)
+    out_k = rsqrt_core_out_k(cs, iters, out_frac, f, mode)
+    return (rsqrt_core_cost(shape, cs, iters, out_frac, f, mode, x0_k)
+            + (trunc_cost(shape, mode) if out_k else Cost()))

@@ -21,15 +21,16 @@ import torch
 
 from ..context import Context
 from ..messages import Protocol, parallel
-from . import arith
+from . import arith, fused
 from .arith import FixedOperand
 from .compare import bit_mul, bit_mul_cost, gt_public, lt_public, msb_cost, not_bit
 from .cost import Cost
+from .fused import pending_k
 from .goldschmidt import (fixed_const, prescale_const, recip_fracs, reciprocal_core,
-                          reciprocal_core_cost, rescale, rescale_cost, rsqrt_core,
-                          rsqrt_core_cost, rsqrt_frac)
+                          reciprocal_core_cost, reciprocal_core_out_k, rescale_cost,
+                          rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
 from .sine import bits_times_x, bits_times_x_cost, x_sine_series, x_sine_series_cost
-from .trunc import trunc, trunc_cost
+from .trunc import begin, begin_rescale, finish, trunc, trunc_cost
 
 # --- GeLU -------------------------------------------------------------------------------------
 
@@ -179,15 +180,17 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor, weight: torch.Tensor | 
     secret share, or None; bias: a share or None. prescale * (var + eps) must lie in the
     rsqrt domain (0, 3) (`layernorm_effective_prescale` gives the factor actually used).
 
-    One pass (default), 4 + 2 iters rounds: with S = sum x and D' = n x - S = n d (local,
-    exact), the variance comes from V = n sum x^2 - S^2 = n^2 var (at 2f bits) without
-    computing the mean first:
+    One pass (default), 3 + iters rounds (iters >= 1): with S = sum x and D' = n x - S = n d
+    (local, exact), the variance comes from V = n sum x^2 - S^2 = n^2 var (at 2f bits)
+    without computing the mean first:
       round 1: x^2, S^2 and D' * weight (Beaver products, in parallel);
-      round 2: x0 = trunc(V p'/n^2 + eps p') and Z = trunc(D' w) by f + j, j = floor(log2 n),
-               so Z = (n / 2^j) d w at f bits (truncations in parallel);
-      2 iters rounds: r = rsqrt(x0) with the public start y_0 = sqrt(p') 2^j / n, so that
-               r = (2^j / n) / sqrt(var + eps);
-      then Z * r (Beaver, r broadcast) and one truncation; + bias (local).
+      rounds 2 .. iters + 1: r = rsqrt(x0) for x0 = trunc(V p'/n^2 + eps p'), with the
+               public start y_0 = sqrt(p') 2^j / n, so that r = (2^j / n) / sqrt(var + eps);
+               x0's truncation shares round 2 with the rsqrt's first opening, and each of
+               the rsqrt's truncations the next opening (fused.py); beside round 2,
+               Z = trunc(D' w) by f + j, j = floor(log2 n), so Z = (n / 2^j) d w at f bits;
+      round iters + 2: Z * r (Beaver, r broadcast; r's last truncation rides on it);
+      round iters + 3: its truncation; + bias (local).
     Overflow: the ring is exact mod 2^64, so the terms of V may wrap freely; only the
     truncated values must be below 2^62: V p'/n^2 at 2f + var_shift bits is x0 2^59 at
     most (x0 < 3: fine), n d w 2^(2f) needs |d w| < 2^30 / n, and the final product
@@ -232,10 +235,12 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor, weight: torch.Tensor | 
     v, (z, z_frac) = yield from parallel(products(), weighted())
     vs = v * plan["var_mult"]  # p' var at 2f + var_shift bits
     vs = ctx.add_public(vs, round(eps * plan["p_eff"] * 2.0 ** (2 * f + plan["var_shift"])))
-    x0, z = yield from parallel(trunc(ctx, vs, 2 * f + plan["var_shift"] - fx),
-                                rescale(ctx, z, z_frac + plan["j"], f))
-    r = yield from rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"], iters, plan["r_frac"])
-    out = yield from arith.mul(ctx, z, r)
+    # x0's truncation round is the rsqrt's first opening (fused.py), and Z's runs beside it
+    x0 = begin(ctx, vs, 2 * f + plan["var_shift"] - fx)
+    z, r = yield from parallel(finish(ctx, begin_rescale(ctx, z, z_frac + plan["j"], f)),
+                               rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"], iters,
+                                          plan["r_frac"]))
+    out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
     out = yield from trunc(ctx, out, plan["r_frac"])
     return out if bias is None else out + bias
 
@@ -261,9 +266,13 @@ def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str =
         wc, z_frac = Cost(), f
     else:
         raise ValueError(f"weight must be 'fixed', 'secret' or 'none', got {weight!r}")
-    return (pre + (var | wc) + (t_rows | rescale_cost(shape, z_frac + plan["j"], f, mode))
-            + rsqrt_core_cost(rows, plan["y_shift"], iters, plan["r_frac"], f, mode)
-            + arith.beaver_cost(shape, rows) + t)
+    fx = rsqrt_frac(f)
+    x0_k = pending_k(2 * f + plan["var_shift"] - fx, mode)
+    r_k = rsqrt_core_out_k(plan["y_shift"], iters, plan["r_frac"], f, mode)
+    return (pre + (var | wc)
+            + (rescale_cost(shape, z_frac + plan["j"], f, mode)
+               | rsqrt_core_cost(rows, plan["y_shift"], iters, plan["r_frac"], f, mode, x0_k))
+            + fused.mul_cost(shape, 0, rows, r_k) + t)
 
 
 # --- 2Quad softmax ----------------------------------------------------------------------------
@@ -283,13 +292,16 @@ def softmax_2quad(ctx: Context, x: torch.Tensor, dim: int = -1, c: float = 5.0,
     Masked positions contribute 0 (DESIGN.md), not (-large + c)^2. prescale * row sum must
     lie in goldschmidt.RECIPROCAL_DOMAIN (approximations.choose_goldschmidt picks it from a
     declared row-sum range; a power of two is exact and allows p sum down to 2^-16).
-    Rounds 4 + 2 iters:
+    Rounds 3 + iters (iters >= 1):
       round 1: (x + c)^2 (Beaver square, 2f bits), masked by a local product;
-      round 2: q = trunc(.) and the pre-scaled row sum trunc(p' sum) in parallel (the
-               prescale rides on a truncation that the sum needs anyway);
-      2 iters rounds: r = 1/sum from the Goldschmidt reciprocal, kept at 2f + 12 bits
-               (1/sum is small: f bits alone would lose its relative precision);
-      then q r (Beaver, r broadcast over the row) and one truncation.
+      rounds 2 .. iters + 1: r = 1/sum from the Goldschmidt reciprocal, kept at 2f + 12
+               bits (1/sum is small: f bits alone would lose its relative precision); the
+               pre-scaled row sum trunc(p' sum) shares round 2 with the reciprocal's first
+               opening (the prescale rides on a truncation that the sum needs anyway), and
+               each of its truncations the next opening (fused.py); q = trunc(.) runs
+               beside round 2;
+      round iters + 2: q r (Beaver, r broadcast over the row; r's last truncation rides on it);
+      round iters + 3: its truncation.
     """
     f = ctx.f
     mult, shift, r_frac = _softmax_plan(prescale, f)
@@ -299,10 +311,11 @@ def softmax_2quad(ctx: Context, x: torch.Tensor, dim: int = -1, c: float = 5.0,
     if mask is not None:  # public 0/1, broadcast against x (local product)
         q2 = q2 * ctx.pub(torch.as_tensor(mask).to(torch.int64).expand(shape).movedim(dim, -1))
     s = q2.sum(-1, keepdim=True) * mult  # p' sum at 2f + shift bits
-    q, y0 = yield from parallel(trunc(ctx, q2, f),
-                                rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters)[0]))
-    r = yield from reciprocal_core(ctx, y0, mult, shift, iters, r_frac)
-    out = yield from arith.mul(ctx, q, r)
+    # y0's truncation round is the reciprocal's first opening (fused.py); q's runs beside it
+    y0 = begin_rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters)[0])
+    q, r = yield from parallel(trunc(ctx, q2, f),
+                               reciprocal_core(ctx, y0, mult, shift, iters, r_frac))
+    out = yield from fused.mul(ctx, q, r)  # finishes r's pending rescale in the same round
     out = yield from trunc(ctx, out, r_frac)
     return out.movedim(-1, dim)
 
@@ -314,7 +327,8 @@ def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int
     full, rows = tuple(shape) + (n,), tuple(shape) + (1,)
     mult, shift, r_frac = _softmax_plan(prescale, f)
     t = trunc_cost(full, mode)
-    y0 = rescale_cost(rows, 2 * f + shift, recip_fracs(f, mult, iters)[0], mode)
-    return (arith.square_cost(full) + (t | y0)
-            + reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode)
-            + arith.beaver_cost(full, rows) + t)
+    y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters)[0], mode)
+    r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode)
+    return (arith.square_cost(full)
+            + (t | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k))
+            + fused.mul_cost(full, 0, rows, r_k) + t)

@@ -9,13 +9,16 @@ is the carry of the two low parts, which we drop (result at most 1 ulp low); and
 for bits a, b that P0 and P1 hold privately. The product ab comes from a dealer-assisted
 product of private bits: P0 sends a XOR u, P1 sends b XOR v (u, v uniform private bits from
 the dealer) and the dealer supplies shares of uv mod 2^k. Only bits masked by fresh uniform
-bits are ever sent.
+bits are ever sent. The result is base + 2^(64-k) ab with a local base, so the round can
+be shared with the opening of a product that consumes the result (`Pending`, fused.py).
 
 local (SecureML): no communication; wrong by about 2^(64-k) with probability about
 |x|/2^63 per element (measured in benchmarks/truncation.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -46,25 +49,84 @@ def trunc_local(ctx: Context, x: torch.Tensor, k: int) -> torch.Tensor:
 
 def trunc_exact(ctx: Context, x: torch.Tensor, k: int) -> Protocol:
     """Exact truncation by 2^k (1 round, 1 bit sent per element each way)."""
+    return (yield from finish(ctx, begin(ctx, x, k, "exact")))
+
+
+# --- the truncation split at its round (fused.py shares that round with a product) -----------
+
+@dataclass
+class Pending:
+    """x / 2^k by exact truncation, before its round: the result is base + 2^(64-k) AB.
+
+    Every part of the result is local except AB = a AND b, the product of P0's and P1's
+    private msbs of the offset shares (module docstring): base_i = (u_i >> k) - own_i
+    2^(64-k) (- 2^(62-k) at P0), and w = a + b - ab. `own` is this party's msb; None means
+    nothing is pending and the value is `base` (k = 0, local mode, or a finished value).
+    """
+
+    base: torch.Tensor
+    k: int = 0
+    own: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.base.shape
+
+    @property
+    def pending(self) -> bool:
+        return self.own is not None
+
+
+def begin(ctx: Context, x: torch.Tensor, k: int, mode: str | None = None) -> Pending:
+    """The local part of trunc(x, k) (context's mode unless `mode` is given)."""
+    if k == 0:
+        return Pending(x)
+    if (mode or ctx.trunc) == "local":
+        return Pending(trunc_local(ctx, x, k))
     xs = ctx.add_public(x, _OFFSET)
-    msb = (xs >> 63) & 1
+    own = (xs >> 63) & 1
     low = (xs >> k) & ((1 << (64 - k)) - 1)  # logical shift of the share read as unsigned
-    u, v, uv = ctx.corr.correlated(
-        [(x.shape, Dom("xor", 1, owner=0)), (x.shape, Dom("xor", 1, owner=1))],
-        lambda u, v: [u * v], [mod_dom(k)])
-    mine = msb ^ (u if ctx.party == P0 else v)  # alpha = a ^ u at P0, beta = b ^ v at P1
+    return Pending(ctx.add_public(low - (own << (64 - k)), -(_OFFSET >> k)), k, own)
+
+
+def begin_rescale(ctx: Context, v: torch.Tensor, frm: int, to: int) -> Pending:
+    """The local part of goldschmidt.rescale: a pending truncation, or a local shift."""
+    if frm > to:
+        return begin(ctx, v, frm - to)
+    return Pending(v << (to - frm) if to > frm else v)
+
+
+def bit_sources(p: Pending) -> list:
+    """The dealer's private mask bits for one pending truncation: u (P0's), v (P1's)."""
+    return [(p.shape, Dom("xor", 1, owner=0)), (p.shape, Dom("xor", 1, owner=1))]
+
+
+def masked_bit(ctx: Context, p: Pending, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What this party sends: alpha = a ^ u at P0, beta = b ^ v at P1 (fresh uniform masks)."""
+    return p.own ^ (u if ctx.party == P0 else v)
+
+
+def and_share(ctx: Context, p: Pending, mine: torch.Tensor, theirs: torch.Tensor,
+              uv: torch.Tensor) -> torch.Tensor:
+    """This party's share of AB (mod 2^k) once alpha and beta are swapped.
+
+    With a = alpha ^ u, (1 - 2 alpha) u = a - alpha (likewise b), so
+      ab = alpha b + beta a - alpha beta + (1 - 2 (alpha ^ beta)) uv:
+    P0 (knows a, beta) takes beta a + sign uv_0, P1 (knows b, alpha) alpha b - alpha beta
+    + sign uv_1: a few bit operations instead of the general product formula.
+    """
+    share = (p.own & theirs) + torch.where((mine ^ theirs).bool(), -uv, uv)
+    return share if ctx.party == P0 else share - (mine & theirs)
+
+
+def finish(ctx: Context, p: Pending) -> Protocol:
+    """The round of a pending truncation on its own (one round, 1 bit each way)."""
+    if not p.pending:
+        return p.base
+    u, v, uv = ctx.corr.correlated(bit_sources(p), lambda u, v: [u * v], [mod_dom(p.k)])
+    mine = masked_bit(ctx, p, u, v)
     (theirs,) = yield from swap(mine, bits=1)
-    # The wrap bit is w = a OR b = a + b - ab for P0's msb a and P1's msb b. With a = alpha ^ u,
-    # (1 - 2 alpha) u = a - alpha (and likewise for b), so
-    #   ab = alpha b + beta a - alpha beta + (1 - 2 (alpha ^ beta)) uv,
-    # and the shares of w (mod 2^k is enough) are a (1 - beta) - sign uv_0 at P0 and
-    # b (1 - alpha) + alpha beta - sign uv_1 at P1, sign = 1 - 2 (alpha ^ beta): a few
-    # bit operations instead of the general product formula's nine multiplies and adds.
-    signed_uv = torch.where((mine ^ theirs).bool(), -uv, uv)
-    wrap_share = (msb & (theirs ^ 1)) - signed_uv
-    if ctx.party != P0:
-        wrap_share = wrap_share + (mine & theirs)
-    return ctx.add_public(low - (wrap_share << (64 - k)), -(_OFFSET >> k))
+    return p.base + (and_share(ctx, p, mine, theirs, uv) << (64 - p.k))
 
 
 def trunc_cost(shape, mode: str = "exact") -> Cost:

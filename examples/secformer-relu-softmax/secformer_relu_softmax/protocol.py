@@ -7,7 +7,8 @@ Per softmax node, on shares at f fractional bits (the rules of docs/PROTOCOLS.md
 2. r * mask with the public 0/1 padding mask: a local product (no communication);
 3. s = sum(r) + eps over the row: local (eps = 2^-4 is added exactly by P0);
 4. 1/s by the Goldschmidt reciprocal with the public pre-scale p (`recip_prescale`) and
-   `recip_iterations` iterations (2 rounds each), kept at R = 2f + 12 fractional bits: 1/s
+   `recip_iterations` iterations (1 round each, plus one for the last truncation: each
+   truncation shares the next opening's round), kept at R = 2f + 12 fractional bits: 1/s
    is as small as 1/387, which f bits would leave with a relative precision of only ~1e-2;
 5. r * (1/s) (one Beaver product, 1/s broadcast over the row) and one truncation by R
    bits. No overflow: the product's value r/s <= 1 sits at f + R = 60 bits (f = 16), below
@@ -16,7 +17,7 @@ Per softmax node, on shares at f fractional bits (the rules of docs/PROTOCOLS.md
 
 Cost (per party), n = elements, m = rows, k = recip_iterations:
     relu_cost(n) + reciprocal_goldschmidt_cost(m, p, k, out_frac=2f+12) + beaver (8n + 8m)
-    + one truncation of n values; rounds 8 + 2k + 2 (40 with the defaults).
+    + one truncation of n values; rounds 8 + (k + 1) + 2 (26 with the defaults).
 `softmax_2relu_cost` composes exactly the declared costs of those sub-protocols, in the
 order they run, so it equals what a run counts (tests/compiler/test_plugins.py checks it).
 """
