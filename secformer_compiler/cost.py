@@ -20,6 +20,7 @@ from .ir import Graph, Node
 from .runtime.protocols import arith, baselines, compare
 from .runtime.protocols import nonlinear as nl
 from .runtime.protocols.cost import Cost
+from .runtime.protocols.fused import pending_k
 from .runtime.protocols.trunc import trunc_cost
 
 NETWORKS = {"LAN": (1e9, 0.5e-3), "WAN": (100e6, 40e-3)}  # bandwidth bit/s, round-trip time s
@@ -70,6 +71,8 @@ def scale_cost(shape, factor: float, mode: str) -> Cost:
 
 @cost_rule("scale")
 def _scale(node, ins, mode, f):
+    if node.meta.get("folded"):  # into the product's deferred truncation (deferral.py)
+        return Cost()
     return scale_cost(node.shape, float(node.attrs["factor"]), mode)
 
 
@@ -86,7 +89,7 @@ def _product(node, ins, mode):
     if a.secret and b.secret:
         fixed = node.meta.get("fixed", {}).get(1)
         c = arith.beaver_fixed_cost(a.shape) if fixed else arith.beaver_cost(a.shape, b.shape)
-        return c + trunc_cost(node.shape, mode)
+        return c if "defer" in node.meta else c + trunc_cost(node.shape, mode)  # deferral.py
     from .mpc_interp import _int_valued
     pub = b if a.secret else a
     return Cost() if _int_valued(pub) else trunc_cost(node.shape, mode)
@@ -99,7 +102,15 @@ def _mul(node, ins, mode, f):
 
 @cost_rule("linear")
 def _linear(node, ins, mode, f):
-    return arith.beaver_fixed_cost(ins[0].shape) + trunc_cost(node.shape, mode)
+    c = arith.beaver_fixed_cost(ins[0].shape)
+    return c if "defer" in node.meta else c + trunc_cost(node.shape, mode)  # deferral.py
+
+
+def _pending_k(node, mode: str, f: int) -> int:
+    """The shift a nonlinear node's input has pending (deferral.py; 0: a finished share)."""
+    if node.meta.get("pending_in") is None:
+        return 0
+    return pending_k(f + node.meta["pending_shift"], mode)
 
 
 @cost_rule("embedding")
@@ -157,7 +168,8 @@ def _ln_secformer(node, ins, mode, f):
     weight = "fixed" if len(ins) > 1 else "none"
     shape, prescale = _ln_shape(node, ins), float(_p(node)["prescale"])
     return nl.layernorm_goldschmidt_cost(shape, prescale, int(_p(node)["iterations"]), weight=weight, f=f, mode=mode,
-                                         center_first=nl.layernorm_needs_center_first(shape[-1], prescale, f))
+                                         center_first=nl.layernorm_needs_center_first(shape[-1], prescale, f),
+                                         x_k=_pending_k(node, mode, f))
 
 
 @nonlinear_cost("layernorm", "layernorm.crypten")
@@ -177,7 +189,8 @@ def _ln_crypten(node, ins, mode, f):
 @nonlinear_cost("softmax", "softmax.2quad")
 def _sm_2quad(node, ins, mode, f):
     p = _p(node)
-    return nl.softmax_2quad_cost(node.shape, float(p["prescale"]), int(p["iterations"]), node.attrs["dim"], f, mode)
+    return nl.softmax_2quad_cost(node.shape, float(p["prescale"]), int(p["iterations"]), node.attrs["dim"], f, mode,
+                                 x_k=_pending_k(node, mode, f))
 
 
 @nonlinear_cost("softmax", "softmax.crypten")
@@ -238,7 +251,7 @@ def program_cost(graph: Graph, mode: str = "exact", frac_bits: int = 16) -> Prog
     """The static cost of one inference of `graph` (see module docstring)."""
     from .mpc_interp import plan_fixed
 
-    if not graph.nodes or "in_nodes" not in graph.nodes[0].meta:
+    if graph.nodes:  # always: the deferral marks depend on the methods (deferral.py)
         plan_fixed(graph)
     finish: dict[str, int] = {}
     by_node: dict[str, Cost] = {}

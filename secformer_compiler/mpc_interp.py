@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from .dataflow import execute
+from .deferral import plan_deferred
 from .ir import Graph, Node
 from .runtime.context import P0, Context
 from .runtime.messages import Protocol, parallel
@@ -130,6 +131,16 @@ _DT = {"f32": torch.float32, "i64": torch.int64, "bool": torch.bool}
 
 @rule("add", "sub")
 def _add(ctx, node, ins):
+    pos = node.meta.get("pending_in")
+    if pos is not None:  # a deferred truncation passes through (deferral.py): add to its base
+        p = ins[pos]
+        ins = list(ins)
+        ins[pos] = p.base
+        return T.Pending(_add_values(ctx, node, ins), p.k, p.own)
+    return _add_values(ctx, node, ins)
+
+
+def _add_values(ctx, node, ins):
     a, b = ins
     na, nb = node.meta["in_nodes"]
     sign = 1 if node.op == "add" else -1
@@ -147,6 +158,8 @@ def _neg(ctx, node, ins):
 
 @rule("scale")
 def _scale(ctx, node, ins):
+    if node.meta.get("folded"):  # the product before it truncates by f + s (deferral.py)
+        return ins[0]
     return scale_public(ctx, ins[0], float(node.attrs["factor"]))
 
 
@@ -160,6 +173,8 @@ def _product(ctx, node, ins, op, fixed_op, public_op):
             z = yield from fixed_op(ctx, a, ctx.state[arith.FIXED_OPERANDS][key])
         else:
             z = yield from op(ctx, a, b)
+        if "defer" in node.meta:  # the consumer's first round finishes it (deferral.py)
+            return T.begin(ctx, z, ctx.f + node.meta["defer"])
         return (yield from T.trunc(ctx, z))
     sec, pub, pub_node, pub_first = (a, b, nb, False) if na.secret else (b, a, na, True)
     if _int_valued(pub_node):
@@ -184,6 +199,9 @@ def _matmul(ctx, node, ins):
 def _linear(ctx, node, ins):
     x = ins[0]
     z = yield from arith.matmul_fixed(ctx, x, ctx.state[arith.FIXED_OPERANDS][_fixed_key(node, 1)])
+    if "defer" in node.meta:  # the consumer's first round finishes it (deferral.py)
+        p = T.begin(ctx, z, ctx.f)
+        return p.plus(ins[2]) if len(ins) == 3 else p
     z = yield from T.trunc(ctx, z)
     if len(ins) == 3:
         z = z + ins[2]
@@ -335,6 +353,7 @@ def plan_fixed(graph: Graph) -> dict[str, tuple[str, str]]:
         key = f"{src.attrs['name']}:{layout}"
         plan[key] = (src.attrs["name"], layout)
         n.meta.setdefault("fixed", {})[wpos] = key
+    plan_deferred(graph)
     return plan
 
 

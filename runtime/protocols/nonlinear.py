@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from ..context import Context
+from ..correlations import RING
 from ..messages import Protocol, parallel
 from . import arith, fused
 from .arith import FixedOperand
@@ -30,7 +31,7 @@ from .goldschmidt import (fixed_const, prescale_const, recip_fracs, reciprocal_c
                           reciprocal_core_cost, reciprocal_core_out_k, rescale_cost,
                           rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
 from .sine import bits_times_x, bits_times_x_cost, x_sine_series, x_sine_series_cost
-from .trunc import begin, begin_rescale, finish, trunc, trunc_cost
+from .trunc import Pending, begin, begin_rescale, finish, trunc, trunc_cost
 
 # --- GeLU -------------------------------------------------------------------------------------
 
@@ -171,24 +172,29 @@ def layernorm_effective_prescale(n: int, prescale: float, f: int = 16,
     return _ln_plan(n, prescale, f, center_first)["p_eff"]
 
 
-def layernorm_goldschmidt(ctx: Context, x: torch.Tensor, weight: torch.Tensor | FixedOperand | None,
+def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
+                          weight: torch.Tensor | FixedOperand | None,
                           bias: torch.Tensor | None, eps: float, prescale: float, iters: int,
                           center_first: bool = False) -> Protocol:
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
 
-    weight: a FixedOperand (arith.fix_operand, the usual case: only x's mask is opened), a
-    secret share, or None; bias: a share or None. prescale * (var + eps) must lie in the
-    rsqrt domain (0, 3) (`layernorm_effective_prescale` gives the factor actually used).
+    x: a share, or a pending truncation (`trunc.Pending`: the linear layer before it left
+    its truncation to this op's first round). weight: a FixedOperand (arith.fix_operand,
+    the usual case: only x's mask is opened), a secret share, or None; bias: a share or
+    None. prescale * (var + eps) must lie in the rsqrt domain (0, 3)
+    (`layernorm_effective_prescale` gives the factor actually used).
 
     One pass (default), 3 + iters rounds (iters >= 1): with S = sum x and D' = n x - S = n d
     (local, exact), the variance comes from V = n sum x^2 - S^2 = n^2 var (at 2f bits)
     without computing the mean first:
-      round 1: x^2, S^2 and D' * weight (Beaver products, in parallel);
+      round 1: x^2 and S^2 (one opening of x and S; it finishes a pending x);
       rounds 2 .. iters + 1: r = rsqrt(x0) for x0 = trunc(V p'/n^2 + eps p'), with the
                public start y_0 = sqrt(p') 2^j / n, so that r = (2^j / n) / sqrt(var + eps);
                x0's truncation shares round 2 with the rsqrt's first opening, and each of
-               the rsqrt's truncations the next opening (fused.py); beside round 2,
-               Z = trunc(D' w) by f + j, j = floor(log2 n), so Z = (n / 2^j) d w at f bits;
+               the rsqrt's truncations the next opening (fused.py); beside them,
+               D' * weight (round 2) and Z = trunc(D' w) by f + j, j = floor(log2 n)
+               (round 3), so Z = (n / 2^j) d w at f bits (iters = 1: Z's truncation rides
+               on the next round's product);
       round iters + 2: Z * r (Beaver, r broadcast; r's last truncation rides on it);
       round iters + 3: its truncation; + bias (local).
     Overflow: the ring is exact mod 2^64, so the terms of V may wrap freely; only the
@@ -199,65 +205,100 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor, weight: torch.Tensor | 
     only log2(p 2^27 / n^2) bits, so p' is up to 1/mult below p (3% at p = 0.03 for
     n = 768: calibrate iterations at `layernorm_effective_prescale`). For large variances
     use center_first=True (one more round: the mean by a public round(2^k / n) with
-    k = 46 - f, then d = x - mean; var < 3 2^27 / n).
+    k = 46 - f, then d = x - mean; var < 3 2^27 / n; d^2 and D' * weight in one round; a
+    pending x is finished first, in a round of its own).
     """
     f = ctx.f
-    n = x.shape[-1]
+    X = fused.as_pending(x)
+    n = X.shape[-1]
     plan = _ln_plan(n, prescale, f, center_first)
     fx = rsqrt_frac(f)
-    s = x.sum(-1, keepdim=True)
+    if X.pending and (center_first or X.k > 32):  # see _variance_round; the mean needs x
+        X = Pending((yield from finish(ctx, X)))
     if center_first:
+        x = X.base
+        s = x.sum(-1, keepdim=True)
         # mean = S round(2^k / n) / 2^k: error |S| 2^-k / 2, at most |mean| 2^(f + k) < 2^62
         k = plan["mean_shift"]
         mean = yield from trunc(ctx, s * round(2.0 ** k / n), k)
         d = x - mean
-    else:
-        d = n * x - s  # n (x - mean), exact
 
-    def products() -> Protocol:
-        if center_first:
+        def products() -> Protocol:
             sq = yield from arith.square(ctx, d)
-            v = sq.sum(-1, keepdim=True)  # n var at 2f bits
-        else:
-            sq_x, sq_s = yield from parallel(arith.square(ctx, x), arith.square(ctx, s))
-            v = n * sq_x.sum(-1, keepdim=True) - sq_s  # n^2 var at 2f bits (may wrap: fine)
-        return v
+            return sq.sum(-1, keepdim=True)  # n var at 2f bits
 
-    def weighted() -> Protocol:
-        if weight is None:
-            return d, f
-        if isinstance(weight, FixedOperand):
-            z = yield from arith.mul_fixed(ctx, d, weight)
-        else:
-            z = yield from arith.mul(ctx, d, weight)
-        return z, 2 * f
+        v, (z, z_frac) = yield from parallel(products(), _ln_weighted(ctx, d, weight))
+        zpath = finish(ctx, begin_rescale(ctx, z, z_frac + plan["j"], f))
+    else:
+        rnd, v = yield from _variance_round(ctx, X)  # finishes x when it is pending
+        x = rnd.values[0]
+        d = n * x - x.sum(-1, keepdim=True)  # n (x - mean), exact
 
-    v, (z, z_frac) = yield from parallel(products(), weighted())
+        def zpath_() -> Protocol:  # beside the rsqrt: its product, then its truncation
+            z, z_frac = yield from _ln_weighted(ctx, d, weight)
+            Z = begin_rescale(ctx, z, z_frac + plan["j"], f)
+            return (yield from finish(ctx, Z)) if iters >= 2 else Z
+
+        zpath = zpath_()
     vs = v * plan["var_mult"]  # p' var at 2f + var_shift bits
     vs = ctx.add_public(vs, round(eps * plan["p_eff"] * 2.0 ** (2 * f + plan["var_shift"])))
-    # x0's truncation round is the rsqrt's first opening (fused.py), and Z's runs beside it
+    # x0's truncation round is the rsqrt's first opening (fused.py)
     x0 = begin(ctx, vs, 2 * f + plan["var_shift"] - fx)
-    z, r = yield from parallel(finish(ctx, begin_rescale(ctx, z, z_frac + plan["j"], f)),
-                               rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"], iters,
-                                          plan["r_frac"]))
+    z, r = yield from parallel(zpath, rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"],
+                                                 iters, plan["r_frac"]))
     out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
     out = yield from trunc(ctx, out, plan["r_frac"])
     return out if bias is None else out + bias
 
 
+def _ln_weighted(ctx: Context, d: torch.Tensor, weight) -> Protocol:
+    """(D' weight, its fractional bits): one Beaver product, or D' itself without a gain."""
+    if weight is None:
+        return d, ctx.f
+    if isinstance(weight, FixedOperand):
+        z = yield from arith.mul_fixed(ctx, d, weight)
+    else:
+        z = yield from arith.mul(ctx, d, weight)
+    return z, 2 * ctx.f
+
+
+def _variance_round(ctx: Context, X: Pending) -> Protocol:
+    """n^2 var = n sum x^2 - S^2 (S = sum x) from one round that opens x and S.
+
+    x may be a pending truncation (a linear layer's output, mpc_interp's deferral): the round
+    also finishes it (fused.py). S's opening is then e~_S + C with C = sum_j P_j, and
+    S^2 = e~_S^2 + 2 e~_S C + 2 e~_S a_S + 2 C a_S + a_S^2 + C^2, where C a_S comes from the
+    dealer's terms for AB_j a_S (a_S broadcast over the row) and C^2 = 2^(2 (64 - k)) (...)
+    vanishes mod 2^64 for k <= 32 (the caller finishes x first otherwise).
+    Returns (the round, n^2 var at 2f bits; its terms may wrap: only the sum matters).
+    """
+    n = X.shape[-1]
+    s = X.base.sum(-1, keepdim=True)
+    rnd = yield from fused.fused_round(ctx, [X, s], [0, 1], lambda a, b: [a * a, b * b],
+                                       [RING, RING], cross=[(0, 1), (0, 0)])
+    sq_x = fused.square(ctx, rnd, 0, 2)
+    e, a = rnd.opened[1].e, rnd.mons[1]
+    sq_s = ctx.add_public(2 * e * a + rnd.mons[3], e * e)
+    if X.pending:
+        sh = 64 - X.k
+        c = rnd.opened[0].ab.sum(-1, keepdim=True) << sh
+        ca = rnd.cross[(0, 1)].sum(-1, keepdim=True) << sh
+        sq_s = sq_s + 2 * e * c + 2 * ca
+    return rnd, n * sq_x.sum(-1, keepdim=True) - sq_s
+
+
 def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str = "fixed",
                                center_first: bool = False, f: int = 16,
-                               mode: str = "exact") -> Cost:
-    """weight: "fixed" (FixedOperand), "secret" (a share of shape (n,)) or "none"."""
+                               mode: str = "exact", x_k: int = 0) -> Cost:
+    """weight: "fixed" (FixedOperand), "secret" (a share of shape (n,)) or "none";
+    x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share)."""
     n = shape[-1]
     rows = tuple(shape[:-1]) + (1,)
     plan = _ln_plan(n, prescale, f, center_first)
     t, t_rows = trunc_cost(shape, mode), trunc_cost(rows, mode)
-    pre = t_rows if center_first else Cost()
-    if center_first:
-        var = arith.square_cost(shape)
-    else:
-        var = arith.square_cost(shape) | arith.square_cost(rows)
+    pre = Cost()
+    if x_k and (center_first or x_k > 32):
+        pre, x_k = fused.fused_round_cost((), [shape]), 0
     if weight == "fixed":
         wc, z_frac = arith.beaver_fixed_cost(shape), 2 * f
     elif weight == "secret":
@@ -266,13 +307,20 @@ def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str =
         wc, z_frac = Cost(), f
     else:
         raise ValueError(f"weight must be 'fixed', 'secret' or 'none', got {weight!r}")
-    fx = rsqrt_frac(f)
-    x0_k = pending_k(2 * f + plan["var_shift"] - fx, mode)
+    z_k = pending_k(z_frac + plan["j"] - f, mode)
+    x0_k = pending_k(2 * f + plan["var_shift"] - rsqrt_frac(f), mode)
     r_k = rsqrt_core_out_k(plan["y_shift"], iters, plan["r_frac"], f, mode)
-    return (pre + (var | wc)
-            + (rescale_cost(shape, z_frac + plan["j"], f, mode)
-               | rsqrt_core_cost(rows, plan["y_shift"], iters, plan["r_frac"], f, mode, x0_k))
-            + fused.mul_cost(shape, 0, rows, r_k) + t)
+    rsqrt = rsqrt_core_cost(rows, plan["y_shift"], iters, plan["r_frac"], f, mode, x0_k)
+    if center_first:
+        pre = pre + t_rows + (arith.square_cost(shape) | wc)
+        zpath = trunc_cost(shape, mode) if z_k else Cost()
+        z_k = 0
+    else:
+        pre = pre + fused.fused_round_cost([shape, rows], [shape] if x_k else [])
+        zpath = wc + (trunc_cost(shape, mode) if z_k and iters >= 2 else Cost())
+        if iters >= 2:
+            z_k = 0
+    return pre + (zpath | rsqrt) + fused.mul_cost(shape, z_k, rows, r_k) + t
 
 
 # --- 2Quad softmax ----------------------------------------------------------------------------
@@ -285,15 +333,17 @@ def _softmax_plan(prescale: float, f: int) -> tuple[int, int, int]:
     return mult, shift, 2 * f + 12  # 1/sum is kept at 2f + 12 bits: q/sum <= 1 at 3f + 12 < 2^62
 
 
-def softmax_2quad(ctx: Context, x: torch.Tensor, dim: int = -1, c: float = 5.0,
+def softmax_2quad(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: float = 5.0,
                   mask: torch.Tensor | None = None, *, prescale: float, iters: int) -> Protocol:
     """2Quad: q / sum(q) with q = (x + c)^2 * mask; mask is a public 0/1 tensor (broadcast).
 
+    x may be a pending truncation (the scores' product left its truncation to round 1).
     Masked positions contribute 0 (DESIGN.md), not (-large + c)^2. prescale * row sum must
     lie in goldschmidt.RECIPROCAL_DOMAIN (approximations.choose_goldschmidt picks it from a
     declared row-sum range; a power of two is exact and allows p sum down to 2^-16).
     Rounds 3 + iters (iters >= 1):
-      round 1: (x + c)^2 (Beaver square, 2f bits), masked by a local product;
+      round 1: (x + c)^2 (Beaver square, 2f bits; it finishes a pending x), masked by a
+               local product;
       rounds 2 .. iters + 1: r = 1/sum from the Goldschmidt reciprocal, kept at 2f + 12
                bits (1/sum is small: f bits alone would lose its relative precision); the
                pre-scaled row sum trunc(p' sum) shares round 2 with the reciprocal's first
@@ -306,8 +356,10 @@ def softmax_2quad(ctx: Context, x: torch.Tensor, dim: int = -1, c: float = 5.0,
     f = ctx.f
     mult, shift, r_frac = _softmax_plan(prescale, f)
     shape = x.shape
-    x = x.movedim(dim, -1)
-    q2 = yield from arith.square(ctx, ctx.add_public(x, round(c * (1 << f))))
+    X = fused.as_pending(x).map(lambda t: t.movedim(dim, -1))
+    X = Pending(ctx.add_public(X.base, round(c * (1 << f))), X.k, X.own)  # x + c
+    rnd = yield from fused.fused_round(ctx, [X], [0], lambda a: [a * a], [RING], cross=[(0, 0)])
+    q2 = fused.square(ctx, rnd, 0, 1)
     if mask is not None:  # public 0/1, broadcast against x (local product)
         q2 = q2 * ctx.pub(torch.as_tensor(mask).to(torch.int64).expand(shape).movedim(dim, -1))
     s = q2.sum(-1, keepdim=True) * mult  # p' sum at 2f + shift bits
@@ -321,7 +373,8 @@ def softmax_2quad(ctx: Context, x: torch.Tensor, dim: int = -1, c: float = 5.0,
 
 
 def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int = 16,
-                       mode: str = "exact") -> Cost:
+                       mode: str = "exact", x_k: int = 0) -> Cost:
+    """x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share)."""
     shape = list(shape)
     n = shape.pop(dim if dim >= 0 else len(shape) + dim)
     full, rows = tuple(shape) + (n,), tuple(shape) + (1,)
@@ -329,6 +382,6 @@ def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int
     t = trunc_cost(full, mode)
     y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters)[0], mode)
     r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode)
-    return (arith.square_cost(full)
+    return (fused.fused_round_cost([full], [full] if x_k else [])
             + (t | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k))
             + fused.mul_cost(full, 0, rows, r_k) + t)

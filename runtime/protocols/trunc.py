@@ -76,6 +76,14 @@ class Pending:
     def pending(self) -> bool:
         return self.own is not None
 
+    def plus(self, t: torch.Tensor) -> "Pending":
+        """The pending value plus a share (or P0's public term): only the base changes."""
+        return Pending(self.base + t, self.k, self.own)
+
+    def map(self, fn) -> "Pending":
+        """A shape op (movedim, reshape, ...) applied to the base and the bits alike."""
+        return Pending(fn(self.base), self.k, None if self.own is None else fn(self.own))
+
 
 def begin(ctx: Context, x: torch.Tensor, k: int, mode: str | None = None) -> Pending:
     """The local part of trunc(x, k) (context's mode unless `mode` is given)."""

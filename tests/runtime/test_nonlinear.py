@@ -13,6 +13,7 @@ from secformer_compiler.runtime.engine import run_clear
 from secformer_compiler.runtime.local import LocalCluster
 from secformer_compiler.runtime.protocols import arith
 from secformer_compiler.runtime.protocols.goldschmidt import effective_prescale
+from secformer_compiler.runtime.protocols.trunc import begin
 from secformer_compiler.runtime.protocols.nonlinear import (
     gelu_cmp_from_params, gelu_cmp_plan, gelu_secformer, gelu_secformer_cost,
     layernorm_effective_prescale, layernorm_goldschmidt,
@@ -142,12 +143,14 @@ def _calibrate_ln(xs, n, eps, center_first=False):
 _KEYS = itertools.count()  # fixed-operand keys persist in the module's cluster
 
 
-def _ln_program(shape, weight_kind, eps, p, iters, center_first):
+def _ln_program(shape, weight_kind, eps, p, iters, center_first, pending=False):
     n = shape[-1]
     key = f"ln_weight_{next(_KEYS)}"
 
     def program(ctx, xv, wv, bv):
         s = yield from arith.share(ctx, xv, 0, shape)
+        if pending:  # xv is at 2f bits: a linear layer's output with its truncation deferred
+            s = begin(ctx, s, FX.frac_bits)
         w = yield from arith.share(ctx, wv, 0, (n,))
         b = yield from arith.share(ctx, bv, 0, (n,))
         if weight_kind == "fixed":
@@ -159,11 +162,13 @@ def _ln_program(shape, weight_kind, eps, p, iters, center_first):
     return program
 
 
-@pytest.mark.parametrize("sigma,weight_kind,center_first", [
-    (5.0, "fixed", False), (0.2, "fixed", False), (5.0, "secret", False),
-    (0.2, "none", False), (5.0, "fixed", True), (0.2, "secret", True),
+@pytest.mark.parametrize("sigma,weight_kind,center_first,pending", [
+    (5.0, "fixed", False, False), (0.2, "fixed", False, False), (5.0, "secret", False, False),
+    (0.2, "none", False, False), (5.0, "fixed", True, False), (0.2, "secret", True, False),
+    # x a pending truncation (deferral.py): finished by the variance round (or first)
+    (5.0, "fixed", False, True), (0.2, "none", False, True), (0.2, "secret", True, True),
 ])
-def test_layernorm_goldschmidt(cluster, seed, sigma, weight_kind, center_first):
+def test_layernorm_goldschmidt(cluster, seed, sigma, weight_kind, center_first, pending):
     shape, eps = (8, 768), 1e-5
     n = shape[-1]
     calib = torch.randn(64, n, dtype=torch.float64) * sigma + 0.3  # calibration samples
@@ -171,8 +176,9 @@ def test_layernorm_goldschmidt(cluster, seed, sigma, weight_kind, center_first):
     x = torch.randn(shape, dtype=torch.float64) * sigma + torch.randn(shape[0], 1) * 0.5
     wf = 1 + 0.3 * torch.randn(n, dtype=torch.float64)
     bf = 0.1 * torch.randn(n, dtype=torch.float64)
-    program = _ln_program(shape, weight_kind, eps, p, iters, center_first)
-    args = (FX.encode(x), FX.encode(wf), FX.encode(bf))
+    program = _ln_program(shape, weight_kind, eps, p, iters, center_first, pending)
+    xe = FixedPoint(32).encode(x) if pending else FX.encode(x)  # pending: at 2f bits
+    args = (xe, FX.encode(wf), FX.encode(bf))
     o0, o1, stats = cluster.run(program, args, (None, None, None))
     assert torch.equal(o0, o1)
     clear, counter = run_clear(program, *args, fxp=FX)
@@ -185,10 +191,12 @@ def test_layernorm_goldschmidt(cluster, seed, sigma, weight_kind, center_first):
           f"{iters} iterations, max err 2PC {err:.2e}, simulator {err_clear:.2e}")
     assert err < 4e-4 and err_clear < 4e-4  # measured <= 2e-4; the brief's budget is 0.01
     fix = arith.fix_operand_cost((n,)) if weight_kind == "fixed" else arith.Cost()
-    cost = layernorm_goldschmidt_cost(shape, p, iters, weight_kind, center_first)
+    cost = layernorm_goldschmidt_cost(shape, p, iters, weight_kind, center_first,
+                                      x_k=16 if pending else 0)
     _check_cost(stats, counter, [shape, (n,), (n,)], shape, fix + cost)
-    # the rsqrt's truncations share its openings (fused.py): iters + 3 (+1 centring first)
-    assert cost.rounds == iters + (4 if center_first else 3)
+    # the rsqrt's truncations share its openings (fused.py): iters + 3 (+1 centring first,
+    # +1 more for a pending x there: the mean needs it finished)
+    assert cost.rounds == iters + (4 + pending if center_first else 3)
     print(f"  {cost.rounds} rounds, {cost.bytes / x.numel():.2f} bytes/element/party")
 
 
@@ -210,8 +218,10 @@ def _quad_ref(x, mask, c=5.0):
     return q / q.sum(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("dim", [-1, 1])
-def test_softmax_2quad(cluster, seed, dim):
+@pytest.mark.parametrize("dim,pending", [(-1, False), (1, False), (-1, True)])
+def test_softmax_2quad(cluster, seed, dim, pending):
+    """pending: x comes as the scores' product at 2f bits times 4, its truncation (by f + 2,
+    a 1/4 scale folded in) deferred to 2Quad's first round (deferral.py)."""
     shape = (2, 16, 16)
     x = torch.randn(shape, dtype=torch.float64) * 3
     mask = torch.ones(2, 1, 16, dtype=torch.float64)
@@ -227,14 +237,16 @@ def test_softmax_2quad(cluster, seed, dim):
 
     def program(ctx, xv, m):
         s = yield from arith.share(ctx, xv, 0, shape)
+        if pending:
+            s = begin(ctx, s, 18)
         y = yield from softmax_2quad(ctx, s, dim, 5.0, m, prescale=p, iters=iters)
         return (yield from arith.reveal(ctx, y))
 
-    args = (FX.encode(x), mask)
+    args = (FixedPoint(34).encode(x) if pending else FX.encode(x), mask)
     o0, o1, stats = cluster.run(program, args, (None, mask))
     assert torch.equal(o0, o1)
     clear, counter = run_clear(program, *args, fxp=FX)
-    xe = FX.decode(args[0])
+    xe = FixedPoint(34).decode(args[0]) if pending else FX.decode(args[0])
     want = _quad_ref(xe.movedim(dim, -1), mask.movedim(dim, -1)).movedim(-1, dim)
     err, err_clear = ((FX.decode(o) - want).abs().max().item() for o in (o0, clear))
     print(f"2quad dim={dim}: sums in [{lo:.0f}, {hi:.0f}], prescale {p:g}, {iters} iterations, "
@@ -242,7 +254,7 @@ def test_softmax_2quad(cluster, seed, dim):
     assert err < 1e-4 and err_clear < 1e-4  # measured 3e-5; the brief's budget is 0.005
     out = FX.decode(o0).movedim(dim, -1)
     assert (out[1, :, 11:].abs() <= 2 ** -16).all()  # masked keys: 0 up to the truncation's ulp
-    cost = softmax_2quad_cost(shape, p, iters, dim)
+    cost = softmax_2quad_cost(shape, p, iters, dim, x_k=18 if pending else 0)
     _check_cost(stats, counter, [shape], shape, cost)
     assert cost.rounds == 3 + iters  # the reciprocal's truncations share its openings
     print(f"  {cost.rounds} rounds, {cost.bytes / x.numel():.2f} bytes/element/party")

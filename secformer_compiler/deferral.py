@@ -1,0 +1,99 @@
+"""Which products leave their truncation to the next op's first round (2PC and cost model).
+
+A product's result is truncated (one round, runtime/protocols/trunc.py), and when the next
+interactive op opens that value in a Beaver product, the truncation can share that round
+(runtime/protocols/fused.py): the producer hands a `trunc.Pending` to its consumer instead
+of a finished share. This module decides statically, from the graph alone, where that is
+done, so the 2PC interpreter and the static cost model agree:
+
+* linear -> [add] -> layernorm (method layernorm.secformer, one normalized dim): the output
+  projection and FFN2 of every Transformer layer feed a residual add and a LayerNorm whose
+  first round opens x (variance products); saves one round per LayerNorm.
+* matmul (secret x secret) -> [scale by 2^-s] -> softmax (softmax.2quad): the attention
+  scores; a power-of-two scale (1/sqrt(d) for d = 4^m: BERT-base/large's 64) folds into
+  the same truncation (by f + s instead of f, then s), and 2Quad's first round opens
+  x + c; saves two rounds per softmax (one where the scale is not a power of two is kept).
+
+Only chains whose every intermediate value has that single user and is not a graph output
+qualify: nothing else ever sees a pending value. Marks (node.meta, not saved in artifacts:
+recomputed on load): producer "defer" = extra shift s, a passing add/scale "pending_in" =
+the input position carrying the pending value, the consumer "pending_in" = 0 and
+"pending_shift" = s.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .ir import Graph, Node
+
+_KEYS = ("defer", "pending_in", "pending_shift", "folded")
+
+
+def _power_of_two_shift(factor: float) -> int | None:
+    """s with factor = 2^-s, s >= 0; None otherwise."""
+    if not factor > 0:
+        return None
+    m, e = math.frexp(factor)
+    return 1 - e if m == 0.5 and e <= 1 else None
+
+
+def plan_deferred(graph: Graph) -> list[str]:
+    """Mark the deferred truncations (see the module docstring); returns the producers."""
+    users: dict[str, list[Node]] = {}
+    for n in graph:
+        for k in _KEYS:
+            n.meta.pop(k, None)
+        for i in n.inputs:
+            users.setdefault(i, []).append(n)
+    outputs = set(graph.outputs)
+    nodes = {n.name: n for n in graph}
+
+    def sole_user(name: str, user: Node) -> bool:
+        us = users.get(name, [])
+        return name not in outputs and len(us) == 1 and us[0] is user
+
+    producers = []
+    for n in graph:
+        method = n.attrs.get("method")
+        if n.op == "layernorm" and method == "layernorm.secformer" and n.attrs.get("dims") == 1:
+            src = nodes[n.inputs[0]]
+            if not sole_user(src.name, n):
+                continue
+            chain = [(n, 0, None)]
+            if src.op == "add":
+                for pos in (0, 1):
+                    p = nodes[src.inputs[pos]]
+                    if p.op == "linear" and p.secret and sole_user(p.name, src):
+                        chain, src = [(n, 0, None), (src, pos, None)], p
+                        break
+            if src.op != "linear" or not src.secret:
+                continue
+            _mark(chain, src, 0)
+            producers.append(src.name)
+        elif n.op == "softmax" and method == "softmax.2quad":
+            src = nodes[n.inputs[0]]
+            if not sole_user(src.name, n):
+                continue
+            chain, shift = [(n, 0, None)], 0
+            if src.op == "scale":
+                s = _power_of_two_shift(float(src.attrs["factor"]))
+                p = nodes[src.inputs[0]]
+                if s is None or not sole_user(p.name, src):
+                    continue
+                chain, shift, src = [(n, 0, None), (src, 0, "folded")], s, p
+            if src.op != "matmul" or not all(nodes[i].secret for i in src.inputs) \
+                    or nodes[src.inputs[1]].op == "weight":
+                continue
+            _mark(chain, src, shift)
+            producers.append(src.name)
+    return producers
+
+
+def _mark(chain: list, producer: Node, shift: int) -> None:
+    producer.meta["defer"] = shift
+    for node, pos, flag in chain:
+        node.meta["pending_in"] = pos
+        if flag:
+            node.meta[flag] = True
+    chain[0][0].meta["pending_shift"] = shift

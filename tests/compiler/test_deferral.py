@@ -1,0 +1,69 @@
+"""Deferred truncations (secformer_compiler/deferral.py) in a real BERT, through 2PC.
+
+The scores' matmul (with BERT's 1/sqrt(16) = 2^-2 scale folded in) and the linear layers
+before each LayerNorm leave their truncation to the consumer's first round: 2PC must still
+agree with the simulator, the static cost must equal what the run counts, and each layer
+must take four rounds fewer than without the deferral.
+"""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import secformer_compiler as sc
+from secformer_compiler import deferral, mpc_interp
+from secformer_compiler.cost import program_cost
+
+ULP = 2.0 ** -16
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     vocab_size=100, max_position_embeddings=64, attn_implementation="eager")
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    x = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": mask}
+    cal = [{"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": mask}]
+    return sc.compile(model, x, calibration=cal), x
+
+
+def test_plan_marks_scores_and_layernorm_inputs(bert):
+    cm, _ = bert
+    producers = [cm.graph[p] for p in deferral.plan_deferred(cm.graph)]
+    assert sorted(p.op for p in producers) == ["linear"] * 4 + ["matmul"] * 2
+    for p in producers:
+        assert p.meta["defer"] == (2 if p.op == "matmul" else 0)  # 1/sqrt(16) = 2^-2 folds in
+    folded = [n for n in cm.graph if n.meta.get("folded")]
+    assert len(folded) == 2 and all(n.op == "scale" for n in folded)
+    consumers = [n for n in cm.graph if n.op in ("softmax", "layernorm") and "pending_shift" in n.meta]
+    assert len(consumers) == 6  # the embeddings' LayerNorm has no product before it
+
+
+def test_2pc_agrees_and_cost_model_counts_it(bert):
+    cm, x = bert
+    res = cm.run(**x)
+    sim = cm.simulate(**x)[0]
+    # exact truncation rounds down or not at random (1 ulp), which LayerNorm amplifies
+    assert (res.outputs[0] - sim).abs().max() <= 128 * ULP
+    assert (res.outputs[0] - cm.float(**x)[0]).abs().max() < 0.05
+    static = program_cost(cm.graph)
+    assert static.rounds == res.stats.rounds
+    assert static.bytes_per_party == res.stats.bytes_sent[0] == res.stats.bytes_sent[1]
+
+
+def test_four_rounds_fewer_per_layer(bert, monkeypatch):
+    cm, _ = bert
+    with_deferral = program_cost(cm.graph).rounds
+
+    def nothing_deferred(graph):
+        for n in graph:
+            for k in deferral._KEYS:
+                n.meta.pop(k, None)
+        return []
+
+    monkeypatch.setattr(mpc_interp, "plan_deferred", nothing_deferred)
+    without = program_cost(cm.graph).rounds
+    assert with_deferral == without - 4 * 2  # scores (2: scale and truncation) + 2 LayerNorms
