@@ -142,7 +142,7 @@ def _p(node) -> dict:
 @nonlinear_cost("gelu", "gelu.secformer")
 def _gelu_secformer_cost(n, ins, mode, f):
     bits, drop = nl.gelu_cmp_from_params(_p(n), f)  # as the 2PC rule (mpc_nonlinear) runs it
-    return nl.gelu_secformer_cost(n.shape, bits, mode, drop=drop)
+    return nl.gelu_secformer_cost(n.shape, bits, mode, drop=drop, x_k=_pending_k(n, mode, f))
 
 
 from .runtime.protocols import activations as act  # noqa: E402

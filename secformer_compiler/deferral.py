@@ -9,6 +9,9 @@ done, so the 2PC interpreter and the static cost model agree:
 * linear -> [add] -> layernorm (method layernorm.secformer, one normalized dim): the output
   projection and FFN2 of every Transformer layer feed a residual add and a LayerNorm whose
   first round opens x (variance products); saves one round per LayerNorm.
+* linear -> gelu (gelu.secformer): FFN1. GeLU's comparisons read x mod 2^bits, which the
+  pending value's local base already equals (bits <= 64 - f), and its series path has
+  rounds to spare for finishing x; saves one round per GeLU.
 * matmul (secret x secret) -> [scale by 2^-s] -> softmax (softmax.2quad): the attention
   scores; a power-of-two scale (1/sqrt(d) for d = 4^m: BERT-base/large's 64) folds into
   the same truncation (by f + s instead of f, then s), and 2Quad's first round opens
@@ -71,6 +74,11 @@ def plan_deferred(graph: Graph) -> list[str]:
                 continue
             _mark(chain, src, 0)
             producers.append(src.name)
+        elif n.op == "gelu" and method == "gelu.secformer":
+            src = nodes[n.inputs[0]]
+            if src.op == "linear" and src.secret and sole_user(src.name, n):
+                _mark([(n, 0, None)], src, 0)
+                producers.append(src.name)
         elif n.op == "softmax" and method == "softmax.2quad":
             src = nodes[n.inputs[0]]
             if not sole_user(src.name, n):

@@ -36,10 +36,15 @@ from .trunc import Pending, begin, begin_rescale, finish, trunc, trunc_cost
 # --- GeLU -------------------------------------------------------------------------------------
 
 
-def gelu_secformer(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period: int,
+def gelu_secformer(ctx: Context, x: torch.Tensor | Pending, coeffs: Sequence[float], period: int,
                    threshold: float, bits: int = 64, drop: int = 0) -> Protocol:
     """SecFormer GeLU for x at f fractional bits; the comparisons need
     (|x| + T) 2^f + 2^drop <= 2^(bits-1) (`gelu_cmp_plan` derives bits and drop).
+
+    x may be a pending truncation by k (the linear layer before it deferred it,
+    deferral.py): its base equals x mod 2^(64-k), which is all the comparisons read when
+    bits <= 64 - k, so they start at once while the series path finishes x first (it has
+    the rounds to spare); wider comparisons get x finished in a round of its own.
 
     drop > 0: the segment tests compare only the high bits (compare.msb), so each
     threshold may move by up to 2^(drop-f) towards zero: [x > T] may read 1 for
@@ -64,13 +69,18 @@ def gelu_secformer(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], perio
     t = round(threshold * (1 << f))
     half = [b / 2 for b in coeffs]  # G = 1/2 + sum (beta_k / 2) sin(.)
 
+    X = fused.as_pending(x)
+    if X.pending and bits > 64 - X.k:
+        X = Pending((yield from finish(ctx, X)))
+
     def g_path() -> Protocol:
+        x = yield from finish(ctx, X)  # no round unless x is pending
         xg, opened = yield from x_sine_series(ctx, x, half, period, const=0.5, bit_masks=1)
         xg = yield from trunc(ctx, xg, 2 * f)  # 3f -> f; |x G| <= T (1/2 + sum|beta|/2) here
         return xg, opened
 
     s_hi, s_lo, (xg, opened) = yield from parallel(
-        gt_public(ctx, x, t, bits, drop), lt_public(ctx, x, -t, bits, drop), g_path())
+        gt_public(ctx, X.base, t, bits, drop), lt_public(ctx, X.base, -t, bits, drop), g_path())
     s_mid = not_bit(ctx, s_hi ^ s_lo)
     (mid,), (hi,) = yield from parallel(bit_mul(ctx, [s_mid], xg),
                                         bits_times_x(ctx, opened, [s_hi]))
@@ -132,10 +142,16 @@ def gelu_cmp_from_params(params, f: int) -> tuple[int, int]:
     return 64, 0
 
 
-def gelu_secformer_cost(shape, bits: int = 64, mode: str = "exact", drop: int = 0) -> Cost:
+def gelu_secformer_cost(shape, bits: int = 64, mode: str = "exact", drop: int = 0,
+                        x_k: int = 0) -> Cost:
+    """x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share)."""
+    pre = Cost()
+    if x_k and bits > 64 - x_k:
+        pre, x_k = fused.fused_round_cost((), [shape]), 0
     cmp = msb_cost(shape, bits, drop)
-    g = x_sine_series_cost(shape) + trunc_cost(shape, mode)
-    return (cmp | cmp | g) + (bit_mul_cost([shape], shape) | bits_times_x_cost([shape]))
+    g = ((trunc_cost(shape, mode) if x_k else Cost()) + x_sine_series_cost(shape)
+         + trunc_cost(shape, mode))
+    return pre + (cmp | cmp | g) + (bit_mul_cost([shape], shape) | bits_times_x_cost([shape]))
 
 
 # --- LayerNorm --------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Deferred truncations (secformer_compiler/deferral.py) in a real BERT, through 2PC.
 
 The scores' matmul (with BERT's 1/sqrt(16) = 2^-2 scale folded in) and the linear layers
-before each LayerNorm leave their truncation to the consumer's first round: 2PC must still
-agree with the simulator, the static cost must equal what the run counts, and each layer
-must take four rounds fewer than without the deferral.
+before each LayerNorm and GeLU leave their truncation to the consumer's first round: 2PC
+must still agree with the simulator, the static cost must equal what the run counts, and
+each layer must take five rounds fewer than without the deferral.
 """
 
 import pytest
@@ -33,13 +33,14 @@ def bert():
 def test_plan_marks_scores_and_layernorm_inputs(bert):
     cm, _ = bert
     producers = [cm.graph[p] for p in deferral.plan_deferred(cm.graph)]
-    assert sorted(p.op for p in producers) == ["linear"] * 4 + ["matmul"] * 2
+    assert sorted(p.op for p in producers) == ["linear"] * 6 + ["matmul"] * 2
     for p in producers:
         assert p.meta["defer"] == (2 if p.op == "matmul" else 0)  # 1/sqrt(16) = 2^-2 folds in
     folded = [n for n in cm.graph if n.meta.get("folded")]
     assert len(folded) == 2 and all(n.op == "scale" for n in folded)
-    consumers = [n for n in cm.graph if n.op in ("softmax", "layernorm") and "pending_shift" in n.meta]
-    assert len(consumers) == 6  # the embeddings' LayerNorm has no product before it
+    consumers = [n for n in cm.graph if n.op in ("softmax", "layernorm", "gelu")
+                 and "pending_shift" in n.meta]
+    assert len(consumers) == 8  # the embeddings' LayerNorm has no product before it
 
 
 def test_2pc_agrees_and_cost_model_counts_it(bert):
@@ -54,7 +55,7 @@ def test_2pc_agrees_and_cost_model_counts_it(bert):
     assert static.bytes_per_party == res.stats.bytes_sent[0] == res.stats.bytes_sent[1]
 
 
-def test_four_rounds_fewer_per_layer(bert, monkeypatch):
+def test_five_rounds_fewer_per_layer(bert, monkeypatch):
     cm, _ = bert
     with_deferral = program_cost(cm.graph).rounds
 
@@ -66,4 +67,5 @@ def test_four_rounds_fewer_per_layer(bert, monkeypatch):
 
     monkeypatch.setattr(mpc_interp, "plan_deferred", nothing_deferred)
     without = program_cost(cm.graph).rounds
-    assert with_deferral == without - 4 * 2  # scores (2: scale and truncation) + 2 LayerNorms
+    # per layer: the scores (2: the scale and the truncation), 2 LayerNorms and GeLU
+    assert with_deferral == without - 5 * 2
