@@ -3,4 +3,4 @@
 from .compiled import CompiledModel, compile  # noqa: F401
 from .errors import CompileError  # noqa: F401
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
