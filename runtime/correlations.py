@@ -238,7 +238,7 @@ class DealerCorrelations(Correlations):
         self.prg0, self.prg1 = prg0, prg1
         self.linear0, self.linear1 = prg0.stream(LINEAR_STREAM), prg1.stream(LINEAR_STREAM)
         self._fixed_values: dict[str, list[torch.Tensor]] = {}
-        # B of each fixed matmul operand split into float64 limbs once (ring.SplitOperand):
+        # B of each fixed matmul operand prepared once for the matmul kernel (ring.SplitOperand):
         # every inference's C = A @ B reuses it
         self._fixed_split: dict[str, SplitOperand] = {}
         self.corrections: list[torch.Tensor] = []
@@ -313,11 +313,11 @@ class DealerCorrelations(Correlations):
             self._log.append(("fixed", shape, key, op))
         a = self.linear0.ring(shape) + self.linear1.ring(shape)
         b = self._fixed_values[key][0]
-        if key in self._fixed_split:  # B is kept as limbs only (ring.SplitOperand)
+        if key in self._fixed_split:  # B is kept prepared only (ring.SplitOperand)
             b = self._fixed_split[key] if op is ring_matmul else self._fixed_split[key].value
         elif op is ring_matmul and b.device.type != "meta":
             b = self._fixed_split[key] = SplitOperand(b)
-            self._fixed_values[key][0] = None  # the limbs hold B: do not keep it twice
+            self._fixed_values[key][0] = None  # the prepared operand holds B: do not keep it twice
         value = op(a, b)  # C = A op B; the dealer never sees F
         self._emit(value, tuple(value.shape), RING)
         return [_meta(shape), _meta(value.shape), _meta(value.shape)]

@@ -215,8 +215,8 @@ class Role:
             requests = rec.requests
             self._remember(key, requests)
         self.ctx.corr.prepare_products(requests)
-        # Split this party's weight shares into float64 limbs now rather than in the first
-        # request's online phase (kept for every later request: ring.SplitOperand).
+        # Prepare this party's weight shares for the matmul kernel now rather than in the
+        # first request's online phase (kept for every later request: ring.SplitOperand).
         fixed = self.ctx.state.get(FIXED_OPERANDS, {})
         for key, _shape, op in requests:
             if op is ring_matmul and key in fixed:

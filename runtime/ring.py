@@ -20,10 +20,19 @@ additions and elementwise products of shares are native. Two things are not:
   A right operand used again and again (a party's share of a fixed weight) can be split
   once (`SplitOperand`): splitting a (768 x 3072) share costs about a quarter of one
   (128 x 768) @ (768 x 3072) product here, paid on every call otherwise.
+* Which of the two is faster depends on the CPU, so each process measures once
+  (`matmul_kernel`): on a core without AVX-512 (AMD family 23, where the figures above
+  were taken) the limbs win by 2-2.5x over torch's int64 matmul even with a column-major
+  right operand; on an AVX-512 core (AMD family 25, model 17) int64 with a column-major
+  right operand is 1.4-3.3x faster than the limbs (`benchmarks/gemm_peak.py`). Both are
+  exact mod 2^64, so parties may differ in their choice; `SECFORMER_RING_MATMUL=limbs` or
+  `=int64` fixes it.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,51 +101,111 @@ def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-class SplitOperand:
-    """A right operand of `ring_matmul` split once into float64 limbs, per chunk of K.
+_KERNEL: str | None = None  # "limbs" or "int64" once chosen (`matmul_kernel`)
+KERNEL_ENV = "SECFORMER_RING_MATMUL"
 
-    Holds 4 float64 values per element (three limbs and the sum of the two low ones: 32
-    bytes) and not the int64 tensor itself: a party keeps one of these per weight matrix
-    for the whole session, so the 8 bytes would be 20% more of its largest memory. `value`
-    rebuilds the int64 tensor exactly from the limbs when some other use needs it.
+
+def matmul_kernel() -> str:
+    """The exact ring product this process uses: "limbs" (five float64 GEMMs) or "int64"
+    (torch's int64 matmul, column-major right operand). Chosen on first use by timing both
+    on a (64 x 768) @ (768 x 768) product (about 0.1 s), unless $SECFORMER_RING_MATMUL says."""
+    global _KERNEL
+    if _KERNEL is None:
+        env = os.environ.get(KERNEL_ENV, "").strip().lower()
+        if env and env not in ("limbs", "int64"):
+            raise ValueError(f"{KERNEL_ENV}={env!r}: use 'limbs' or 'int64' (or unset it to measure)")
+        _KERNEL = env or _measure_kernels()
+    return _KERNEL
+
+
+def _measure_kernels() -> str:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-2 ** 62, 2 ** 62, (64, 768), generator=g)
+    b = torch.randint(-2 ** 62, 2 ** 62, (768, 768), generator=g)
+    limbs, cm = _split_limbs(b), _colmajor(b)
+
+    def best(fn) -> float:
+        fn()  # warm-up
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    t_limbs = best(lambda: _matmul_limbs(a, limbs))
+    t_int64 = best(lambda: torch.matmul(a, cm))
+    return "int64" if t_int64 < 0.9 * t_limbs else "limbs"
+
+
+def _colmajor(b: torch.Tensor) -> torch.Tensor:
+    """b with its last two dims stored column-major: torch's int64 matmul kernel is several
+    times faster with such a right operand (the values and the result are the same)."""
+    return b.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _split_limbs(b: torch.Tensor) -> tuple:
+    k = b.shape[-2]
+    return tuple(tuple(_limbs(b[..., s:s + _MAX_K_CHUNK, :])) for s in range(0, k, _MAX_K_CHUNK))
+
+
+def _matmul_limbs(a: torch.Tensor, chunks: tuple | None, b: torch.Tensor | None = None) -> torch.Tensor:
+    k = a.shape[-1]
+    acc = None
+    for i, s in enumerate(range(0, k, _MAX_K_CHUNK)):
+        la = _limbs(a[..., s:s + _MAX_K_CHUNK])
+        lb = chunks[i] if chunks is not None else _limbs(b[..., s:s + _MAX_K_CHUNK, :])
+        part = _combine(la, lb, torch.matmul)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+class SplitOperand:
+    """A right operand of `ring_matmul` prepared once for the process's kernel.
+
+    limbs: 4 float64 values per element, per chunk of K (three limbs and the sum of the two
+    low ones: 32 bytes); int64: the operand stored column-major (8 bytes). A party keeps one
+    of these per weight matrix for the whole session and not the plain int64 tensor beside
+    it. `value` gives the int64 operand back exactly when some other use needs it.
     """
 
-    __slots__ = ("shape", "chunks")
+    __slots__ = ("shape", "chunks", "colmajor")
 
     def __init__(self, value: torch.Tensor) -> None:
         if value.dim() < 2:
             raise ValueError(f"a matmul right operand needs 2 or more dims, got shape {tuple(value.shape)}")
         self.shape = value.shape
-        k = value.shape[-2]
-        self.chunks = tuple(tuple(_limbs(value[..., s:s + _MAX_K_CHUNK, :]))
-                            for s in range(0, k, _MAX_K_CHUNK))
+        if matmul_kernel() == "int64":
+            self.chunks, self.colmajor = None, _colmajor(value)
+        else:
+            self.chunks, self.colmajor = _split_limbs(value), None
 
     @property
     def value(self) -> torch.Tensor:
         """The int64 operand, l0 + l1 2^22 + l2 2^44 mod 2^64 (exact: the limbs are integers)."""
+        if self.colmajor is not None:
+            return self.colmajor.contiguous()
         parts = [(l0.to(torch.int64) + (l1.to(torch.int64) << _LIMB_BITS) + (l2.to(torch.int64) << (2 * _LIMB_BITS)))
                  for l0, l1, l2, _ in self.chunks]
         return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
 
 def ring_matmul(a: torch.Tensor, b: "torch.Tensor | SplitOperand") -> torch.Tensor:
-    """Exact (a @ b) mod 2^64 for int64 tensors (broadcasting like torch.matmul), via float64 limbs.
-
-    b may be a `SplitOperand` (its limbs computed once, ahead of the call)."""
+    """Exact (a @ b) mod 2^64 for int64 tensors (broadcasting like torch.matmul), with the
+    process's kernel (`matmul_kernel`). b may be a `SplitOperand` (prepared once, ahead)."""
     split = b if isinstance(b, SplitOperand) else None
     if split is not None:
         if a.device.type == "meta":
             return torch.matmul(a, torch.empty(split.shape, dtype=torch.int64, device="meta"))
     elif a.device.type == "meta" or b.device.type == "meta":
         return torch.matmul(a, b)
-    k = a.shape[-1]
-    acc = None
-    for i, s in enumerate(range(0, k, _MAX_K_CHUNK)):
-        la = _limbs(a[..., s:s + _MAX_K_CHUNK])
-        lb = split.chunks[i] if split is not None else _limbs(b[..., s:s + _MAX_K_CHUNK, :])
-        part = _combine(la, lb, torch.matmul)
-        acc = part if acc is None else acc + part
-    return acc
+    if split is not None:
+        if split.colmajor is not None:
+            return torch.matmul(a, split.colmajor)
+        return _matmul_limbs(a, split.chunks)
+    if matmul_kernel() == "int64":
+        return torch.matmul(a, _colmajor(b))
+    return _matmul_limbs(a, None, b)
 
 
 def _combine(la: list[torch.Tensor], lb: list[torch.Tensor], op: Callable) -> torch.Tensor:

@@ -133,12 +133,12 @@ class FixedOperand:
     key: str
     masked: torch.Tensor  # F = W - B (public)
     # this party's share of W re-based on the mask: B_i, plus F at P0. None once `split`
-    # holds it (a matmul operand keeps only its limbs: `share_value` rebuilds it)
+    # holds it (a matmul operand keeps only its prepared form: `share_value` rebuilds it)
     share: torch.Tensor | None
-    split: SplitOperand | None = None  # the share in float64 limbs, once it is a matmul operand
+    split: SplitOperand | None = None  # the share prepared for ring_matmul, once it is a matmul operand
 
     def split_share(self) -> SplitOperand | torch.Tensor:
-        """The share as a matmul right operand: split into limbs on first use, then reused
+        """The share as a matmul right operand: prepared (ring.SplitOperand) on first use, then reused
         by every later inference (ring.SplitOperand; meta shares are not split). The int64
         share is dropped then: for a BERT-base party that is 0.68 GB of 4."""
         if self.split is None:
@@ -149,7 +149,7 @@ class FixedOperand:
         return self.split
 
     def share_value(self) -> torch.Tensor:
-        """The int64 share (rebuilt from the limbs if only those are kept)."""
+        """The int64 share (rebuilt from the prepared operand if only that is kept)."""
         return self.share if self.share is not None else self.split.value
 
 
@@ -183,8 +183,9 @@ def mul_fixed(ctx: Context, x: torch.Tensor, w: FixedOperand) -> Protocol:
 def matmul_fixed(ctx: Context, x: torch.Tensor, w: FixedOperand) -> Protocol:
     """x @ W for a fixed secret W. One round, opens only x - a.
 
-    W_i's float64 limbs are kept from the first call on (`FixedOperand.split_share`): about
-    a quarter of the online product's time, for 3x the share's memory."""
+    W_i is kept prepared from the first call on (`FixedOperand.split_share`): with the
+    float64-limb kernel that saves about a quarter of the online product's time, for 3x
+    the share's memory; with the int64 kernel it is a column-major copy (no extra memory)."""
     return (yield from _beaver_fixed(ctx, x, w, ring_matmul, w.split_share()))
 
 

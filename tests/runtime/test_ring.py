@@ -5,7 +5,15 @@ import torch
 
 from secformer_compiler.runtime.packing import pack, packed_nbytes, unpack
 from secformer_compiler.runtime.prg import PRG
+from secformer_compiler.runtime import ring
 from secformer_compiler.runtime.ring import FixedPoint, SplitOperand, ring_matmul
+
+
+@pytest.fixture(params=["limbs", "int64"])
+def kernel(request, monkeypatch):
+    """Both exact ring products, whichever this machine's measurement would pick."""
+    monkeypatch.setattr(ring, "_KERNEL", request.param)
+    return request.param
 
 
 def test_encode_decode_negative_values_round_trip(seed):
@@ -30,14 +38,14 @@ def test_encode_rejects_overflow():
 
 
 @pytest.mark.parametrize("shapes", [((7, 33), (33, 5)), ((3, 8, 2100), (2100, 4)), ((2, 4, 9), (2, 9, 6)), ((5,), (5, 2))])
-def test_ring_matmul_exact_mod_2_64(shapes):
+def test_ring_matmul_exact_mod_2_64(shapes, kernel):
     g = PRG()
     a, b = g.ring(shapes[0]), g.ring(shapes[1])
     assert torch.equal(ring_matmul(a, b), torch.matmul(a, b))
 
 
 @pytest.mark.parametrize("shapes", [((7, 33), (33, 5)), ((3, 8, 4200), (4200, 4)), ((2, 4, 9), (2, 9, 6))])
-def test_split_operand_gives_the_same_product(shapes):
+def test_split_operand_gives_the_same_product(shapes, kernel):
     """A right operand split once into limbs (a fixed weight's share) gives the exact product,
     also across K chunks (4200 > 2 x 2048) and with batch dims, and can be reused."""
     g = PRG()
@@ -47,7 +55,21 @@ def test_split_operand_gives_the_same_product(shapes):
     a2 = g.ring(shapes[0])
     assert torch.equal(ring_matmul(a2, split), torch.matmul(a2, b))
     assert split.shape == b.shape
-    assert torch.equal(split.value, b)  # the limbs alone rebuild the operand exactly
+    assert torch.equal(split.value, b)  # the limbs (or the column-major copy) rebuild it exactly
+    assert (split.chunks is None) == (kernel == "int64")
+
+
+def test_kernel_choice_measured_or_fixed_by_environment(monkeypatch):
+    monkeypatch.setattr(ring, "_KERNEL", None)
+    monkeypatch.setenv(ring.KERNEL_ENV, "limbs")
+    assert ring.matmul_kernel() == "limbs"
+    monkeypatch.setattr(ring, "_KERNEL", None)
+    monkeypatch.setenv(ring.KERNEL_ENV, "gpu")
+    with pytest.raises(ValueError, match="'limbs' or 'int64'"):
+        ring.matmul_kernel()
+    monkeypatch.setattr(ring, "_KERNEL", None)
+    monkeypatch.delenv(ring.KERNEL_ENV)
+    assert ring.matmul_kernel() in ("limbs", "int64")  # measured on this machine
 
 
 def test_split_operand_rejects_a_vector():
@@ -55,13 +77,13 @@ def test_split_operand_rejects_a_vector():
         SplitOperand(torch.zeros(5, dtype=torch.int64))
 
 
-def test_ring_matmul_edge_values():
+def test_ring_matmul_edge_values(kernel):
     edge = torch.tensor([-2 ** 63, 2 ** 63 - 1, -1, 0, 1, 2 ** 62, -(2 ** 21), 2 ** 21 - 1])
     a = edge.repeat(8, 1)
     assert torch.equal(ring_matmul(a, a.t()), torch.matmul(a, a.t()))
 
 
-def test_ring_matmul_exact_at_the_limb_extremes():
+def test_ring_matmul_exact_at_the_limb_extremes(kernel):
     """Limbs at the bottom of their range make the Karatsuba factors (a0 + a1)(b0 + b1) as
     large as they get (2^22 each): a full K chunk (2048) of them is exact only because their
     product is summed over at most 512 terms at a time (1024 would pass 2^53 and round)."""
