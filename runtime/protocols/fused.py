@@ -60,6 +60,10 @@ class Round:
     which: list[int] = field(default_factory=list)  # value index of each opened entry
 
 
+def _meta(shape) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int64, device="meta")
+
+
 def as_pending(v: Pending | torch.Tensor) -> Pending:
     return v if isinstance(v, Pending) else Pending(v)
 
@@ -96,7 +100,15 @@ def fused_round(ctx: Context, values: Sequence[Pending | torch.Tensor], opened: 
     doms = list(out_doms) + [mod_dom(pend[i].k) for i in live]
     for i, _ in cross:
         doms += [mod_dom(pend[i].k)] * 3
-    shares = ctx.corr.correlated(sources, dealer, doms, zero_at_zero=True)
+    # the derived values' shapes, without running `dealer` on meta tensors in every role
+    mask_shapes = [tuple(pend[i].shape) for i in opened]
+    extra_shapes = ([tuple(t.shape) for t in derive(*[_meta(sh) for sh in mask_shapes])]
+                    if derive is not None else [])
+    mon_shapes = mask_shapes + extra_shapes
+    shapes = extra_shapes + [tuple(pend[i].shape) for i in live]
+    for i, j in cross:
+        shapes += [tuple(torch.broadcast_shapes(pend[i].shape, mon_shapes[j]))] * 3
+    shares = ctx.corr.correlated(sources, dealer, doms, zero_at_zero=True, out_shapes=shapes)
     masks = shares[:n_masks]
     bits = shares[n_masks:n_masks + 2 * len(live)]
     rest = shares[n_masks + 2 * len(live):]

@@ -146,7 +146,8 @@ def x_sine_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period
         return trig + [a * v for v in trig] + list(rs) + [r * a for r in rs]
 
     sources = [(x.shape, RING)] + [(x.shape, Dom("xor", 1))] * n_bits
-    out = ctx.corr.correlated(sources, derive, [RING] * (4 * k_max + 2 * n_bits))
+    n_out = 4 * k_max + 2 * n_bits
+    out = ctx.corr.correlated(sources, derive, [RING] * n_out, out_shapes=[x.shape] * n_out)
     a, r_xor = out[0], out[1:1 + n_bits]
     rest = out[1 + n_bits:]
     sins, coss = rest[:k_max], rest[k_max:2 * k_max]
