@@ -180,7 +180,8 @@ def combine(jobs: list[dict]) -> list[dict]:
 def machine() -> dict:
     import torch
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "processor": _cpu_name(), "torch": torch.__version__, "memory_gib": _mem_gib(),
+            "processor": _cpu_name(), "cpu_family_model": _cpu_family_model(), "avx512": _has_avx512(),
+            "torch": torch.__version__, "memory_gib": _mem_gib(),
             "load_average_1_5_15min_now": list(os.getloadavg())}
 
 
@@ -192,6 +193,26 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def _cpu_field(name: str) -> str | None:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.split(":", 1)[0].strip() == name:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_family_model() -> str | None:
+    """"family F model M": which core generation (the host can change between sessions)."""
+    fam, mod = _cpu_field("cpu family"), _cpu_field("model")
+    return f"family {fam} model {mod}" if fam and mod else None
+
+
+def _has_avx512() -> bool:
+    return "avx512f" in (_cpu_field("flags") or "").split()
 
 
 def _mem_gib() -> float | None:
