@@ -621,6 +621,11 @@ def findings(records: list[dict]) -> list[str]:
 NOTES = [
     "## Notes",
     "",
+    "- The `2pc` columns were measured with v0.2.0 and earlier. v0.3.0 (2026-11-27) changed which",
+    "  rounds the truncations use, fusing each with the next product's opening. It did not change",
+    "  the ring values a party computes: the simulator's fixed-point outputs are bit-identical, so the",
+    "  `simulate` columns stand. Real 2PC still differs from the simulator only by exact truncation's",
+    "  random 1-ulp carries. The `2pc` columns were not re-run.",
     "- Checkpoints live in `benchmarks/checkpoints/` (git-ignored; weights are not committed). Rebuild them",
     "  with the `finetune` and `distill` steps; everything is seeded (seed 0), but CPU thread scheduling",
     "  makes reruns agree only to float rounding.",

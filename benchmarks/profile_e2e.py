@@ -56,7 +56,7 @@ def _profiled(program, outdir, profile, ctx, *args):
 def categorize(path: str) -> dict:
     """Reduce a pstats file: exclusive time per category, top functions, per-op protocols."""
     st = pstats.Stats(path).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
-    cats = {"communication (gloo send/recv/wait)": 0.0, "matmul kernels (float64 limbs)": 0.0, "AES-CTR PRG": 0.0,
+    cats = {"communication (gloo send/recv/wait)": 0.0, "matmul kernels (ring products)": 0.0, "AES-CTR PRG": 0.0,
             "other torch kernels": 0.0, "Python (interpreter)": 0.0}
     ops: dict[str, float] = {}
     cum: dict[str, float] = {}
@@ -70,7 +70,7 @@ def categorize(path: str) -> dict:
             if any(k in low for k in ("wait", "recv", "send", "_distributed_c10d")):
                 cats["communication (gloo send/recv/wait)"] += tt
             elif any(k in low for k in ("matmul", "'mm'", "bmm", "addmm", "linear", "einsum", " mm ")):
-                cats["matmul kernels (float64 limbs)"] += tt
+                cats["matmul kernels (ring products)"] += tt
             elif "method 'update" in low:  # cryptography's CipherContext.update / update_into
                 cats["AES-CTR PRG"] += tt
             else:
@@ -110,7 +110,7 @@ class Profiled:
 # (label, key in protocols_cum_s / cumulative_s / top_by_self_time) of the table's rows
 TABLE_ROWS = [
     ("linear layers (Beaver matmul with the fixed weight, whole rule)", "proto", "mpc_interp.py:_linear"),
-    ("of which float64 limb matmul kernels (`torch.matmul`, all matmuls)", "self", "<built-in method torch.matmul>"),
+    ("of which ring matmul kernels (`torch.matmul`: int64 or float64 limbs, all matmuls)", "self", "<built-in method torch.matmul>"),
     ("of which limb splits (`ring._limbs`, all matmuls)", "self", "(_limbs)"),
     ("GeLU (whole protocol)", "proto", "nonlinear.py:gelu_secformer"),
     ("of which the two segment comparisons (`msb`)", "proto", "compare.py:msb"),

@@ -509,16 +509,19 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
          f"{mach['cpu_count']} cores ({mach['processor']}), {mach['memory_gib']} GiB, {mach['platform']}, "
          f"Python {mach['python']}, torch {mach['torch']}. One torch thread per party process; P0, P1 and the "
          "dealer (ours) or the two CrypTen parties are processes on this machine talking over loopback (gloo). "
-         "**The 2 cores are shared** with other jobs: the 2026-11-25 runs had a 1-minute load average of 3 to "
-         "10, the 2026-11-26 runs up to 13:00 UTC 4 to 7 (a GLUE 2PC accuracy job and other developers' tests "
-         "ran beside them); the 13:33-14:02 and 16:39-17:18 UTC series and the two 2026-11-26 evening series "
-         "(20:55-21:19, the current code, `results/e2e_notes.md`) had the machine to themselves (load 1.0 "
-         "to 2.6: their own 2 or 3 processes). Load slows CrypTen more than ours (its BERT-base run: 99.1 s "
-         "at 13:39 and 105.6 s at 16:56, against 257.0 s at load 3.9 at 10:37), and so does a slow spell of "
-         "the shared host that the load average does not show (126.5 s at 21:02, when the float probe ran "
-         "22% slower, and 112.6 s at 21:14 with a normal probe). So only same-time pairs give a time ratio, "
-         "and the pair with normal probes is the one to quote. Bytes and rounds are deterministic (ours: "
-         "asserted equal to the static cost model in every run).", "",
+         f"CPU {mach.get('cpu_family_model') or '?'}"
+         f"{', AVX-512' if mach.get('avx512') else ''}. "
+         "**The host changed between sessions**: every run up to 2026-11-26 22:03 UTC was on an AMD EPYC "
+         "of family 23 model 1 (Zen 1: no AVX-512, 128-bit FMA units), every run from 2026-11-26 23:41 on "
+         "an AMD EPYC of family 25 model 17 (Zen 4, AVX-512). CrypTen-SecFormer's BERT-base run went from "
+         "99.1-112.6 s to 35.9 s (its int64 matmuls gain most from AVX-512), ours less (ahead mode: 20.3 s "
+         "to 8.1 s), so time ratios of different hosts must not be compared; `results/e2e_notes.md` (ninth "
+         "series) has both. **The 2 cores are shared** with other jobs: the 2026-11-25 runs had a 1-minute "
+         "load average of 3 to 10, the 2026-11-26 runs up to 13:00 UTC 4 to 7; the later series had the "
+         "machine to themselves (load 1.0 to 2.6: their own 2 or 3 processes). Load slows CrypTen more than "
+         "ours, and so does a slow spell of the shared host that the load average does not show, so only "
+         "same-time pairs give a time ratio. Bytes and rounds are deterministic (ours: asserted equal to the "
+         "static cost model in every run).", "",
          "## Reproduce", "",
          "```bash",
          "bash benchmarks/crypten/setup.sh                      # CrypTen 0.4.1 in its own venv (once)",
@@ -631,7 +634,8 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                   f"{fmt_mib(sf['breakdown_party0']['gelu']['bytes_sent'])} MiB on CrypTen-SecFormer's side). "
                   f"Rounds are {rr:.2f}x CrypTen-SecFormer's: the same operator algorithms on both sides fix most "
                   f"rounds (LayerNorm, softmax and GeLU: ours {nl_o} against CrypTen's {nl_c}), and our matmuls take "
-                  f"2 rounds (the opening and an exact truncation) where CrypTen's take 1 (with 2 parties it "
+                  f"2 rounds (the opening and an exact truncation; 1 where the truncation shares the next op's "
+                  f"first round, `secformer_compiler/deferral.py`) where CrypTen's take 1 (with 2 parties it "
                   f"truncates locally, probabilistically): {mm_o} against {mm_c}, see the breakdown. Against CrypTen's "
                   f"own functions ({cr['crypten']['rounds']:,} rounds) the ratio is {ratio(b['rounds'], cr['crypten']['rounds']):.2f}."
                   if "crypten" in cr else "", ""]
