@@ -14,9 +14,11 @@ Beaver formulas use e becomes e~ plus a correction that is linear in AB:
     vm, uvm shared by the dealer mod 2^k (P's factor 2^(64-k) drops everything above);
   * P^i = 2^(i (64 - k)) AB (AB is a bit), zero once i (64 - k) >= 64;
   * P_x P_y for two different truncations needs (64 - kx) + (64 - ky) >= 64, i.e.
-    kx + ky <= 64 (then it vanishes mod 2^64); `product` checks this when it runs.
+    kx + ky <= 64 (then it vanishes mod 2^64); `product` refuses other pairs, and `settle`
+    finishes such a pair first, in a round of its own.
 The results are exactly those of truncating first and multiplying after (the same ring
-values), one round sooner.
+values), one round sooner. Across ops, secformer_compiler/deferral.py decides which
+producers hand their truncation to the next op this way.
 
 Security: what is sent is what the two rounds sent apart: base - mask with a fresh uniform
 ring mask, and the truncation's bits masked by fresh uniform bits.
