@@ -57,7 +57,6 @@ from ..context import Context
 from ..correlations import RING
 from ..messages import Protocol
 from . import fused
-from .arith import numel
 from .cost import Cost
 from .trunc import Pending, begin, begin_rescale, finish, trunc, trunc_cost
 
@@ -205,7 +204,6 @@ def reciprocal_core_cost(shape, mult: int, shift: int, iters: int, out_frac: int
     """Cost of `reciprocal_core` up to its pending result (whose round the caller counts).
 
     y0_k: the shift left pending on y0 (fused.pending_k; 0: y0 is finished)."""
-    n = numel(shape)
     fys = recip_fracs(f, mult, iters)
     if iters == 1:
         return fused.fused_round_cost((), [shape]) if y0_k else Cost()

@@ -28,7 +28,7 @@ from .compare import bit_mul, bit_mul_cost, gt_public, lt_public, msb_cost, not_
 from .cost import Cost
 from .fused import pending_k
 from .goldschmidt import (fixed_const, prescale_const, recip_fracs, reciprocal_core,
-                          reciprocal_core_cost, reciprocal_core_out_k, rescale_cost,
+                          reciprocal_core_cost, reciprocal_core_out_k,
                           rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
 from .sine import bits_times_x, bits_times_x_cost, x_sine_series, x_sine_series_cost
 from .trunc import Pending, begin, begin_rescale, finish, trunc, trunc_cost
