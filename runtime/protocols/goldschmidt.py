@@ -58,7 +58,7 @@ from ..correlations import RING
 from ..messages import Protocol
 from . import fused
 from .cost import Cost
-from .trunc import Pending, begin, begin_rescale, finish, trunc, trunc_cost
+from .trunc import Pending, begin, begin_rescale, finish, trunc_cost
 
 # Domains of p * y at f = 16 (low ends: overflow bounds, see the cores). Near the low end
 # the input's own resolution limits accuracy: relative 2^-(fy_0 + 1) / (p y) for the
@@ -116,17 +116,6 @@ def prescale_const(p: float) -> tuple[int, int]:
 def effective_prescale(p: float) -> float:
     mult, shift = prescale_const(p)
     return mult * 2.0 ** -shift
-
-
-def rescale(ctx: Context, v: torch.Tensor, frm: int, to: int) -> Protocol:
-    """Change the number of fractional bits: truncate (one round) or shift left (local)."""
-    if frm > to:
-        return (yield from trunc(ctx, v, frm - to))
-    return v << (to - frm) if to > frm else v
-
-
-def rescale_cost(shape, frm: int, to: int, mode: str) -> Cost:
-    return trunc_cost(shape, mode) if frm > to else Cost()
 
 
 # --- reciprocal -----------------------------------------------------------------------------
@@ -211,11 +200,7 @@ def reciprocal_core_cost(shape, mult: int, shift: int, iters: int, out_frac: int
     ky, kx = fused.pending_k(2 * fys[0] - fys[1], mode), 0
     xf, fy = fys[0] + shift, fys[1]
     for i in range(2, iters + 1):
-        settled = fused.settle_cost(shape, ky, shape, kx)
-        if settled.rounds:
-            ky = kx = 0
-        total = total + settled + fused.fused_round_cost(
-            [shape, shape], [shape for k in (ky, kx) if k])
+        total = total + fused.mul_cost(shape, ky, shape, kx)  # one product's round, settled
         if i == iters:
             return total
         ky = fused.pending_k(2 * fy - fys[i], mode)
@@ -345,11 +330,7 @@ def rsqrt_core_cost(shape, shift: int, iters: int, out_frac: int, f: int, mode: 
     kx, ky = fused.pending_k(2 * fx + 2, mode), 0
     yf = fx + shift + 1
     for i in range(2, iters + 1):
-        settled = fused.settle_cost(shape, kx, shape, ky)
-        if settled.rounds:
-            kx = ky = 0
-        total = total + settled + fused.fused_round_cost(
-            [shape, shape], [shape for k in (kx, ky) if k])
+        total = total + fused.mul_cost(shape, kx, shape, ky)  # one product's round, settled
         if i == iters:
             return total
         kx = fused.pending_k(2 * fx + 2, mode)

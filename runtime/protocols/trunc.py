@@ -98,7 +98,8 @@ def begin(ctx: Context, x: torch.Tensor, k: int, mode: str | None = None) -> Pen
 
 
 def begin_rescale(ctx: Context, v: torch.Tensor, frm: int, to: int) -> Pending:
-    """The local part of goldschmidt.rescale: a pending truncation, or a local shift."""
+    """v from frm to `to` fractional bits: a pending truncation when bits are dropped,
+    else a local left shift (nothing pending)."""
     if frm > to:
         return begin(ctx, v, frm - to)
     return Pending(v << (to - frm) if to > frm else v)
