@@ -30,7 +30,8 @@ from .transport import PeerError, Transport
 
 
 def _mask(t: torch.Tensor, bits: int) -> torch.Tensor:
-    return t if bits >= 64 else t & ((1 << bits) - 1)
+    # a narrower container (compare.py's carry-tree words) holds no bits above its width
+    return t if bits >= 64 or bits >= torch.iinfo(t.dtype).bits else t & ((1 << bits) - 1)
 
 
 class Engine:

@@ -62,6 +62,21 @@ def _ones(bits: int) -> int:
     return -1 if bits >= 64 else (1 << bits) - 1
 
 
+def _word_dtype(width: int) -> torch.dtype:
+    """The narrowest signed dtype that holds a carry tree's `width`-bit words.
+
+    Bitwise word ops are memory-bound: on 128x3072 words one tree level takes 6.5 ms in
+    int64, 2.3 ms in int32 and 0.6 ms in int16 here (the narrow tensors stay in cache).
+    The values and the bytes on the wire are the same whatever the container."""
+    return torch.int16 if width <= 16 else torch.int32 if width <= 32 else torch.int64
+
+
+def _const(c: int, dtype: torch.dtype) -> int:
+    """A bit pattern of the dtype's width as the signed integer torch accepts for it."""
+    bits = torch.iinfo(dtype).bits
+    return c - (1 << bits) if c >= 1 << (bits - 1) else c
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -87,7 +102,7 @@ def _index_reverse(x: torch.Tensor, width: int) -> torch.Tensor:
         for pos in range(width):
             if (pos >> i) & 1 and not (pos >> j) & 1:
                 m |= 1 << pos
-        t = (x ^ (x >> delta)) & m
+        t = (x ^ (x >> delta)) & _const(m, x.dtype)
         x = x ^ t ^ (t << delta)
     return x
 
@@ -99,14 +114,17 @@ def _concat_opening(count: int, numel_: int, h: int) -> bool:
 
 def _open_words(words: list[torch.Tensor], h: int) -> Protocol:
     """Open XOR-shared h-bit words in one round, concatenated when that is cheaper."""
+    dt = words[0].dtype
     if not _concat_opening(len(words), words[0].numel(), h):
-        return list((yield from open_xor(*words, bits=h)))
+        return [o.to(dt) for o in (yield from open_xor(*words, bits=h))]
+    if len(words) * h >= torch.iinfo(dt).bits:  # the concatenated word needs a wider container
+        words = [w.to(torch.int64) for w in words]
     cat = words[0]
     for i, w in enumerate(words[1:], 1):
         cat = cat | (w << (i * h))
     (o,) = yield from open_xor(cat, bits=len(words) * h)
     m = _ones(h)
-    return [(o >> (i * h)) & m for i in range(len(words))]
+    return [((o >> (i * h)) & m).to(dt) for i in range(len(words))]
 
 
 def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
@@ -118,6 +136,11 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
     shape = mine.shape
     width = _pow2_at_least(n)
     k = width - n
+    # The words live in the narrowest container (_word_dtype); the dealer's draws arrive
+    # as int64 and are narrowed (bit patterns kept), openings are narrowed on receipt.
+    dt = _word_dtype(width)
+    dbits = torch.iinfo(dt).bits
+    mine = mine.to(dt)
     # Pad with k identity elements at the low end: G = a & b = 0 there because b's pad is
     # 0, and P = a ^ b = 1 because P0 sets its pad bits to 1.
     mine = mine << k
@@ -131,8 +154,10 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
     u, v, w = ctx.corr.correlated(
         [(shape, Dom("xor", width, owner=0)), (shape, Dom("xor", width, owner=1))],
         lambda u, v: [u & v], [Dom("xor", width)])
+    u, v, w = u.to(dt), v.to(dt), w.to(dt)
     own_mask = u if ctx.party == P0 else v
     (theirs,) = yield from swap(mine ^ own_mask, bits=width)
+    theirs = theirs.to(dt)
     g = ((mine & theirs) if ctx.party == P0 else (theirs & v)) ^ w
     p = mine
 
@@ -141,13 +166,15 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
         h = width // 2
         m = _ones(h)
         last = h == 1
-        # >> is arithmetic: only a 64-bit word can carry a sign bit into the high half.
-        p_hi = (p >> h) & m if width == 64 else p >> h
-        g_hi = (g >> h) & m if width == 64 else g >> h
+        # >> is arithmetic: only a word as wide as its container can carry a sign bit into
+        # the high half.
+        p_hi = (p >> h) & m if width == dbits else p >> h
+        g_hi = (g >> h) & m if width == dbits else g >> h
         ys = [g & m] if last else [g & m, p & m]
         triple = ctx.corr.correlated(
             [(shape, Dom("xor", h))] * (1 + len(ys)),
             lambda a, *bs: [a & b for b in bs], [Dom("xor", h)] * len(ys))
+        triple = [t.to(dt) for t in triple]
         a, bs, cs = triple[0], triple[1:1 + len(ys)], triple[1 + len(ys):]
         for y, b in zip(ys, bs):
             y ^= b  # y is a fresh temporary: open y ^ B in place
@@ -166,7 +193,7 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
         if not last:
             p = ands[1]
         width = h
-    return g
+    return g.to(torch.int64)
 
 
 def _carry_bytes(numel_: int, n: int) -> int:
