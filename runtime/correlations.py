@@ -93,7 +93,8 @@ class Correlations(ABC):
     def correlated(self, sources: Sequence[Source], derive: Derive | None = None,
                    out_doms: Sequence[Dom] = (),
                    keep: str | None = None, zero_at_zero: bool = False,
-                   out_shapes: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+                   out_shapes: Sequence[Sequence[int]] | None = None,
+                   dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
         """Shares of the sources, then of `derive(*sources)` (one per out_dom).
 
         keep: remember these sources under a key so `fixed_product` can use them (a fixed
@@ -101,6 +102,9 @@ class Correlations(ABC):
         zero_at_zero: derive(0, ...) is 0 (Beaver products); lets the simulator skip it.
         out_shapes: the derived values' shapes when the caller knows them: spares running
         `derive` on meta tensors (a few dozen microseconds per op, paid by every role).
+        dtype: the container of the returned shares (every domain must fit it): int16 or
+        int32 for the comparisons' narrow words, drawn and received without an int64 copy.
+        `derive` always sees int64 values (the dealer computes in int64).
         """
         self._zero_at_zero = zero_at_zero
         if keep is not None:
@@ -117,10 +121,15 @@ class Correlations(ABC):
         if derive is not None:
             if len(out_shapes) != len(out_doms):
                 raise ValueError("derive returned a different number of values than out_doms")
-        return self._draw(sources, derive, out_doms, out_shapes, keep)
+        if dtype != torch.int64:
+            width = torch.iinfo(dtype).bits
+            if any(d.bits > width for _, d in sources) or any(d.bits > width for d in out_doms):
+                raise ValueError(f"correlated: a domain is wider than the {dtype} container")
+        return self._draw(sources, derive, out_doms, out_shapes, keep, dtype)
 
     @abstractmethod
-    def _draw(self, sources, derive, out_doms, out_shapes, keep) -> list[torch.Tensor]:
+    def _draw(self, sources, derive, out_doms, out_shapes, keep,
+              dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
         """Produce this role's shares (see `correlated`)."""
 
     def publish(self, key: str, masked: torch.Tensor) -> None:
@@ -205,21 +214,21 @@ class PartyCorrelations(Correlations):
         self._buf, self._pos = (torch.cat([rest, chunk]) if rest.numel() else chunk), 0
         return True
 
-    def _draw(self, sources, derive, out_doms, out_shapes, keep):
+    def _draw(self, sources, derive, out_doms, out_shapes, keep, dtype=torch.int64):
         out = []
         for shape, dom in sources:
             if dom.owner is None or dom.owner == self.party:
-                out.append(self.prg.ring(shape, dom.bits))
+                out.append(self.prg.ring(shape, dom.bits, dtype))
             else:
-                out.append(torch.zeros(tuple(shape), dtype=torch.int64))
+                out.append(torch.zeros(tuple(shape), dtype=dtype))
         for shape, dom in zip(out_shapes, out_doms):
             if self.party == 0:
-                out.append(self.prg.ring(shape, dom.bits))
+                out.append(self.prg.ring(shape, dom.bits, dtype))
             else:
-                out.append(self._take(shape, dom.bits))
+                out.append(self._take(shape, dom.bits, dtype))
         return out
 
-    def _take(self, shape: Shape, bits: int) -> torch.Tensor:
+    def _take(self, shape: Shape, bits: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         n = packed_nbytes(int(torch.Size(shape).numel()), bits)
         while (self._buf is None or self._pos + n > self._buf.numel()) and self._next_chunk():
             pass
@@ -229,7 +238,7 @@ class PartyCorrelations(Correlations):
                 "(check that all roles compiled the same artifact)")
         chunk = self._buf[self._pos:self._pos + n]
         self._pos += n
-        return unpack(chunk, shape, bits)
+        return unpack(chunk, shape, bits, dtype)
 
 
 class DealerCorrelations(Correlations):
@@ -285,7 +294,8 @@ class DealerCorrelations(Correlations):
         self.corrections, self._pending = [], 0
         return buf
 
-    def _draw(self, sources, derive, out_doms, out_shapes, keep):
+    def _draw(self, sources, derive, out_doms, out_shapes, keep, dtype=torch.int64):
+        # the dealer computes in int64 whatever container the parties use (same bit patterns)
         if self._log is not None:
             self._log.append(("draw", sources, derive, out_doms, out_shapes, keep))
         secrets = []
@@ -333,7 +343,7 @@ class DealerCorrelations(Correlations):
 class ClearCorrelations(Correlations):
     """The simulator's view: all sources zero, derived values held entirely by P0."""
 
-    def _draw(self, sources, derive, out_doms, out_shapes, keep):
+    def _draw(self, sources, derive, out_doms, out_shapes, keep, dtype=torch.int64):
         zeros = [torch.zeros(tuple(s), dtype=torch.int64) for s, _ in sources]
         derived = []
         if derive is not None and self._zero_at_zero:
@@ -342,7 +352,7 @@ class ClearCorrelations(Correlations):
             for value, dom in zip(derive(*zeros), out_doms):
                 v = value.to(torch.int64)
                 derived.append(v if dom.bits >= 64 else v & ((1 << dom.bits) - 1))
-        return zeros + derived
+        return [t.to(dtype) for t in zeros + derived]
 
     def fixed_product(self, shape, key, op):
         out = self._product_shape(shape, key, op)
@@ -360,7 +370,7 @@ class RecordingCorrelations(Correlations):
         self._fixed_shapes = dict(like._fixed_shapes)
         self.requests: list[tuple[str, Shape, Op]] = []
 
-    def _draw(self, sources, derive, out_doms, out_shapes, keep):
+    def _draw(self, sources, derive, out_doms, out_shapes, keep, dtype=torch.int64):
         return [_meta(s) for s, _ in sources] + [_meta(s) for s in out_shapes]
 
     def fixed_product(self, shape, key, op):

@@ -100,7 +100,9 @@ class Engine:
             res = []
             for t in m.tensors:
                 n = packed_nbytes(t.numel(), m.bits)
-                theirs = unpack(buf[pos:pos + n], t.shape, m.bits)
+                # the container of what was sent (int16 / int32 for narrow comparison words)
+                theirs = unpack(buf[pos:pos + n], t.shape, m.bits,
+                                t.dtype if t.dtype in (torch.int16, torch.int32) else torch.int64)
                 pos += n
                 if m.kind == ADD:
                     res.append(_mask(t + theirs, m.bits))

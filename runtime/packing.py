@@ -44,16 +44,25 @@ def pack(t: torch.Tensor, bits: int) -> torch.Tensor:
     return flat.to(wire_dtype(bits)).contiguous().view(torch.uint8)
 
 
-def unpack(buf: torch.Tensor, shape: torch.Size | tuple[int, ...], bits: int) -> torch.Tensor:
-    """Inverse of `pack`: returns int64 values in [0, 2^bits) (full int64 when bits == 64)."""
+def unpack(buf: torch.Tensor, shape: torch.Size | tuple[int, ...], bits: int,
+           dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of `pack`: values in [0, 2^bits) (full int64 when bits == 64) in `dtype`.
+
+    dtype: a signed container of at least `bits` bits (int16 / int32 for the comparisons'
+    narrow words, compare.py); a value that fills its container comes back as that bit
+    pattern (negative when its top bit is set)."""
     numel = math.prod(shape)
+    if bits > torch.iinfo(dtype).bits:
+        raise ValueError(f"unpack: {bits}-bit values do not fit {dtype}")
     if bits == 1:
         b = (buf.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-        return b.reshape(-1)[:numel].to(torch.int64).reshape(shape)
+        return b.reshape(-1)[:numel].to(dtype).reshape(shape)
     dt = wire_dtype(bits)
     if buf.storage_offset() % torch.empty((), dtype=dt).element_size():
         buf = buf.clone()  # a slice of a larger stream may be misaligned for a wider view
-    t = buf.view(dt).to(torch.int64).reshape(shape)
-    if bits < 64:
+    t = buf.view(dt).reshape(shape)
+    if dt != dtype:
+        t = t.to(dtype)  # widening a signed wire word sign-extends: the mask below clears it
+    if bits < torch.iinfo(dtype).bits:
         t = t & ((1 << bits) - 1)
     return t

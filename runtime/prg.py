@@ -58,23 +58,32 @@ class PRG:
         del buf[n:]
         return buf
 
-    def ring(self, shape: tuple[int, ...] | torch.Size, bits: int = 64) -> torch.Tensor:
+    def ring(self, shape: tuple[int, ...] | torch.Size, bits: int = 64,
+             dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """Uniform int64 tensor; for bits < 64, uniform in [0, 2^bits).
 
         A value of `bits` bits is the low bits of the fewest whole keystream bytes that hold
         it (1, 2, 4 or 8 per element): the carry tree's narrow words, bit shares and 33-bit
         comparison masks are most of what a party draws, and at 8 bytes each most of the
-        AES output was thrown away. Both ends of a shared seed draw the same way."""
+        AES output was thrown away. Both ends of a shared seed draw the same way.
+
+        dtype: the container (a signed int dtype of at least `bits` bits; int64 by default).
+        The value's bit pattern is the same in every container, so a draw into int16 equals
+        the int64 one mod 2^16: the comparisons keep their words narrow (compare.py)."""
+        if bits > torch.iinfo(dtype).bits:
+            raise ValueError(f"PRG.ring: {bits}-bit values do not fit {dtype}")
         n = 1
         for s in shape:
             n *= int(s)
         if n == 0:
-            return torch.zeros(shape, dtype=torch.int64)
+            return torch.zeros(shape, dtype=dtype)
         width = _WIDTH[min(bits, 64)]
-        t = torch.frombuffer(self.bytes(width * n), dtype=_DTYPE[width]).reshape(shape)
-        if width < 8:
-            t = t.to(torch.int64)  # unsigned widths: already in [0, 2^(8 width))
-        if bits < 8 * width:
+        raw = _DTYPE[width] if dtype == torch.int64 else _SIGNED.get(width, _DTYPE[width])
+        t = torch.frombuffer(self.bytes(width * n), dtype=raw).reshape(shape)
+        signed = raw.is_signed  # a signed word may carry (sign-extended) bits above `bits`
+        if t.dtype != dtype:
+            t = t.to(dtype)  # an unsigned width is already in [0, 2^(8 width))
+        if bits < torch.iinfo(dtype).bits and (signed or bits < 8 * width):
             t = t & ((1 << bits) - 1)
         return t
 
@@ -82,3 +91,5 @@ class PRG:
 # keystream bytes per element for a draw of b bits, and the dtype that reads them
 _WIDTH = {b: 1 if b <= 8 else 2 if b <= 16 else 4 if b <= 32 else 8 for b in range(1, 65)}
 _DTYPE = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.int64}
+# the same keystream bytes read as a narrow signed container holds them (no widening copy)
+_SIGNED = {2: torch.int16, 4: torch.int32}

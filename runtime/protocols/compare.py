@@ -153,8 +153,8 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
     # (P1), so the word each party receives is one-time padded.
     u, v, w = ctx.corr.correlated(
         [(shape, Dom("xor", width, owner=0)), (shape, Dom("xor", width, owner=1))],
-        lambda u, v: [u & v], [Dom("xor", width)])
-    u, v, w = u.to(dt), v.to(dt), w.to(dt)
+        lambda u, v: [u & v], [Dom("xor", width)], dtype=dt)
+    u, v, w = u.to(dt), v.to(dt), w.to(dt)  # no-ops but at the dealer (meta int64)
     own_mask = u if ctx.party == P0 else v
     (theirs,) = yield from swap(mine ^ own_mask, bits=width)
     theirs = theirs.to(dt)
@@ -173,7 +173,7 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
         ys = [g & m] if last else [g & m, p & m]
         triple = ctx.corr.correlated(
             [(shape, Dom("xor", h))] * (1 + len(ys)),
-            lambda a, *bs: [a & b for b in bs], [Dom("xor", h)] * len(ys))
+            lambda a, *bs: [a & b for b in bs], [Dom("xor", h)] * len(ys), dtype=dt)
         triple = [t.to(dt) for t in triple]
         a, bs, cs = triple[0], triple[1:1 + len(ys)], triple[1 + len(ys):]
         for y, b in zip(ys, bs):

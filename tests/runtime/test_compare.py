@@ -333,3 +333,36 @@ def test_wire_values_are_uniform_for_a_constant_input(cluster, seed, bits):
             for k in range(width):
                 freq = ((t >> k) & 1).double().mean().item()
                 assert 0.44 < freq < 0.56, (width, k, freq)
+
+
+def test_correlated_shares_in_a_narrow_container_match_int64(cluster):
+    """`correlated(..., dtype=int16)`: both parties get int16 shares of the sources and
+    derived values (P0 from its seed, P1 from the dealer's corrections), and they combine
+    to the dealer's value; a domain wider than the container is refused."""
+    from secformer_compiler.runtime.correlations import Dom
+
+    def prog(ctx, dtype):
+        u, v, w = ctx.corr.correlated(
+            [((5, 7), Dom("xor", 16, owner=0)), ((5, 7), Dom("xor", 16, owner=1))],
+            lambda u, v: [u & v], [Dom("xor", 16)], dtype=dtype)
+        a, b, c = ctx.corr.correlated([((5, 7), Dom("xor", 4))] * 2, lambda a, b: [a & b],
+                                      [Dom("xor", 4)], dtype=dtype)
+        return [t.to(torch.int64) for t in (u, v, w, a, b, c)], [t.dtype for t in (u, w, c)]
+        yield
+
+    (n0, d0), (n1, d1), _ = cluster.run(prog, (torch.int16,))
+    assert set(d0) == set(d1) == {torch.int16}
+    m16 = (1 << 16) - 1
+    u, v = n0[0] & m16, n1[1] & m16
+    assert torch.equal((n0[2] ^ n1[2]) & m16, u & v)  # w0 ^ w1 = u & v
+    a, b = n0[3] ^ n1[3], n0[4] ^ n1[4]
+    assert torch.equal(n0[5] ^ n1[5], a & b)
+    with pytest.raises(ValueError, match="wider than"):
+        cluster.run(lambda ctx: (yield from _wide(ctx)))
+
+
+def _wide(ctx):
+    from secformer_compiler.runtime.correlations import Dom
+    ctx.corr.correlated([((3,), Dom("xor", 20))], dtype=torch.int16)
+    return None
+    yield

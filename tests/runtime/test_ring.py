@@ -163,3 +163,29 @@ def test_prg_narrow_draws_take_the_fewest_keystream_bytes(bits, width):
     counts = torch.bincount(top, minlength=1 << min(bits, 3)).double()
     p = 1 / counts.numel()
     assert (counts / n - p).abs().max() < 6 * (p * (1 - p) / n) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+@pytest.mark.parametrize("bits", [1, 3, 8, 12, 15, 16, 21, 32])
+def test_narrow_containers_hold_the_same_bit_patterns(bits, dtype):
+    """PRG draws and unpacked wire values in an int16 / int32 container equal the int64 ones
+    mod 2^bits (what the comparisons' narrow words rely on); a value that fills the
+    container is its bit pattern (negative when the top bit is set)."""
+    width = torch.iinfo(dtype).bits
+    if bits > width:
+        with pytest.raises(ValueError, match="do not fit"):
+            PRG().ring((4,), bits, dtype)
+        with pytest.raises(ValueError, match="do not fit"):
+            unpack(pack(PRG().ring((4,), bits), bits), (4,), bits, dtype)
+        return
+    s = b"0123456789abcdef"
+    wide = PRG(s).ring((3, 1001), bits)
+    narrow = PRG(s).ring((3, 1001), bits, dtype)
+    assert narrow.dtype == dtype
+    m = (1 << bits) - 1
+    assert torch.equal(narrow.to(torch.int64) & m, wide)
+    if bits < width:  # in range, no stray high bits
+        assert int(narrow.min()) >= 0 and int(narrow.max()) <= m
+    back = unpack(pack(narrow, bits), wide.shape, bits, dtype)
+    assert back.dtype == dtype and torch.equal(back, narrow)
+    assert torch.equal(unpack(pack(wide, bits), wide.shape, bits), wide)  # int64 as before
