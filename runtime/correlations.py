@@ -46,12 +46,14 @@ class Dom:
     owner: int | None = None
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = a + b if self.kind == "add" else a ^ b
-        return out if self.bits >= 64 else out & ((1 << self.bits) - 1)
+        return self._reduce(a + b if self.kind == "add" else a ^ b)
 
     def split(self, value: torch.Tensor, share0: torch.Tensor) -> torch.Tensor:
-        out = value - share0 if self.kind == "add" else value ^ share0
-        return out if self.bits >= 64 else out & ((1 << self.bits) - 1)
+        return self._reduce(value - share0 if self.kind == "add" else value ^ share0)
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        # a container exactly `bits` wide (int16 / int32 comparison words) needs no mask
+        return t if self.bits >= torch.iinfo(t.dtype).bits else t & ((1 << self.bits) - 1)
 
 
 RING = Dom("add", 64)
@@ -104,7 +106,7 @@ class Correlations(ABC):
         `derive` on meta tensors (a few dozen microseconds per op, paid by every role).
         dtype: the container of the returned shares (every domain must fit it): int16 or
         int32 for the comparisons' narrow words, drawn and received without an int64 copy.
-        `derive` always sees int64 values (the dealer computes in int64).
+        The dealer's `derive` sees the sources in that container too (bit operations).
         """
         self._zero_at_zero = zero_at_zero
         if keep is not None:
@@ -295,13 +297,14 @@ class DealerCorrelations(Correlations):
         return buf
 
     def _draw(self, sources, derive, out_doms, out_shapes, keep, dtype=torch.int64):
-        # the dealer computes in int64 whatever container the parties use (same bit patterns)
+        # the dealer computes in the parties' container: the same bit patterns, and the
+        # comparisons' narrow words cost it as little as them
         if self._log is not None:
-            self._log.append(("draw", sources, derive, out_doms, out_shapes, keep))
+            self._log.append(("draw", sources, derive, out_doms, out_shapes, keep, dtype))
         secrets = []
         for shape, dom in sources:
-            s0 = self.prg0.ring(shape, dom.bits) if dom.owner in (None, 0) else None
-            s1 = self.prg1.ring(shape, dom.bits) if dom.owner in (None, 1) else None
+            s0 = self.prg0.ring(shape, dom.bits, dtype) if dom.owner in (None, 0) else None
+            s1 = self.prg1.ring(shape, dom.bits, dtype) if dom.owner in (None, 1) else None
             if s0 is None:
                 secrets.append(s1)
             elif s1 is None:
@@ -312,13 +315,14 @@ class DealerCorrelations(Correlations):
             self._fixed_values[keep] = secrets
         if derive is not None:
             for value, shape, dom in zip(derive(*secrets), out_shapes, out_doms):
-                self._emit(value, shape, dom)
+                self._emit(value, shape, dom, dtype)
         return [_meta(s) for s, _ in sources] + [_meta(s) for s in out_shapes]
 
-    def _emit(self, value: torch.Tensor, shape: Shape, dom: Dom) -> None:
+    def _emit(self, value: torch.Tensor, shape: Shape, dom: Dom,
+              dtype: torch.dtype = torch.int64) -> None:
         """P1's correction for a derived value: value - P0's share drawn from P0's seed."""
-        share0 = self.prg0.ring(shape, dom.bits)
-        corr = pack(dom.split(value.to(torch.int64), share0), dom.bits)
+        share0 = self.prg0.ring(shape, dom.bits, dtype)
+        corr = pack(dom.split(value.to(dtype), share0), dom.bits)
         self.corrections.append(corr)
         self.correction_bytes += corr.numel()
         self._pending += corr.numel()

@@ -254,7 +254,8 @@ class Role:
             self.engine.run(program(self.ctx, *meta_like(args)))
         finally:
             corr.stop_recording()
-        if not any(e[0] == "draw" and e[-1] is not None for e in log):
+        # ("draw", sources, derive, out_doms, out_shapes, keep, dtype): index 5 is `keep`
+        if not any(e[0] == "draw" and e[5] is not None for e in log):
             self._remember(key, log)
 
     def run(self, program: Callable[..., Protocol], *args: Any) -> Any:
