@@ -26,6 +26,14 @@ shuffles an interleaved layout would need (about 6 word ops per level instead of
 Where the level's width is tiny, the three opened words are concatenated into one word
 when that packs into fewer bytes (three 4-bit values: one int16 instead of three uint8).
 
+Containers. The words live in the narrowest signed dtype that holds the padded width (int16
+up to 16 bits, int32 up to 32, else int64; `_word_dtype`), and so do their masks: the PRG
+draws them, P1 unpacks the dealer's corrections, the engine unpacks openings and the dealer
+derives its triples all in that container (`Correlations.correlated(..., dtype=...)`). The
+bit patterns, the bytes on the wire and the cost are those of int64 words; only memory
+traffic changes. GeLU's two 17-bit comparisons on 128x3072 took P0 about 165 ms of CPU in
+int64 and about 60 ms so (benchmarks/profile_e2e.py: 0.29 s to 0.06 s per 2 BERT-base layers).
+
 Security: everything a party receives is a value XORed with a fresh uniform mask from the
 dealer (u, v, A, B1, B2, r): level 0 hands the peer a ^ u with u known only to its sender;
 every other opening is of a value masked by a fresh uniformly shared triple element.
