@@ -366,3 +366,24 @@ def _wide(ctx):
     ctx.corr.correlated([((3,), Dom("xor", 20))], dtype=torch.int16)
     return None
     yield
+
+
+@pytest.mark.parametrize("bits", [64, 17])
+def test_msb_with_the_dealer_stream_in_tiny_chunks(monkeypatch, seed, bits):
+    """P1 reads the comparison's narrow corrections across 61-byte chunks: items straddle
+    several chunks (only the straddling item is copied), and the answer is unchanged."""
+    from secformer_compiler.runtime.correlations import DealerCorrelations
+    monkeypatch.setattr(DealerCorrelations, "default_chunk_bytes", 61)
+    cluster = LocalCluster(FX)
+    x = _in_range(bits, 999)
+    shape = x.shape
+
+    def program(ctx, x):
+        s = yield from arith.share(ctx, x, 0, shape)
+        b = yield from cmp.msb(ctx, s, bits)
+        return (yield from open_xor(b, bits=1))[0]
+
+    got = _check_2pc_and_clear(cluster, program, x)
+    assert torch.equal(got, (x < 0).long())
+    got = _check_2pc_and_clear(cluster, program, x)  # a second program on the same session
+    assert torch.equal(got, (x < 0).long())
