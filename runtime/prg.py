@@ -60,7 +60,8 @@ class PRG:
 
     def ring(self, shape: tuple[int, ...] | torch.Size, bits: int = 64,
              dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """Uniform int64 tensor; for bits < 64, uniform in [0, 2^bits).
+        """Uniform tensor (int64 unless `dtype` says otherwise); for bits < 64, uniform in
+        [0, 2^bits), or that bit pattern where it fills a narrower signed container.
 
         A value of `bits` bits is the low bits of the fewest whole keystream bytes that hold
         it (1, 2, 4 or 8 per element): the carry tree's narrow words, bit shares and 33-bit

@@ -144,8 +144,9 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
     shape = mine.shape
     width = _pow2_at_least(n)
     k = width - n
-    # The words live in the narrowest container (_word_dtype); the dealer's draws arrive
-    # as int64 and are narrowed (bit patterns kept), openings are narrowed on receipt.
+    # The words live in the narrowest container (_word_dtype): masks and triples are drawn
+    # in it (correlated(dtype=...)) and openings are unpacked into it; the .to(dt) of
+    # drawn and received values below are no-ops except on the dealer's meta placeholders.
     dt = _word_dtype(width)
     dbits = torch.iinfo(dt).bits
     mine = mine.to(dt)
