@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .packing import pack, packed_nbytes, unpack
+from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG
 from .ring import SplitOperand, ring_matmul
 
@@ -46,14 +46,10 @@ class Dom:
     owner: int | None = None
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self._reduce(a + b if self.kind == "add" else a ^ b)
+        return mask_bits(a + b if self.kind == "add" else a ^ b, self.bits)
 
     def split(self, value: torch.Tensor, share0: torch.Tensor) -> torch.Tensor:
-        return self._reduce(value - share0 if self.kind == "add" else value ^ share0)
-
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        # a container exactly `bits` wide (int16 / int32 comparison words) needs no mask
-        return t if self.bits >= torch.iinfo(t.dtype).bits else t & ((1 << self.bits) - 1)
+        return mask_bits(value - share0 if self.kind == "add" else value ^ share0, self.bits)
 
 
 RING = Dom("add", 64)
@@ -365,8 +361,7 @@ class ClearCorrelations(Correlations):
             derived = [torch.zeros(s, dtype=torch.int64) for s in out_shapes]
         elif derive is not None:
             for value, dom in zip(derive(*zeros), out_doms):
-                v = value.to(torch.int64)
-                derived.append(v if dom.bits >= 64 else v & ((1 << dom.bits) - 1))
+                derived.append(mask_bits(value.to(torch.int64), dom.bits))
         return [t.to(dtype) for t in zeros + derived]
 
     def fixed_product(self, shape, key, op):

@@ -22,16 +22,11 @@ import torch
 from .context import CLEAR, DEALER, DEALER_MODE, P0, P1, PARTY, ROLE_NAMES, Context, clear_context
 from .correlations import DealerCorrelations, PartyCorrelations, RecordingCorrelations
 from .messages import ADD, SWAP, XOR, Counter, Msg, Protocol
-from .packing import pack, packed_nbytes, unpack
+from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG, new_seed
 from .protocols.arith import FIXED_OPERANDS
 from .ring import FixedPoint, ring_matmul
 from .transport import PeerError, Transport
-
-
-def _mask(t: torch.Tensor, bits: int) -> torch.Tensor:
-    # a narrower container (compare.py's carry-tree words) holds no bits above its width
-    return t if bits >= 64 or bits >= torch.iinfo(t.dtype).bits else t & ((1 << bits) - 1)
 
 
 class Engine:
@@ -77,7 +72,7 @@ class Engine:
             if m.kind == SWAP:
                 out.append([torch.zeros_like(t) for t in m.tensors])
             else:
-                out.append([_mask(t, m.bits) for t in m.tensors])
+                out.append([mask_bits(t, m.bits) for t in m.tensors])
         return out
 
     def _step_party(self, msgs: list[Msg]) -> list:
@@ -87,7 +82,7 @@ class Engine:
         chunks, nbytes = [], 0
         for m in msgs:
             if m.sends(me):
-                chunks += [pack(_mask(t, m.bits), m.bits) for t in m.tensors]
+                chunks += [pack(mask_bits(t, m.bits), m.bits) for t in m.tensors]
             if m.receives(me):
                 nbytes += sum(packed_nbytes(t.numel(), m.bits) for t in m.tensors)
         payload = torch.cat(chunks) if chunks else None
@@ -105,9 +100,9 @@ class Engine:
                                 t.dtype if t.dtype in (torch.int16, torch.int32) else torch.int64)
                 pos += n
                 if m.kind == ADD:
-                    res.append(_mask(t + theirs, m.bits))
+                    res.append(mask_bits(t + theirs, m.bits))
                 elif m.kind == XOR:
-                    res.append(_mask(t ^ theirs, m.bits))
+                    res.append(mask_bits(t ^ theirs, m.bits))
                 else:
                     res.append(theirs)
             out.append(res)

@@ -31,6 +31,12 @@ def packed_nbytes(numel: int, bits: int) -> int:
     return numel * torch.empty((), dtype=wire_dtype(bits)).element_size()
 
 
+def mask_bits(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """t mod 2^bits as a bit pattern: the low `bits` bits, unchanged when the container is
+    no wider than that (int64 at 64 bits, int16 / int32 for narrow comparison words)."""
+    return t if bits >= 64 or bits >= torch.iinfo(t.dtype).bits else t & ((1 << bits) - 1)
+
+
 def pack(t: torch.Tensor, bits: int) -> torch.Tensor:
     """int64 values in [0, 2^bits) (or any int64 when bits == 64) -> flat uint8 buffer."""
     flat = t.reshape(-1)
@@ -62,7 +68,5 @@ def unpack(buf: torch.Tensor, shape: torch.Size | tuple[int, ...], bits: int,
         buf = buf.clone()  # a slice of a larger stream may be misaligned for a wider view
     t = buf.view(dt).reshape(shape)
     if dt != dtype:
-        t = t.to(dtype)  # widening a signed wire word sign-extends: the mask below clears it
-    if bits < torch.iinfo(dtype).bits:
-        t = t & ((1 << bits) - 1)
-    return t
+        t = t.to(dtype)  # widening a signed wire word sign-extends: the mask clears it
+    return mask_bits(t, bits)

@@ -72,17 +72,19 @@ def _check_2pc_and_clear(cluster, program, x, y=None):
 
 # --- msb and comparisons over the whole declared range ----------------------------------
 
-@pytest.mark.parametrize("bits", BITS + [2, 3, 5, 17, 33])
-def test_msb_whole_range(cluster, seed, bits):
-    x = _in_range(bits, 4000)
-    shape = x.shape
-
+def _msb_program(shape, bits):
+    """P0 shares x, msb(x) on `bits` bits, opened to both."""
     def program(ctx, x):
         s = yield from arith.share(ctx, x, 0, shape)
         b = yield from cmp.msb(ctx, s, bits)
         return (yield from open_xor(b, bits=1))[0]
+    return program
 
-    got = _check_2pc_and_clear(cluster, program, x)
+
+@pytest.mark.parametrize("bits", BITS + [2, 3, 5, 17, 33])
+def test_msb_whole_range(cluster, seed, bits):
+    x = _in_range(bits, 4000)
+    got = _check_2pc_and_clear(cluster, _msb_program(x.shape, bits), x)
     assert torch.equal(got, (x < 0).long())
 
 
@@ -376,13 +378,7 @@ def test_msb_with_the_dealer_stream_in_tiny_chunks(monkeypatch, seed, bits):
     monkeypatch.setattr(DealerCorrelations, "default_chunk_bytes", 61)
     cluster = LocalCluster(FX)
     x = _in_range(bits, 999)
-    shape = x.shape
-
-    def program(ctx, x):
-        s = yield from arith.share(ctx, x, 0, shape)
-        b = yield from cmp.msb(ctx, s, bits)
-        return (yield from open_xor(b, bits=1))[0]
-
+    program = _msb_program(x.shape, bits)
     got = _check_2pc_and_clear(cluster, program, x)
     assert torch.equal(got, (x < 0).long())
     got = _check_2pc_and_clear(cluster, program, x)  # a second program on the same session
