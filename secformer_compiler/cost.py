@@ -97,6 +97,10 @@ def _product(node, ins, mode):
 
 @cost_rule("mul", "matmul")
 def _mul(node, ins, mode, f):
+    if node.meta.get("normalizes"):  # 2Quad(x) @ V after 2Quad's first round (deferral.py)
+        p = _p(ins[0])
+        return nl.softmax_2quad_matmul_cost(ins[0].shape, ins[1].shape, float(p["prescale"]),
+                                            int(p["iterations"]), f, mode)
     return _product(node, ins, mode)
 
 
@@ -189,6 +193,8 @@ def _ln_crypten(node, ins, mode, f):
 @nonlinear_cost("softmax", "softmax.2quad")
 def _sm_2quad(node, ins, mode, f):
     p = _p(node)
+    if node.meta.get("unnormalized"):  # its first round only; the matmul after it normalizes
+        return nl.softmax_2quad_rows_cost(node.shape, _pending_k(node, mode, f))
     return nl.softmax_2quad_cost(node.shape, float(p["prescale"]), int(p["iterations"]), node.attrs["dim"], f, mode,
                                  x_k=_pending_k(node, mode, f))
 

@@ -17,6 +17,13 @@ done, so the 2PC interpreter and the static cost model agree:
   the same truncation (by f + s instead of f, then s), and 2Quad's first round opens
   x + c; saves two rounds per softmax (one where the scale is not a power of two is kept).
 
+* softmax (softmax.2quad over the last dim) -> matmul by a secret V: the attention
+  probabilities' only use. 2Quad hands over its first round's result (`nonlinear.QuadRows`:
+  the unnormalized (x + c)^2 and the pending row sum) and the matmul computes (q V) / sum,
+  its product beside the reciprocal (`nonlinear.softmax_2quad_matmul`); saves two rounds
+  per attention layer and scales (rows, d_v) instead of (rows, rows). Marks: softmax
+  "unnormalized", matmul "normalizes".
+
 Only chains whose every intermediate value has that single user and is not a graph output
 qualify: nothing else ever sees a pending value. Marks (node.meta, not saved in artifacts:
 recomputed on load): producer "defer" = extra shift s, a passing add/scale "pending_in" =
@@ -30,7 +37,7 @@ import math
 
 from .ir import Graph, Node
 
-_KEYS = ("defer", "pending_in", "pending_shift", "folded")
+_KEYS = ("defer", "pending_in", "pending_shift", "folded", "unnormalized", "normalizes")
 
 
 def _power_of_two_shift(factor: float) -> int | None:
@@ -95,6 +102,14 @@ def plan_deferred(graph: Graph) -> list[str]:
                 continue
             _mark(chain, src, shift)
             producers.append(src.name)
+    for n in graph:
+        if n.op == "matmul" and len(n.inputs) == 2:
+            sm, v = nodes[n.inputs[0]], nodes[n.inputs[1]]
+            if (sm.op == "softmax" and sm.attrs.get("method") == "softmax.2quad"
+                    and sm.attrs.get("dim") in (-1, len(sm.shape) - 1) and sole_user(sm.name, n)
+                    and v.secret and v.op != "weight" and n.inputs[0] != n.inputs[1]):
+                sm.meta["unnormalized"] = True
+                n.meta["normalizes"] = True
     return producers
 
 

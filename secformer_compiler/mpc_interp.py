@@ -30,6 +30,7 @@ from .ir import Graph, Node
 from .runtime.context import P0, Context
 from .runtime.messages import Protocol, parallel
 from .runtime.protocols import arith, compare, trunc as T
+from .runtime.protocols import nonlinear as nl
 from .runtime.ring import ring_matmul
 
 Rule = Callable[[Context, Node, list], Any]
@@ -191,6 +192,8 @@ def _mul(ctx, node, ins):
 
 @rule("matmul")
 def _matmul(ctx, node, ins):
+    if node.meta.get("normalizes"):  # 2Quad(x) @ V, normalized after the product (deferral.py)
+        return nl.softmax_2quad_matmul(ctx, ins[0], ins[1])
     return _product(ctx, node, ins, arith.matmul, arith.matmul_fixed,
                     lambda s, p, first: ring_matmul(p, s) if first else ring_matmul(s, p))
 

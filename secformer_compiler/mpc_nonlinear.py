@@ -108,6 +108,9 @@ def _layernorm_crypten(ctx, node, ins, p) -> Protocol:
 
 @nonlinear("softmax", "softmax.2quad")
 def _softmax_2quad(ctx, node, ins, p) -> Protocol:
+    if node.meta.get("unnormalized"):  # its matmul normalizes (deferral.py)
+        return nl.softmax_2quad_rows(ctx, ins[0], node.attrs["dim"], float(p["c"]), _mask(node, ins),
+                                     prescale=float(p["prescale"]), iters=int(p["iterations"]))
     return nl.softmax_2quad(ctx, ins[0], node.attrs["dim"], float(p["c"]), _mask(node, ins),
                             prescale=float(p["prescale"]), iters=int(p["iterations"]))
 

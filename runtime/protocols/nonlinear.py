@@ -15,6 +15,7 @@ the calibration in `secformer_compiler.approximations` chooses them. Every proto
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -349,6 +350,41 @@ def _softmax_plan(prescale: float, f: int) -> tuple[int, int, int]:
     return mult, shift, 2 * f + 12  # 1/sum is kept at 2f + 12 bits: q/sum <= 1 at 3f + 12 < 2^62
 
 
+@dataclass
+class QuadRows:
+    """2Quad after its first round, rows along the last dim: q2 = (x + c)^2 * mask at 2f
+    bits (not yet truncated) and y0 = trunc(p' sum q2), left pending on the reciprocal's
+    first opening. `softmax_2quad` normalizes it at once; `softmax_2quad_matmul` multiplies
+    by V first and normalizes the smaller product."""
+
+    q2: torch.Tensor
+    y0: Pending
+    mult: int
+    shift: int
+    iters: int
+    dim: int  # the softmax dim of the caller's layout (q2 has it moved last)
+
+
+def softmax_2quad_rows(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: float = 5.0,
+                       mask: torch.Tensor | None = None, *, prescale: float,
+                       iters: int) -> Protocol:
+    """Round 1 of 2Quad: (x + c)^2 (Beaver square at 2f bits; it finishes a pending x), masked
+    by a local product, and the pre-scaled row sum ready for the reciprocal (`QuadRows`)."""
+    f = ctx.f
+    mult, shift, _ = _softmax_plan(prescale, f)
+    shape = x.shape
+    X = fused.as_pending(x).map(lambda t: t.movedim(dim, -1))
+    X = Pending(ctx.add_public(X.base, round(c * (1 << f))), X.k, X.own)  # x + c
+    rnd = yield from fused.fused_round(ctx, [X], [0], lambda a: [a * a], [RING], cross=[(0, 0)])
+    q2 = fused.square(ctx, rnd, 0, 1)
+    if mask is not None:  # public 0/1, broadcast against x (local product)
+        q2 = q2 * ctx.pub(torch.as_tensor(mask).to(torch.int64).expand(shape).movedim(dim, -1))
+    s = q2.sum(-1, keepdim=True) * mult  # p' sum at 2f + shift bits
+    # y0's truncation round is the reciprocal's first opening (fused.py)
+    y0 = begin_rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters)[0])
+    return QuadRows(q2, y0, mult, shift, iters, dim)
+
+
 def softmax_2quad(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: float = 5.0,
                   mask: torch.Tensor | None = None, *, prescale: float, iters: int) -> Protocol:
     """2Quad: q / sum(q) with q = (x + c)^2 * mask; mask is a public 0/1 tensor (broadcast).
@@ -359,7 +395,7 @@ def softmax_2quad(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: flo
     declared row-sum range; a power of two is exact and allows p sum down to 2^-16).
     Rounds 3 + iters (iters >= 1):
       round 1: (x + c)^2 (Beaver square, 2f bits; it finishes a pending x), masked by a
-               local product;
+               local product (`softmax_2quad_rows`);
       rounds 2 .. iters + 1: r = 1/sum from the Goldschmidt reciprocal, kept at 2f + 12
                bits (1/sum is small: f bits alone would lose its relative precision); the
                pre-scaled row sum trunc(p' sum) shares round 2 with the reciprocal's first
@@ -370,22 +406,68 @@ def softmax_2quad(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: flo
       round iters + 3: its truncation.
     """
     f = ctx.f
-    mult, shift, r_frac = _softmax_plan(prescale, f)
-    shape = x.shape
-    X = fused.as_pending(x).map(lambda t: t.movedim(dim, -1))
-    X = Pending(ctx.add_public(X.base, round(c * (1 << f))), X.k, X.own)  # x + c
-    rnd = yield from fused.fused_round(ctx, [X], [0], lambda a: [a * a], [RING], cross=[(0, 0)])
-    q2 = fused.square(ctx, rnd, 0, 1)
-    if mask is not None:  # public 0/1, broadcast against x (local product)
-        q2 = q2 * ctx.pub(torch.as_tensor(mask).to(torch.int64).expand(shape).movedim(dim, -1))
-    s = q2.sum(-1, keepdim=True) * mult  # p' sum at 2f + shift bits
-    # y0's truncation round is the reciprocal's first opening (fused.py); q's runs beside it
-    y0 = begin_rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters)[0])
-    q, r = yield from parallel(trunc(ctx, q2, f),
-                               reciprocal_core(ctx, y0, mult, shift, iters, r_frac))
+    rows = yield from softmax_2quad_rows(ctx, x, dim, c, mask, prescale=prescale, iters=iters)
+    r_frac = _softmax_plan(prescale, f)[2]
+    q, r = yield from parallel(trunc(ctx, rows.q2, f),
+                               reciprocal_core(ctx, rows.y0, rows.mult, rows.shift, iters, r_frac))
     out = yield from fused.mul(ctx, q, r)  # finishes r's pending rescale in the same round
     out = yield from trunc(ctx, out, r_frac)
     return out.movedim(-1, dim)
+
+
+def attend_r_frac(shift: int, f: int) -> int:
+    """Fractional bits of 1/sum when it scales 2Quad(x) @ V (`softmax_2quad_matmul`).
+
+    The row sum is below 2^(shift + 1) (p' sum < 2, p' >= 2^-shift), so f + shift + 3 bits
+    keep 1/sum's relative precision at 2^-(f + 2) or better, as 2f + 12 does for the plain
+    softmax. Fewer bits than that are what leave room for the output: (q V) r carries
+    f + r_frac bits and must stay below 2^62 (`softmax_2quad_matmul`)."""
+    return min(f + shift + 3, 2 * f + 12)
+
+
+def attend_out_bound(shift: int, f: int) -> float:
+    """The largest |V| (hence |2Quad(x) @ V|, a convex combination of V's rows) for which
+    `softmax_2quad_matmul` cannot overflow: |V| sum < 2^(62 - 2f) for q V at 2f bits, and
+    |out| 2^(f + r_frac) < 2^62 for the normalized product."""
+    return min(2.0 ** (62 - 2 * f - shift - 1), 2.0 ** (62 - f - attend_r_frac(shift, f)))
+
+
+def softmax_2quad_matmul(ctx: Context, rows: QuadRows, v: torch.Tensor) -> Protocol:
+    """2Quad(x) @ v with the normalization moved after the product: (q v) / sum(q).
+
+    Why: the row scaling commutes with the product (diag(1/sum) q v), so q v (one Beaver
+    matmul) runs beside the Goldschmidt reciprocal instead of after it, and the scaling
+    multiplies the (.., rows, d_v) product instead of the (.., rows, rows) probabilities.
+    Rounds after `softmax_2quad_rows`: max(iters, 2) + 2 instead of iters + 2 + 2 for
+    2Quad followed by its matmul (iters >= 2):
+      round 1: q = trunc(q2) beside the reciprocal's first opening;
+      round 2: q v's opening (its truncation is left pending), beside the reciprocal;
+      round max(iters, 2) + 1: (q v) r (Beaver, r broadcast over the row; both pending
+               truncations ride on its opening);
+      round max(iters, 2) + 2: its truncation by r_frac (`attend_r_frac`).
+    Domain: |v| below `attend_out_bound` (2^13 for BERT-base at seq 128); v must be a
+    finished share, and 2Quad's dim the last one (rows of q are rows of q v).
+    """
+    f = ctx.f
+    if rows.dim not in (-1, rows.q2.dim() - 1):
+        raise ValueError(f"2Quad @ V needs the softmax over the last dim (got dim {rows.dim}): "
+                         "its row sums must be the rows of q @ V")
+    r_frac = attend_r_frac(rows.shift, f)
+
+    def qv() -> Protocol:
+        q = yield from trunc(ctx, rows.q2, f)
+        d = yield from arith.matmul(ctx, q.movedim(-1, rows.dim), v)
+        return begin(ctx, d, f)
+
+    d, r = yield from parallel(qv(), reciprocal_core(ctx, rows.y0, rows.mult, rows.shift,
+                                                     rows.iters, r_frac))
+    out = yield from fused.mul(ctx, d, r)  # finishes both pending truncations
+    return (yield from trunc(ctx, out, r_frac))
+
+
+def softmax_2quad_rows_cost(shape, x_k: int = 0) -> Cost:
+    """Cost of `softmax_2quad_rows` (round 1); x_k: the shift pending on x (0: finished)."""
+    return fused.fused_round_cost([tuple(shape)], [tuple(shape)] if x_k else [])
 
 
 def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int = 16,
@@ -398,6 +480,22 @@ def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int
     t = trunc_cost(full, mode)
     y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters)[0], mode)
     r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode)
-    return (fused.fused_round_cost([full], [full] if x_k else [])
+    return (softmax_2quad_rows_cost(full, x_k)
             + (t | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k))
             + fused.mul_cost(full, 0, rows, r_k) + t)
+
+
+def softmax_2quad_matmul_cost(q_shape, v_shape, prescale: float, iters: int, f: int = 16,
+                              mode: str = "exact") -> Cost:
+    """Cost of `softmax_2quad_matmul` after `softmax_2quad_rows` (q_shape: 2Quad's output,
+    normalized dim last; v_shape: V's)."""
+    q_shape, v_shape = tuple(q_shape), tuple(v_shape)
+    rows = q_shape[:-1] + (1,)
+    out = tuple(torch.broadcast_shapes(q_shape[:-2], v_shape[:-2])) + (q_shape[-2], v_shape[-1])
+    mult, shift, _ = _softmax_plan(prescale, f)
+    r_frac = attend_r_frac(shift, f)
+    y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters)[0], mode)
+    r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode)
+    qv = trunc_cost(q_shape, mode) + arith.beaver_cost(q_shape, v_shape)
+    return ((qv | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k))
+            + fused.mul_cost(out, pending_k(f, mode), rows, r_k) + trunc_cost(out, mode))

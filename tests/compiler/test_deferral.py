@@ -1,9 +1,10 @@
 """Deferred truncations (secformer_compiler/deferral.py) in a real BERT, through 2PC.
 
 The scores' matmul (with BERT's 1/sqrt(16) = 2^-2 scale folded in) and the linear layers
-before each LayerNorm and GeLU leave their truncation to the consumer's first round: 2PC
-must still agree with the simulator, the static cost must equal what the run counts, and
-each layer must take five rounds fewer than without the deferral.
+before each LayerNorm and GeLU leave their truncation to the consumer's first round, and
+2Quad hands its unnormalized first round to the matmul by V, which normalizes after the
+product: 2PC must still agree with the simulator, the static cost must equal what the run
+counts, and each layer must take seven rounds fewer than without the deferral.
 """
 
 import pytest
@@ -41,6 +42,11 @@ def test_plan_marks_scores_and_layernorm_inputs(bert):
     consumers = [n for n in cm.graph if n.op in ("softmax", "layernorm", "gelu")
                  and "pending_shift" in n.meta]
     assert len(consumers) == 8  # the embeddings' LayerNorm has no product before it
+    unnormalized = [n for n in cm.graph if n.meta.get("unnormalized")]
+    assert [n.op for n in unnormalized] == ["softmax"] * 2
+    normalizes = [n for n in cm.graph if n.meta.get("normalizes")]
+    assert [n.op for n in normalizes] == ["matmul"] * 2
+    assert all(n.inputs[0] == s.name for n, s in zip(normalizes, unnormalized))
 
 
 def test_2pc_agrees_and_cost_model_counts_it(bert):
@@ -55,7 +61,7 @@ def test_2pc_agrees_and_cost_model_counts_it(bert):
     assert static.bytes_per_party == res.stats.bytes_sent[0] == res.stats.bytes_sent[1]
 
 
-def test_five_rounds_fewer_per_layer(bert, monkeypatch):
+def test_seven_rounds_fewer_per_layer(bert, monkeypatch):
     cm, _ = bert
     with_deferral = program_cost(cm.graph).rounds
 
@@ -67,5 +73,7 @@ def test_five_rounds_fewer_per_layer(bert, monkeypatch):
 
     monkeypatch.setattr(mpc_interp, "plan_deferred", nothing_deferred)
     without = program_cost(cm.graph).rounds
-    # per layer: the scores (2: the scale and the truncation), 2 LayerNorms and GeLU
-    assert with_deferral == without - 5 * 2
+    # per layer: the scores (2: the scale and the truncation), 2 LayerNorms, GeLU and the
+    # attention's normalization after its product (2: the matmul beside the reciprocal, and
+    # its truncation in the scaling's round)
+    assert with_deferral == without - 7 * 2

@@ -13,11 +13,12 @@ from secformer_compiler.runtime.engine import run_clear
 from secformer_compiler.runtime.local import LocalCluster
 from secformer_compiler.runtime.protocols import arith
 from secformer_compiler.runtime.protocols.goldschmidt import effective_prescale
-from secformer_compiler.runtime.protocols.trunc import begin
+from secformer_compiler.runtime.protocols.trunc import begin, trunc_cost
 from secformer_compiler.runtime.protocols.nonlinear import (
     gelu_cmp_from_params, gelu_cmp_plan, gelu_secformer, gelu_secformer_cost,
     layernorm_effective_prescale, layernorm_goldschmidt,
-    layernorm_goldschmidt_cost, softmax_2quad, softmax_2quad_cost)
+    layernorm_goldschmidt_cost, softmax_2quad, softmax_2quad_cost, softmax_2quad_matmul,
+    softmax_2quad_matmul_cost, softmax_2quad_rows, softmax_2quad_rows_cost, attend_out_bound)
 from secformer_compiler.runtime.ring import FixedPoint
 
 FX = FixedPoint(16)
@@ -265,3 +266,65 @@ def test_softmax_2quad(cluster, seed, dim, pending):
     _check_cost(stats, counter, [shape], shape, cost)
     assert cost.rounds == 3 + iters  # the reciprocal's truncations share its openings
     print(f"  {cost.rounds} rounds, {cost.bytes / x.numel():.2f} bytes/element/party")
+
+
+@pytest.mark.parametrize("pending,v_scale", [(False, 1.0), (True, 1.0), (False, "bound")])
+def test_softmax_2quad_matmul(cluster, seed, pending, v_scale):
+    """2Quad(x) @ V normalized after the product (deferral.py's attention fusion) against
+    the float reference, in 2PC and the simulator, with padding and a pending x, for V up
+    to its declared bound (`attend_out_bound`); and two rounds fewer than 2Quad, then the
+    matmul and its truncation."""
+    shape, v_shape = (2, 3, 16, 16), (2, 3, 16, 8)
+    x = torch.randn(shape, dtype=torch.float64) * 3
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.float64)
+    mask[1, ..., 11:] = 0
+    calib = torch.randn(64, *shape, dtype=torch.float64) * 3
+    sums = ((calib + 5) ** 2).sum(-1)
+    lo, hi = sums.min().item() * 11 / 16 / 2, sums.max().item() * 2
+    p, iters, _ = choose_goldschmidt(lo, hi, 1e-4, "reciprocal", headroom=1.0)
+    p = effective_prescale(p)
+    shift = round(-math.log2(p))
+    v = torch.randn(v_shape, dtype=torch.float64)
+    if v_scale == "bound":  # every sign and size up to 0.9 of the bound, one entry at it
+        bound = attend_out_bound(shift, 16)
+        v = torch.empty(v_shape, dtype=torch.float64).uniform_(-0.9, 0.9) * bound
+        v[0, 0, 0, 0] = 0.9 * bound
+        v[1, 2, 3, 4] = -0.9 * bound
+
+    def program(ctx, xv, vv, m):
+        s = yield from arith.share(ctx, xv, 0, shape)
+        vs = yield from arith.share(ctx, vv, 0, v_shape)
+        if pending:
+            s = begin(ctx, s, 18)
+        rows = yield from softmax_2quad_rows(ctx, s, -1, 5.0, m, prescale=p, iters=iters)
+        y = yield from softmax_2quad_matmul(ctx, rows, vs)
+        return (yield from arith.reveal(ctx, y))
+
+    args = (FixedPoint(34).encode(x) if pending else FX.encode(x), FX.encode(v), mask)
+    o0, o1, stats = cluster.run(program, args, (None, None, mask))
+    assert torch.equal(o0, o1)
+    clear, counter = run_clear(program, *args, fxp=FX)
+    xe = FixedPoint(34).decode(args[0]) if pending else FX.decode(args[0])
+    want = _quad_ref(xe, mask) @ FX.decode(args[1])
+    scale = 1 + FX.decode(args[1]).abs().max().item()
+    err, err_clear = ((FX.decode(o) - want).abs().max().item() / scale for o in (o0, clear))
+    print(f"2quad @ V (|V| up to {scale - 1:.3g}, prescale 2^-{shift}, {iters} iterations): "
+          f"max err / (1 + max|V|) 2PC {err:.2e}, simulator {err_clear:.2e}")
+    assert err < 1e-4 and err_clear < 1e-4
+    cost = (softmax_2quad_rows_cost(shape, 18 if pending else 0)
+            + softmax_2quad_matmul_cost(shape, v_shape, p, iters))
+    _check_cost(stats, counter, [shape, v_shape], v_shape, cost)
+    unfused = (softmax_2quad_cost(shape, p, iters, x_k=18 if pending else 0)
+               + arith.beaver_cost(shape, v_shape) + trunc_cost(v_shape))
+    assert cost.rounds == unfused.rounds - 2 == 1 + max(iters, 2) + 2
+    assert cost.bytes < unfused.bytes  # the scaling is on (16 x 8) per head, not (16 x 16)
+
+
+def test_softmax_2quad_matmul_needs_the_last_dim(cluster):
+    def program(ctx, xv):
+        s = yield from arith.share(ctx, xv, 0, (2, 8, 8))
+        rows = yield from softmax_2quad_rows(ctx, s, 1, 5.0, None, prescale=2.0 ** -8, iters=3)
+        return (yield from softmax_2quad_matmul(ctx, rows, s))
+
+    with pytest.raises(ValueError, match="last dim"):
+        run_clear(program, FX.encode(torch.zeros(2, 8, 8)), fxp=FX)
