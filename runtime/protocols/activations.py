@@ -20,12 +20,12 @@ they always truncate exactly (trunc_exact); gelu_quad and tanh_secformer truncat
 2f bits and follow the context's mode.
 
 Costs per element and party at bits=64 (T = 1/8 byte: a truncation or a 1-bit opening;
-msb64 = 7 rounds, 32.25 bytes). `*_cost` below; the tests check them against the transport:
+msb64 = 6 rounds, 24.25 bytes). `*_cost` below; the tests check them against the transport:
     gelu_quad       2 rounds     8 +   T =   8.125 bytes
-    gelu_puma       8 rounds    32 +  6T + 3 msb64 = 129.5   (polynomials in 4 rounds, hidden)
-    tanh_secformer  8 rounds    12 +  3T + 2 msb64 =  76.875 (P = 16: a 20-bit sine opening)
-    gelu_crypten   25 rounds   128 + 18T +   msb64 = 162.5   (exp_iterations = 9)
-    tanh_crypten   22 rounds   136 + 17T +   msb64 = 170.375
+    gelu_puma       7 rounds    32 +  6T + 3 msb64 = 105.5   (polynomials in 4 rounds, hidden)
+    tanh_secformer  7 rounds    12 +  3T + 2 msb64 =  60.875 (P = 16: a 20-bit sine opening)
+    gelu_crypten   25 rounds   128 + 18T +   msb64 = 154.5   (exp_iterations = 9)
+    tanh_crypten   22 rounds   136 + 17T +   msb64 = 154.25
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def gelu_puma(ctx: Context, x: torch.Tensor, bits: int = 64, *,
               mid: Sequence[float] = PUMA_GELU_MID) -> Protocol:
     """PUMA GeLU: 0 | left cubic | mid degree-6 | x, split at x < -4, x < -1.95, x > 3.
 
-    Rounds: the 3 comparisons (msb, 7 rounds at bits=64) run alongside the polynomials (4
+    Rounds: the 3 comparisons (msb, 6 rounds at bits=64) run alongside the polynomials (4
     rounds: open x -> x^2, x^3; truncate x^3; open x3 -> x^4 = x x3, x^6 = x3^2 and both
     polynomials at 2f + 24 bits; truncate), then one round opens P_L, P_M and the three
     masked segment bits and combines s_L P_L + s_M P_M + [x > 3] x (x reuses its mask).

@@ -8,14 +8,19 @@ because 2^bits divides 2^64. With s0 + s1 = x (mod 2^bits),
 
 n = bits - 1. The carry of two *privately held* n-bit words is a carry-lookahead tree:
 
-* level 0 (1 round): generate g = a AND b by a dealer-assisted AND of private words (P0
-  sends a ^ u, P1 sends b ^ v for private uniform masks u, v; the dealer shares u & v);
+* level 0: generate g = a AND b by a dealer-assisted AND of private words (P0 sends
+  a ^ u, P1 sends b ^ v for private uniform masks u, v; the dealer shares u & v);
   propagate p = a ^ b is already XOR-shared (P0 holds a, P1 holds b).
 * the words are padded to n' = 2^ceil(log2 n) bits with identity elements (G=0, P=1) at the
   low end, then reduced by a tree of log2(n') levels, pairing each block with the one
   just above it: G' = G_hi ^ (P_hi & G_lo), P' = P_hi & P_lo (P is not needed at the last
   level). Each level's ANDs share the P_hi operand and use one binary Beaver triple
   (A, B1, B2, A&B1, A&B2); P_hi ^ A, G_lo ^ B1, P_lo ^ B2 are opened together.
+* levels 0 and 1 share one round: level 1's G' and P' are sums of words private to one
+  party and products of a word P0 holds (a_h, a_l, a_h & a_l) and one P1 holds (b_h, b_l,
+  b_h & b_l), so each party sends its three half-width words masked, and the five
+  products are dealer-assisted ANDs (`_carry`). That is log2(n') rounds in all, and
+  n' bits per element fewer than a level-0 swap followed by level 1's opening.
 
 Layout. Before level 0 each party moves bit j of its own (padded) private word to position
 rev(j), the bit-reversal of the index (local: 3 delta swaps for 64 bits). In that order
@@ -45,9 +50,10 @@ it (a threshold moving by 2^-5 changes GeLU by ~1.5e-4): 17-bit trees instead of
 
 Measured costs per element and per party (`msb_cost`, checked in tests against the
 transport's count):
-    bits=64: 7 rounds, 32.25 bytes (level 0: 8; tree: 12, 6, 3, 2, 1, 0.25)
-    bits=32: 6 rounds, 16.25 bytes (level 0: 4; tree: 6, 3, 2, 1, 0.25)
-    bits=20: 6 rounds, 16.25 bytes (n = 19 pads to 32 bits)
+    bits=64: 6 rounds, 24.25 bytes (levels 0-1: 12; tree: 6, 3, 2, 1, 0.25)
+    bits=32: 5 rounds, 12.25 bytes (levels 0-1: 6; tree: 3, 2, 1, 0.25)
+    bits=20: 5 rounds, 12.25 bytes (n = 19 pads to 32 bits)
+    bits=17: 4 rounds, 6.25 bytes (GeLU's segment tests, `nonlinear.gelu_cmp_plan`)
 b2a, bit_mul, select and relu's final product each cost one more round.
 """
 
@@ -120,26 +126,35 @@ def _concat_opening(count: int, numel_: int, h: int) -> bool:
     return count * h <= 64 and packed_nbytes(numel_, count * h) < count * packed_nbytes(numel_, h)
 
 
-def _open_words(words: list[torch.Tensor], h: int) -> Protocol:
-    """Open XOR-shared h-bit words in one round, concatenated when that is cheaper."""
+def _open_words(words: list[torch.Tensor], h: int, send=open_xor) -> Protocol:
+    """Open XOR-shared h-bit words in one round, concatenated when that is cheaper (or, with
+    send=swap, hand the peer these masked private words the same way)."""
     dt = words[0].dtype
     if not _concat_opening(len(words), words[0].numel(), h):
-        return [o.to(dt) for o in (yield from open_xor(*words, bits=h))]
+        return [o.to(dt) for o in (yield from send(*words, bits=h))]
     if len(words) * h >= torch.iinfo(dt).bits:  # the concatenated word needs a wider container
         words = [w.to(torch.int64) for w in words]
     cat = words[0]
     for i, w in enumerate(words[1:], 1):
         cat = cat | (w << (i * h))
-    (o,) = yield from open_xor(cat, bits=len(words) * h)
+    (o,) = yield from send(cat, bits=len(words) * h)
     m = _ones(h)
     return [((o >> (i * h)) & m).to(dt) for i in range(len(words))]
+
+
+def _words_bytes(count: int, numel_: int, h: int) -> int:
+    """Bytes of `_open_words` for `count` h-bit words."""
+    if _concat_opening(count, numel_, h):
+        return packed_nbytes(numel_, count * h)
+    return count * packed_nbytes(numel_, h)
 
 
 def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
     """XOR share of carry-out(a + b) for n-bit words a (held by P0) and b (held by P1).
 
     `mine` is this party's private word (a on P0, b on P1; anything of the shape on the
-    dealer). Rounds: 1 + log2(n'), n' = n rounded up to a power of two.
+    dealer). Rounds: log2(n'), n' = n rounded up to a power of two (1 for n = 1): levels
+    0 and 1 share the first round.
     """
     shape = mine.shape
     width = _pow2_at_least(n)
@@ -157,18 +172,49 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
         mine = mine | ((1 << k) - 1)
     mine = _index_reverse(mine, width)
 
-    # Level 0: g = a AND b of two private words. P0's share a & (b^v) ^ w0, P1's
-    # (a^u) & v ^ w1; they XOR to a&b since w = u&v. u (v) is uniform and known only to P0
-    # (P1), so the word each party receives is one-time padded.
-    u, v, w = ctx.corr.correlated(
-        [(shape, Dom("xor", width, owner=0)), (shape, Dom("xor", width, owner=1))],
-        lambda u, v: [u & v], [Dom("xor", width)], dtype=dt)
-    u, v, w = u.to(dt), v.to(dt), w.to(dt)  # no-ops but at the dealer (meta int64)
-    own_mask = u if ctx.party == P0 else v
-    (theirs,) = yield from swap(mine ^ own_mask, bits=width)
-    theirs = theirs.to(dt)
-    g = ((mine & theirs) if ctx.party == P0 else (theirs & v)) ^ w
-    p = mine
+    if width == 1:  # a single bit: the carry is a AND b (one dealer-assisted AND)
+        u, v, w = ctx.corr.correlated(
+            [(shape, Dom("xor", 1, owner=0)), (shape, Dom("xor", 1, owner=1))],
+            lambda u, v: [u & v], [Dom("xor", 1)], dtype=dt)
+        u, v, w = u.to(dt), v.to(dt), w.to(dt)  # no-ops but at the dealer (meta int64)
+        (theirs,) = yield from swap(mine ^ (u if ctx.party == P0 else v), bits=1)
+        theirs = theirs.to(dt)
+        return (((mine & theirs) if ctx.party == P0 else (theirs & v)) ^ w).to(torch.int64)
+
+    # Level 0 and level 1 in one round. Level 1's block of two bits (hi above lo) has
+    #   G = g_hi ^ p_hi g_lo = a_h b_h ^ (a_h a_l) b_l ^ a_l (b_h b_l),
+    #   P = p_hi p_lo = (a_h a_l) ^ (b_h b_l) ^ a_h b_l ^ a_l b_h,
+    # with g = a & b, p = a ^ b: each term is private to one party or a product of a word
+    # P0 holds (x = a_h, a_l, a_h a_l) and one P1 holds (y = b_h, b_l, b_h b_l). A product
+    # x y is a dealer-assisted AND of private words: P0 sends x ^ u, P1 sends y ^ v (u, v
+    # uniform, each known only to its sender and the dealer), and the shares
+    # x & (y ^ v) ^ w0 (P0) and (x ^ u) & v ^ w1 (P1) XOR to x & y since w = u & v. So one
+    # swap of three h-bit words replaces level 0's swap of a width-bit word and level 1's
+    # opening of three h-bit words: one round and `width` bits fewer per element.
+    h = width // 2
+    m = _ones(h)
+    last = h == 1
+    xs = [(mine >> h) & m if width == dbits else mine >> h, mine & m]  # hi, lo
+    xs.append(xs[0] & xs[1])
+    pairs = [(0, 0), (2, 1), (1, 2)] + ([] if last else [(0, 1), (1, 0)])  # (x, y) indices
+    shares = ctx.corr.correlated(
+        [(shape, Dom("xor", h, owner=0))] * 3 + [(shape, Dom("xor", h, owner=1))] * 3,
+        lambda *uv: [uv[i] & uv[3 + j] for i, j in pairs], [Dom("xor", h)] * len(pairs), dtype=dt)
+    shares = [t.to(dt) for t in shares]  # no-ops but at the dealer (meta int64)
+    us, vs, ws = shares[:3], shares[3:6], shares[6:]
+    own = us if ctx.party == P0 else vs
+    theirs = yield from _open_words([x ^ o for x, o in zip(xs, own)], h, send=swap)
+
+    def cross(t: int) -> torch.Tensor:  # this party's share of x_i & y_j for pairs[t]
+        i, j = pairs[t]
+        z = (xs[i] & theirs[j]) if ctx.party == P0 else (theirs[i] & vs[j])
+        return z ^ ws[t]
+
+    g = cross(0) ^ cross(1) ^ cross(2)
+    if last:
+        return g.to(torch.int64)
+    p = xs[2] ^ cross(3) ^ cross(4)  # a_h a_l on P0, b_h b_l on P1: a plain XOR share
+    width = h
 
     # Tree: in bit-reversed order position i + h holds the block just above position i.
     while width > 1:
@@ -207,16 +253,21 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
 
 def _carry_bytes(numel_: int, n: int) -> int:
     width = _pow2_at_least(n)
-    total = packed_nbytes(numel_, width)  # level 0 swap (same dtype as n bits: see packing)
+    if width == 1:
+        return packed_nbytes(numel_, 1)
+    width //= 2
+    total = _words_bytes(3, numel_, width)  # levels 0 and 1: three private words swapped
     while width > 1:
         h = width // 2
-        count = 2 if h == 1 else 3
-        if _concat_opening(count, numel_, h):
-            total += packed_nbytes(numel_, count * h)
-        else:
-            total += count * packed_nbytes(numel_, h)
+        total += _words_bytes(2 if h == 1 else 3, numel_, h)
         width = h
     return total
+
+
+def _carry_rounds(n: int) -> int:
+    """Rounds of `_carry` for n-bit words: log2(n') with n' = n rounded up to a power of
+    two (levels 0 and 1 share a round), 1 for a single bit."""
+    return max(1, _pow2_at_least(n).bit_length() - 1)
 
 
 def msb(ctx: Context, x: torch.Tensor, bits: int = 64, drop: int = 0) -> Protocol:
@@ -254,8 +305,7 @@ def msb(ctx: Context, x: torch.Tensor, bits: int = 64, drop: int = 0) -> Protoco
 def msb_cost(shape, bits: int = 64, drop: int = 0) -> Cost:
     _check_bits(bits)
     bits -= drop
-    width = _pow2_at_least(bits - 1)
-    return Cost(1 + width.bit_length() - 1, _carry_bytes(numel(shape), bits - 1))
+    return Cost(_carry_rounds(bits - 1), _carry_bytes(numel(shape), bits - 1))
 
 
 # --- comparisons (XOR-shared bits) ------------------------------------------------------

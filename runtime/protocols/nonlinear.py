@@ -53,9 +53,9 @@ def gelu_secformer(ctx: Context, x: torch.Tensor | Pending, coeffs: Sequence[flo
     -T <= x < -T + 2^(drop-f) (output 0). Both differ from GeLU by about |x| Phi(-|x|)
     there (1.5e-4 at T = 4), less than the series' own error.
 
-    Rounds: max(comparison rounds, 2) + 1 (8 at bits=64, 7 at bits=32, 6 when
+    Rounds: max(comparison rounds, 2) + 1 (7 at bits=64, 6 at bits=32, 5 when
     bits - drop = 17: `gelu_cmp_plan`'s default at f = 16). Schedule:
-      rounds 1..c: s_hi = [x > T] and s_lo = [x < -T] (compare.py; c = 7 at bits=64, 5 with
+      rounds 1..c: s_hi = [x > T] and s_lo = [x < -T] (compare.py; c = 6 at bits=64, 4 with
         `gelu_cmp_plan`'s 17-bit trees), and in parallel
         round 1: x G(x) at 3f bits from one opening of x - a (sine.x_sine_series),
         round 2: truncate it to f bits;
@@ -89,8 +89,8 @@ def gelu_secformer(ctx: Context, x: torch.Tensor | Pending, coeffs: Sequence[flo
 
 
 # How far GeLU's segment thresholds may move (in value) so that its comparisons can drop
-# low bits: 2^-5 makes them 17-bit carry trees at f = 16 and the shipped bound (5 rounds
-# and 8.25 bytes per element instead of 6 and 16.25), for an extra error of at most
+# low bits: 2^-5 makes them 17-bit carry trees at f = 16 and the shipped bound (4 rounds
+# and 6.25 bytes per element instead of 5 and 12.25), for an extra error of at most
 # |x| Phi(-|x|) ~ 1.5e-4 next to +-T (`gelu_secformer`).
 GELU_CMP_WINDOW = 2.0 ** -5
 
@@ -105,7 +105,7 @@ def gelu_cmp_plan(f: int, threshold: float, input_bound: float,
     runs on n = bits - drop - 1 bits padded to a power of two. We take the smallest power n
     that any drop with 2^(drop - f) <= window allows, then the smallest drop that still
     reaches it (the narrowest window for that cost). At f = 16 and a bound of 1024 that
-    is bits = 28, drop = 11 (n = 16: 5 rounds, 8.25 bytes per element and party per
+    is bits = 28, drop = 11 (n = 16: 4 rounds, 6.25 bytes per element and party per
     comparison); with window = 0 it is the exact width of before, bits = 33 (n = 32).
     Outside the bound a comparison reads a wrapped sign and the output is garbage, as for
     any input outside a protocol's declared range (nothing may branch on a secret).

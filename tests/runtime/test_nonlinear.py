@@ -89,7 +89,7 @@ def test_gelu_secformer(cluster, seed, bits, drop, pending):
     n = x.numel()
     print(f"gelu bits={bits} drop={drop}: {cost.rounds} rounds, {cost.bytes / n:.2f} bytes/element/party")
     # a pending x costs a round only where the comparisons need all 64 bits
-    assert cost.rounds == {64: 8, 33: 7, 32: 7, 28: 6, 23: 6}[bits] + (pending and bits == 64)
+    assert cost.rounds == {64: 7, 33: 6, 32: 6, 28: 5, 23: 5}[bits] + (pending and bits == 64)
 
 
 @pytest.mark.parametrize("f, bound, window, plan", [
