@@ -64,6 +64,27 @@ PRESETS: dict[str, dict[str, str]] = {
 FALLBACK = {"tanh.crypten": "tanh.exact"}  # ops the approximation registry may not cover yet
 
 
+
+def _applied_prescale(node):
+    """The prescale a node's 2PC protocol applies for a requested one, where that is not the
+    requested value (LayerNorm: folded with 1/n^2, or 1/n when centring first, and rounded
+    down, runtime/protocols/nonlinear._ln_plan); None elsewhere (2Quad keeps 4 bits exactly)."""
+    if node.op != "layernorm":
+        return None
+    from ..runtime.protocols import nonlinear as nl
+
+    n = 1
+    for d in node.shape[len(node.shape) - node.attrs.get("dims", 1):]:
+        n *= d
+
+    def applied(p: float) -> float:
+        try:  # as the runtime decides for a seeded step (gamma != 3)
+            centre = nl.layernorm_needs_center_first(n, p, 16, gamma=3.25)
+            return nl.layernorm_effective_prescale(n, p, 16, centre)
+        except ValueError:
+            return 0.0
+    return applied
+
 def _registry() -> Any:
     from .. import approx  # imported lazily: the approximation package is optional for the IR
 
@@ -116,7 +137,7 @@ def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str,
         rng = (calibration or {}).get(n.name)
         if rng is not None and "prescale" in spec.params and "iterations" in spec.params:
             lo, hi = rng
-            spec = approx.calibrate_goldschmidt(spec, float(lo), float(hi))
+            spec = approx.calibrate_goldschmidt(spec, float(lo), float(hi), applied=_applied_prescale(n))
         n.attrs.update(method=name, params=dict(spec.params))
         chosen[n.name] = spec
     if problems:

@@ -100,7 +100,7 @@ def _mul(node, ins, mode, f):
     if node.meta.get("normalizes"):  # 2Quad(x) @ V after 2Quad's first round (deferral.py)
         p = _p(ins[0])
         return nl.softmax_2quad_matmul_cost(ins[0].shape, ins[1].shape, float(p["prescale"]),
-                                            int(p["iterations"]), f, mode)
+                                            int(p["iterations"]), f, mode, float(p.get("gamma", 2.0)))
     return _product(node, ins, mode)
 
 
@@ -172,7 +172,8 @@ def _ln_secformer(node, ins, mode, f):
     weight = "fixed" if len(ins) > 1 else "none"
     shape, prescale = _ln_shape(node, ins), float(_p(node)["prescale"])
     return nl.layernorm_goldschmidt_cost(shape, prescale, int(_p(node)["iterations"]), weight=weight, f=f, mode=mode,
-                                         center_first=nl.layernorm_needs_center_first(shape[-1], prescale, f),
+                                         center_first=nl.layernorm_needs_center_first(
+                                             shape[-1], prescale, f, float(_p(node).get("gamma", 3.0))),
                                          x_k=_pending_k(node, mode, f))
 
 
@@ -196,7 +197,7 @@ def _sm_2quad(node, ins, mode, f):
     if node.meta.get("unnormalized"):  # its first round only; the matmul after it normalizes
         return nl.softmax_2quad_rows_cost(node.shape, _pending_k(node, mode, f))
     return nl.softmax_2quad_cost(node.shape, float(p["prescale"]), int(p["iterations"]), node.attrs["dim"], f, mode,
-                                 x_k=_pending_k(node, mode, f))
+                                 x_k=_pending_k(node, mode, f), gamma=float(p.get("gamma", 2.0)))
 
 
 @nonlinear_cost("softmax", "softmax.crypten")

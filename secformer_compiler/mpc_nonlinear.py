@@ -77,10 +77,11 @@ def _layernorm_secformer(ctx, node, ins, p) -> Protocol:
     if w is not None and k > 1:
         raise NotImplementedError("layernorm over several trailing dims with a gain")
     b = ins[2] if len(ins) > 2 else None
-    prescale = float(p["prescale"])
+    prescale, gamma = float(p["prescale"]), float(p.get("gamma", 3.0))
     out = yield from nl.layernorm_goldschmidt(ctx, x, w, b, float(node.attrs["eps"]), prescale, int(p["iterations"]),
                                               center_first=nl.layernorm_needs_center_first(x.shape[-1], prescale,
-                                                                                           ctx.f))
+                                                                                           ctx.f, gamma),
+                                              gamma=gamma)
     return out.reshape(ins[0].shape)
 
 
@@ -110,9 +111,11 @@ def _layernorm_crypten(ctx, node, ins, p) -> Protocol:
 def _softmax_2quad(ctx, node, ins, p) -> Protocol:
     if node.meta.get("unnormalized"):  # its matmul normalizes (deferral.py)
         return nl.softmax_2quad_rows(ctx, ins[0], node.attrs["dim"], float(p["c"]), _mask(node, ins),
-                                     prescale=float(p["prescale"]), iters=int(p["iterations"]))
+                                     prescale=float(p["prescale"]), iters=int(p["iterations"]),
+                                     gamma=float(p.get("gamma", 2.0)))
     return nl.softmax_2quad(ctx, ins[0], node.attrs["dim"], float(p["c"]), _mask(node, ins),
-                            prescale=float(p["prescale"]), iters=int(p["iterations"]))
+                            prescale=float(p["prescale"]), iters=int(p["iterations"]),
+                            gamma=float(p.get("gamma", 2.0)))
 
 
 @nonlinear("softmax", "softmax.crypten")

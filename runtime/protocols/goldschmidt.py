@@ -33,6 +33,12 @@ one iteration share their round:
   fractional bits (reciprocal: p >= 2^-11; rsqrt: p >= 2^-3) and a truncation below
   that, whose round is the first opening's.
 
+Seeded first step: the cores take gamma, the first factor's constant (gamma - y_0, resp.
+(gamma - x_0)/2), a multiple of 1/64 chosen with the prescale by approx.goldschmidt
+(`choose_seeded_goldschmidt`). Same rounds and bytes per iteration, fewer iterations; the
+reciprocal's x' may then reach gamma 2^i, one bit more (`recip_fracs`), and the rsqrt's
+cubic x (gamma - x)^2 <= 4 gamma^3 / 27 stays below 2^62 at 3 fx bits for gamma <= 3.5.
+
 Costs per element and party of `reciprocal_goldschmidt` / `rsqrt_goldschmidt` (which finish
 the result themselves), n iterations, T = 1/8 byte per truncation:
     n >= 2: n + 1 rounds, 8 + 16 (n - 1) bytes + (2n - 1) T (less one T where the final
@@ -66,6 +72,10 @@ from .trunc import Pending, begin, begin_rescale, finish, trunc_cost
 RECIPROCAL_DOMAIN = (2.0 ** -16, 2.0)
 RSQRT_DOMAIN = (2.0 ** -16, 3.0)
 CONST_BITS = 16  # precision of a public constant that is not a power of two
+# A seeded first step (gamma other than 2 resp. 3) is calibrated for its prescale; the
+# runtime may apply a prescale rounded down by at most this much (approx.goldschmidt checks
+# its choice there too; LayerNorm centres first or refuses where it would round more).
+SEED_ROBUST = 2.0 ** -6
 PRESCALE_BITS = 4  # an input prescale only has to land in the domain (rounded down)
 X_GUARD = 6  # extra fractional bits of the reciprocal's output-carrying iterate x
 
@@ -120,7 +130,16 @@ def effective_prescale(p: float) -> float:
 
 # --- reciprocal -----------------------------------------------------------------------------
 
-def recip_fracs(f: int, mult: int, iters: int) -> list[int]:
+def _gamma_int(gamma: float) -> int:
+    """gamma * 64 (the first step's constant, a multiple of 1/64: exact at >= 6 fractional
+    bits); ValueError otherwise."""
+    g = gamma * 64
+    if g != int(g) or not 0 < g < 1 << 10:
+        raise ValueError(f"a Goldschmidt first-step constant must be a multiple of 1/64 below 16, got {gamma}")
+    return int(g)
+
+
+def recip_fracs(f: int, mult: int, iters: int, gamma: float = 2.0) -> list[int]:
     """Fractional bits of y_0 .. y_(n-1), the reciprocal's converging iterate.
 
     Why so many: an absolute error d in y_i is a relative error d / y_i of the result, and
@@ -131,16 +150,17 @@ def recip_fracs(f: int, mult: int, iters: int) -> list[int]:
     fy_i = min(f + 12, 61 - bitlen(mult) - (f + X_GUARD) - (i + 1)), at least f + 2.
     That keeps y_i's relative precision near 2^-21 throughout; where the floor f + 2
     binds, the bound needs x'_(i+1) <= 1/(p y) <= 2^17: the domain's 2^-16 low end.
+    A seeded first step (gamma > 2, at most 4) makes x' up to gamma 2^i: one bit less.
     """
-    lm = mult.bit_length()
+    lm = mult.bit_length() + (gamma > 2)
     fys = [max(f + 2, min(f + 12, 61 - lm - (f + X_GUARD) - (i + 1))) for i in range(iters)]
-    if iters > 1:  # x_1 = p (2 - y_0) is held at fy_0 bits: fy_0 + fy_1 + 2 + lm <= 61
+    if iters > 1:  # x_1 = p (gamma - y_0) is held at fy_0 bits: fy_0 + fy_1 + 2 + lm <= 61
         fys[0] = min(f + 12, 59 - lm - fys[1])
     return fys
 
 
 def reciprocal_core(ctx: Context, y0: Pending | torch.Tensor, mult: int, shift: int,
-                     iters: int, out_frac: int) -> Protocol:
+                     iters: int, out_frac: int, gamma: float = 2.0) -> Protocol:
     """(mult 2^-shift) / y0 at out_frac bits, for y0 (recip_fracs(...)[0] bits) in the domain.
 
     y0 may be a pending truncation (its round is the first product's); the result is one
@@ -150,20 +170,23 @@ def reciprocal_core(ctx: Context, y0: Pending | torch.Tensor, mult: int, shift: 
     matters (the result inherits it) and x'_1 = 2 - p y is small when p y is near 2, hence
     the guard bits. Overflow: see `recip_fracs` (the Beaver terms may wrap; only the
     truncated x (2 - y) and y (2 - y) <= 1 must stay below 2^62).
+    gamma: the first factor is gamma - y_0 (a seeded first step, approx.goldschmidt
+    `choose_seeded_goldschmidt`; 2 < gamma <= 2.75 keeps y_1 = y_0 (gamma - y_0) < 2).
     """
     f = ctx.f
-    fys = recip_fracs(f, mult, iters)
+    fys = recip_fracs(f, mult, iters, gamma)
     fy = fys[0]
+    g = _gamma_int(gamma) << (fy - 6)  # gamma at fy_0 bits
     Y = fused.as_pending(y0)
-    if iters == 1:  # x_1 = p (2 - y_0) from x_0 = p (public) is local
+    if iters == 1:  # x_1 = p (gamma - y_0) from x_0 = p (public) is local
         y0 = yield from finish(ctx, Y)
-        return begin_rescale(ctx, mult * ctx.add_public(-y0, 2 << fy), fy + shift, out_frac)
-    # y_1 = y_0 (2 - y_0): the square's opening finishes y_0 (monomials: a, a^2)
+        return begin_rescale(ctx, mult * ctx.add_public(-y0, g), fy + shift, out_frac)
+    # y_1 = y_0 (gamma - y_0): the square's opening finishes y_0 (monomials: a, a^2)
     rnd = yield from fused.fused_round(ctx, [Y], [0], lambda a: [a * a], [RING], cross=[(0, 0)])
     y0 = rnd.values[0]
-    X = Pending(mult * ctx.add_public(-y0, 2 << fy))  # x_1 at fy_0 + shift bits
+    X = Pending(mult * ctx.add_public(-y0, g))  # x_1 at fy_0 + shift bits
     xf = fy + shift
-    Y = begin(ctx, (y0 << (fy + 1)) - fused.square(ctx, rnd, 0, 1), 2 * fy - fys[1])
+    Y = begin(ctx, y0 * g - fused.square(ctx, rnd, 0, 1), 2 * fy - fys[1])
     fy = fys[1]
     for i in range(2, iters + 1):
         last = i == iters
@@ -189,11 +212,11 @@ def reciprocal_core(ctx: Context, y0: Pending | torch.Tensor, mult: int, shift: 
 
 
 def reciprocal_core_cost(shape, mult: int, shift: int, iters: int, out_frac: int, f: int,
-                          mode: str, y0_k: int = 0) -> Cost:
+                          mode: str, y0_k: int = 0, gamma: float = 2.0) -> Cost:
     """Cost of `reciprocal_core` up to its pending result (whose round the caller counts).
 
     y0_k: the shift left pending on y0 (fused.pending_k; 0: y0 is finished)."""
-    fys = recip_fracs(f, mult, iters)
+    fys = recip_fracs(f, mult, iters, gamma)
     if iters == 1:
         return fused.fused_round_cost((), [shape]) if y0_k else Cost()
     total = fused.fused_round_cost([shape], [shape] if y0_k else [])
@@ -209,9 +232,9 @@ def reciprocal_core_cost(shape, mult: int, shift: int, iters: int, out_frac: int
 
 
 def reciprocal_core_out_k(mult: int, shift: int, iters: int, out_frac: int, f: int,
-                          mode: str) -> int:
+                          mode: str, gamma: float = 2.0) -> int:
     """The shift left pending on `reciprocal_core`'s result (0: none)."""
-    fys = recip_fracs(f, mult, iters)
+    fys = recip_fracs(f, mult, iters, gamma)
     if iters == 1:
         return fused.pending_k(fys[0] + shift - out_frac, mode)
     xf = fys[0] + shift if iters == 2 else f + X_GUARD + shift
@@ -219,33 +242,36 @@ def reciprocal_core_out_k(mult: int, shift: int, iters: int, out_frac: int, f: i
 
 
 def reciprocal_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters: int, *,
-                           scaled_input: bool = False, out_frac: int | None = None) -> Protocol:
+                           scaled_input: bool = False, out_frac: int | None = None,
+                           gamma: float = 2.0) -> Protocol:
     """1/y for prescale * y in RECIPROCAL_DOMAIN, by `iters` Goldschmidt iterations.
 
     y: share at f fractional bits (already multiplied by prescale if scaled_input).
     Relative error |1 - p y|^(2^iters) plus a few ulps. Result at out_frac (default f) bits.
     The prescale is used as `prescale_const(prescale)` (rounded down to 4 bits, exact for
     a power of two); the same constant corrects the output, so rounding costs no accuracy.
+    gamma: the first step's constant (`reciprocal_core`).
     """
     f = ctx.f
     if iters < 1:
         raise ValueError("Goldschmidt needs at least one iteration")
     mult, shift = prescale_const(prescale)
     y0 = begin_rescale(ctx, y if scaled_input else y * mult, f if scaled_input else f + shift,
-                       recip_fracs(f, mult, iters)[0])
-    r = yield from reciprocal_core(ctx, y0, mult, shift, iters, f if out_frac is None else out_frac)
+                       recip_fracs(f, mult, iters, gamma)[0])
+    r = yield from reciprocal_core(ctx, y0, mult, shift, iters, f if out_frac is None else out_frac,
+                                   gamma)
     return (yield from finish(ctx, r))
 
 
 def reciprocal_goldschmidt_cost(shape, prescale: float, iters: int, *, scaled_input: bool = False,
                                 out_frac: int | None = None, f: int = 16,
-                                mode: str = "exact") -> Cost:
+                                mode: str = "exact", gamma: float = 2.0) -> Cost:
     mult, shift = prescale_const(prescale)
     out_frac = f if out_frac is None else out_frac
-    y0_k = fused.pending_k(f + (0 if scaled_input else shift) - recip_fracs(f, mult, iters)[0],
-                           mode)
-    out_k = reciprocal_core_out_k(mult, shift, iters, out_frac, f, mode)
-    return (reciprocal_core_cost(shape, mult, shift, iters, out_frac, f, mode, y0_k)
+    y0_k = fused.pending_k(f + (0 if scaled_input else shift)
+                           - recip_fracs(f, mult, iters, gamma)[0], mode)
+    out_k = reciprocal_core_out_k(mult, shift, iters, out_frac, f, mode, gamma)
+    return (reciprocal_core_cost(shape, mult, shift, iters, out_frac, f, mode, y0_k, gamma)
             + (trunc_cost(shape, mode) if out_k else Cost()))
 
 
@@ -264,7 +290,7 @@ def rsqrt_frac(f: int) -> int:
 
 
 def rsqrt_core(ctx: Context, x0: Pending | torch.Tensor, mult: int, shift: int, iters: int,
-                out_frac: int) -> Protocol:
+                out_frac: int, gamma: float = 3.0) -> Protocol:
     """(mult/2^shift) / sqrt(x0) at out_frac fractional bits, for x0 (rsqrt_frac bits) in (0, 3).
 
     x0 may be a pending truncation (its round is the first opening's); the result is one
@@ -272,20 +298,24 @@ def rsqrt_core(ctx: Context, x0: Pending | torch.Tensor, mult: int, shift: int, 
     y_i = c prod m is held at f + shift bits as mult y' 2^f, y' <= 1/sqrt(x0), mult < 2^16:
     the truncated y (3 - x) is 2 y'_(i+1) mult 2^(f + fx) < 2^(1 + 16 + 16 + 19) y', below
     2^62 for y' < 2^8, i.e. x0 > 2^-16 (f = 16).
+    gamma: the first factor is (gamma - x_0)/2 (a seeded first step, approx.goldschmidt
+    `choose_seeded_goldschmidt`; gamma <= 3.5 keeps the cubic x (gamma - x)^2 <= 4 gamma^3/27
+    below 2^62 at 3 fx bits).
     """
     f, fx = ctx.f, rsqrt_frac(ctx.f)
     X = fused.as_pending(x0)
     yf = fx + shift + 1
-    if iters == 1:  # y_1 = c (3 - x_0)/2 from y_0 = c (public) is local, at fx + shift + 1 bits
+    g = _gamma_int(gamma)
+    if iters == 1:  # y_1 = c (gamma - x_0)/2 from y_0 = c (public) is local, at fx + shift + 1 bits
         x0 = yield from finish(ctx, X)
-        return begin_rescale(ctx, mult * ctx.add_public(-x0, 3 << fx), yf, out_frac)
-    # iteration 1: y_0 is public, so only x_0 is opened, for x_1 = x_0 (3 - x_0)^2 / 4
+        return begin_rescale(ctx, mult * ctx.add_public(-x0, g << (fx - 6)), yf, out_frac)
+    # iteration 1: y_0 is public, so only x_0 is opened, for x_1 = x_0 (gamma - x_0)^2 / 4
     # (entry 0 = x, mask a; monomials a, a^2, a^3)
     rnd = yield from fused.fused_round(ctx, [X], [0], lambda a: [a * a, a * a * a],
                                        [RING, RING], cross=[(0, 0), (0, 1)])
     x = rnd.values[0]
-    Y = Pending(mult * ctx.add_public(-x, 3 << fx))
-    X = begin(ctx, _cubic(ctx, rnd, x, fx, 1, 2), 2 * fx + 2)
+    Y = Pending(mult * ctx.add_public(-x, g << (fx - 6)))
+    X = begin(ctx, _cubic(ctx, rnd, x, fx, 1, 2, g), 2 * fx + 2)
     for i in range(2, iters + 1):
         last = i == iters
         X, Y = yield from fused.settle(ctx, X, Y)
@@ -310,12 +340,13 @@ def rsqrt_core(ctx: Context, x0: Pending | torch.Tensor, mult: int, shift: int, 
 
 
 def _cubic(ctx: Context, rnd: fused.Round, x: torch.Tensor, fx: int, a2: int,
-           a3: int) -> torch.Tensor:
-    """x (3 - x)^2 = 4 x m^2 at 3 fx bits for x = e + a (opened entry 0): one opening."""
+           a3: int, g: int = 3 * 64) -> torch.Tensor:
+    """x (gamma - x)^2 = 4 x m^2 at 3 fx bits for x = e + a (opened entry 0): one opening.
+    g = 64 gamma (3 * 64: the plain step)."""
     x2 = fused.square(ctx, rnd, 0, a2)
     x3 = (fused.power_times(ctx, rnd, 0, 3) + 3 * fused.power_times(ctx, rnd, 0, 2, 0)
           + 3 * fused.power_times(ctx, rnd, 0, 1, a2) + rnd.mons[a3])
-    return ((9 * x) << (2 * fx)) - ((6 * x2) << fx) + x3
+    return ((g * g * x) << (2 * fx - 12)) - ((2 * g * x2) << (fx - 6)) + x3
 
 
 def rsqrt_core_cost(shape, shift: int, iters: int, out_frac: int, f: int, mode: str,
@@ -348,7 +379,8 @@ def rsqrt_core_out_k(shift: int, iters: int, out_frac: int, f: int, mode: str) -
 
 
 def rsqrt_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters: int, *,
-                      scaled_input: bool = False, out_frac: int | None = None) -> Protocol:
+                      scaled_input: bool = False, out_frac: int | None = None,
+                      gamma: float = 3.0) -> Protocol:
     """1/sqrt(y) for prescale * y in RSQRT_DOMAIN, by `iters` Goldschmidt iterations.
 
     y: share at f fractional bits (already multiplied by prescale if scaled_input).
@@ -363,7 +395,7 @@ def rsqrt_goldschmidt(ctx: Context, y: torch.Tensor, prescale: float, iters: int
     x0 = begin_rescale(ctx, y if scaled_input else y * mult, f if scaled_input else f + shift,
                        rsqrt_frac(f))
     cm, cs = fixed_const(math.sqrt(p_eff))
-    r = yield from rsqrt_core(ctx, x0, cm, cs, iters, f if out_frac is None else out_frac)
+    r = yield from rsqrt_core(ctx, x0, cm, cs, iters, f if out_frac is None else out_frac, gamma)
     return (yield from finish(ctx, r))
 
 

@@ -28,7 +28,7 @@ from .arith import FixedOperand
 from .compare import bit_mul, bit_mul_cost, gt_public, lt_public, msb_cost, not_bit
 from .cost import Cost
 from .fused import pending_k
-from .goldschmidt import (fixed_const, prescale_const, recip_fracs, reciprocal_core,
+from .goldschmidt import (SEED_ROBUST, fixed_const, prescale_const, recip_fracs, reciprocal_core,
                           reciprocal_core_cost, reciprocal_core_out_k,
                           rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
 from .sine import bits_times_x, bits_times_x_cost, x_sine_series, x_sine_series_cost
@@ -176,11 +176,15 @@ def _ln_plan(n: int, prescale: float, f: int, center_first: bool) -> dict:
                 y_shift=y_shift, r_frac=f + _R_EXTRA, mean_shift=46 - f)
 
 
-def layernorm_needs_center_first(n: int, prescale: float, f: int = 16) -> bool:
+def layernorm_needs_center_first(n: int, prescale: float, f: int = 16, gamma: float = 3.0) -> bool:
     """Whether the one-pass LayerNorm cannot represent its constant p/n^2 (var + eps above
     ~3 2^(59 - 2f) / n^2, e.g. 2730 at n = 384: Quad GeLU's FFN outputs reach that), so the
-    mean must be subtracted first (one more round; constant p/n, var up to 3 2^27 / n)."""
-    return prescale / (n * n) < 2.0 ** -(59 - 2 * f)
+    mean must be subtracted first (one more round; constant p/n, var up to 3 2^27 / n).
+    With a seeded first step (gamma != 3) also where p/n^2 would be rounded down by more
+    than goldschmidt.SEED_ROBUST: the seed was calibrated for p."""
+    if prescale / (n * n) < 2.0 ** -(59 - 2 * f):
+        return True
+    return gamma != 3.0 and _ln_plan(n, prescale, f, False)["p_eff"] < prescale * (1 - SEED_ROBUST)
 
 
 def layernorm_effective_prescale(n: int, prescale: float, f: int = 16,
@@ -192,14 +196,15 @@ def layernorm_effective_prescale(n: int, prescale: float, f: int = 16,
 def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
                           weight: torch.Tensor | FixedOperand | None,
                           bias: torch.Tensor | None, eps: float, prescale: float, iters: int,
-                          center_first: bool = False) -> Protocol:
+                          center_first: bool = False, gamma: float = 3.0) -> Protocol:
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
 
     x: a share, or a pending truncation (`trunc.Pending`: the linear layer before it left
     its truncation to this op's first round). weight: a FixedOperand (arith.fix_operand,
     the usual case: only x's mask is opened), a secret share, or None; bias: a share or
     None. prescale * (var + eps) must lie in the rsqrt domain (0, 3)
-    (`layernorm_effective_prescale` gives the factor actually used).
+    (`layernorm_effective_prescale` gives the factor actually used). gamma: the rsqrt's
+    first-step constant (a seeded first step, `rsqrt_core`).
 
     One pass (default), 3 + iters rounds (iters >= 1): with S = sum x and D' = n x - S = n d
     (local, exact), the variance comes from V = n sum x^2 - S^2 = n^2 var (at 2f bits)
@@ -229,6 +234,11 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
     X = fused.as_pending(x)
     n = X.shape[-1]
     plan = _ln_plan(n, prescale, f, center_first)
+    if gamma != 3.0 and plan["p_eff"] < prescale * (1 - SEED_ROBUST):
+        raise ValueError(f"LayerNorm over {n} features applies its prescale {prescale:g} as "
+                         f"{plan['p_eff']:g}, more than 2^-6 below it, but its first Goldschmidt step "
+                         f"(gamma {gamma}) was calibrated for {prescale:g}: calibrate it without a seed "
+                         "(gamma 3) or for a larger prescale")
     fx = rsqrt_frac(f)
     if X.pending and (center_first or X.k > 32):  # see _variance_round; the mean needs x
         X = Pending((yield from finish(ctx, X)))
@@ -262,7 +272,7 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
     # x0's truncation round is the rsqrt's first opening (fused.py)
     x0 = begin(ctx, vs, 2 * f + plan["var_shift"] - fx)
     z, r = yield from parallel(zpath, rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"],
-                                                 iters, plan["r_frac"]))
+                                                 iters, plan["r_frac"], gamma))
     out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
     out = yield from trunc(ctx, out, plan["r_frac"])
     return out if bias is None else out + bias
@@ -363,11 +373,12 @@ class QuadRows:
     shift: int
     iters: int
     dim: int  # the softmax dim of the caller's layout (q2 has it moved last)
+    gamma: float = 2.0  # the reciprocal's first-step constant (reciprocal_core)
 
 
 def softmax_2quad_rows(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: float = 5.0,
                        mask: torch.Tensor | None = None, *, prescale: float,
-                       iters: int) -> Protocol:
+                       iters: int, gamma: float = 2.0) -> Protocol:
     """Round 1 of 2Quad: (x + c)^2 (Beaver square at 2f bits; it finishes a pending x), masked
     by a local product, and the pre-scaled row sum ready for the reciprocal (`QuadRows`)."""
     f = ctx.f
@@ -381,15 +392,17 @@ def softmax_2quad_rows(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c
         q2 = q2 * ctx.pub(torch.as_tensor(mask).to(torch.int64).expand(shape).movedim(dim, -1))
     s = q2.sum(-1, keepdim=True) * mult  # p' sum at 2f + shift bits
     # y0's truncation round is the reciprocal's first opening (fused.py)
-    y0 = begin_rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters)[0])
-    return QuadRows(q2, y0, mult, shift, iters, dim)
+    y0 = begin_rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters, gamma)[0])
+    return QuadRows(q2, y0, mult, shift, iters, dim, gamma)
 
 
 def softmax_2quad(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: float = 5.0,
-                  mask: torch.Tensor | None = None, *, prescale: float, iters: int) -> Protocol:
+                  mask: torch.Tensor | None = None, *, prescale: float, iters: int,
+                  gamma: float = 2.0) -> Protocol:
     """2Quad: q / sum(q) with q = (x + c)^2 * mask; mask is a public 0/1 tensor (broadcast).
 
     x may be a pending truncation (the scores' product left its truncation to round 1).
+    gamma: the reciprocal's first-step constant (a seeded first step, `reciprocal_core`).
     Masked positions contribute 0 (DESIGN.md), not (-large + c)^2. prescale * row sum must
     lie in goldschmidt.RECIPROCAL_DOMAIN (approximations.choose_goldschmidt picks it from a
     declared row-sum range; a power of two is exact and allows p sum down to 2^-16).
@@ -406,10 +419,12 @@ def softmax_2quad(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: flo
       round iters + 3: its truncation.
     """
     f = ctx.f
-    rows = yield from softmax_2quad_rows(ctx, x, dim, c, mask, prescale=prescale, iters=iters)
+    rows = yield from softmax_2quad_rows(ctx, x, dim, c, mask, prescale=prescale, iters=iters,
+                                         gamma=gamma)
     r_frac = _softmax_plan(prescale, f)[2]
     q, r = yield from parallel(trunc(ctx, rows.q2, f),
-                               reciprocal_core(ctx, rows.y0, rows.mult, rows.shift, iters, r_frac))
+                               reciprocal_core(ctx, rows.y0, rows.mult, rows.shift, iters, r_frac,
+                                               gamma))
     out = yield from fused.mul(ctx, q, r)  # finishes r's pending rescale in the same round
     out = yield from trunc(ctx, out, r_frac)
     return out.movedim(-1, dim)
@@ -460,7 +475,7 @@ def softmax_2quad_matmul(ctx: Context, rows: QuadRows, v: torch.Tensor) -> Proto
         return begin(ctx, d, f)
 
     d, r = yield from parallel(qv(), reciprocal_core(ctx, rows.y0, rows.mult, rows.shift,
-                                                     rows.iters, r_frac))
+                                                     rows.iters, r_frac, rows.gamma))
     out = yield from fused.mul(ctx, d, r)  # finishes both pending truncations
     return (yield from trunc(ctx, out, r_frac))
 
@@ -471,22 +486,22 @@ def softmax_2quad_rows_cost(shape, x_k: int = 0) -> Cost:
 
 
 def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int = 16,
-                       mode: str = "exact", x_k: int = 0) -> Cost:
+                       mode: str = "exact", x_k: int = 0, gamma: float = 2.0) -> Cost:
     """x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share)."""
     shape = list(shape)
     n = shape.pop(dim if dim >= 0 else len(shape) + dim)
     full, rows = tuple(shape) + (n,), tuple(shape) + (1,)
     mult, shift, r_frac = _softmax_plan(prescale, f)
     t = trunc_cost(full, mode)
-    y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters)[0], mode)
-    r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode)
+    y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters, gamma)[0], mode)
+    r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode, gamma)
     return (softmax_2quad_rows_cost(full, x_k)
-            + (t | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k))
+            + (t | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k, gamma))
             + fused.mul_cost(full, 0, rows, r_k) + t)
 
 
 def softmax_2quad_matmul_cost(q_shape, v_shape, prescale: float, iters: int, f: int = 16,
-                              mode: str = "exact") -> Cost:
+                              mode: str = "exact", gamma: float = 2.0) -> Cost:
     """Cost of `softmax_2quad_matmul` after `softmax_2quad_rows` (q_shape: 2Quad's output,
     normalized dim last; v_shape: V's)."""
     q_shape, v_shape = tuple(q_shape), tuple(v_shape)
@@ -494,8 +509,8 @@ def softmax_2quad_matmul_cost(q_shape, v_shape, prescale: float, iters: int, f: 
     out = tuple(torch.broadcast_shapes(q_shape[:-2], v_shape[:-2])) + (q_shape[-2], v_shape[-1])
     mult, shift, _ = _softmax_plan(prescale, f)
     r_frac = attend_r_frac(shift, f)
-    y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters)[0], mode)
-    r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode)
+    y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters, gamma)[0], mode)
+    r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode, gamma)
     qv = trunc_cost(q_shape, mode) + arith.beaver_cost(q_shape, v_shape)
-    return ((qv | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k))
+    return ((qv | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k, gamma))
             + fused.mul_cost(out, pending_k(f, mode), rows, r_k) + trunc_cost(out, mode))

@@ -19,6 +19,7 @@ from .goldschmidt import (
     GoldschmidtDefault,
     calibrate_goldschmidt,
     choose_goldschmidt,
+    choose_seeded_goldschmidt,
 )
 from .measure import ErrorReport, measure_error, target_of
 from .spec import (
@@ -51,6 +52,7 @@ __all__ = [
     "approximations_for",
     "calibrate_goldschmidt",
     "choose_goldschmidt",
+    "choose_seeded_goldschmidt",
     "fit_erf_sine_series",
     "get_approx",
     "measure_error",

@@ -26,6 +26,15 @@ Defaults used without calibration (`GOLDSCHMIDT_DEFAULTS`, reproduced by a test)
 | LayerNorm var + eps | rsqrt | [1e-3, 1e3] | 2^-10 | 20 | 7.7e-5 |
 | 2Quad row sums | reciprocal | [1, 8192] | 2^-13 | 17 | 1.1e-7 |
 
+Seeded first step (`choose_seeded_goldschmidt`, what `calibrate_goldschmidt` uses for specs
+that declare a `gamma` param: softmax.2quad and layernorm.secformer): the first factor
+gamma - y (resp. (gamma - x)/2) with a prescale of a few significant bits, chosen together,
+costs the same round as the plain step and puts the first iterate on both sides of 1; it
+saves an iteration where the range ratio is a few (BERT-base's 2Quad row sums: 5 -> 4) and
+falls back to the plain choice where it saves none, or only by giving up accuracy just above
+the calibrated range (BERT-base's LayerNorms: 3 iterations would meet 1e-4 on the range but be
+13% off at 1.5 hi, where 4 plain ones are 8e-4 off).
+
 Wide ranges are expensive (each iteration is two dependent multiplications); calibrate
 per LayerNorm / attention instance: e.g. all-MiniLM-L6-v2's embedding LayerNorm sees
 var + eps in [0.002, 0.03] only (prescale 2^6, 6 iterations at 1e-4).
@@ -48,6 +57,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..runtime.protocols.goldschmidt import SEED_ROBUST as RUNTIME_SEED_ROBUST
 from .spec import ApproxSpec, approximation
 
 _BOUND = {"reciprocal": 2.0, "rsqrt": 3.0}
@@ -64,21 +74,32 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def reciprocal_steps(y: torch.Tensor, quantize: Quantize = _identity) -> Iterator[torch.Tensor]:
-    """Goldschmidt reciprocal of an already scaled y in (0, 2): yields x after each iteration."""
+def reciprocal_steps(y: torch.Tensor, quantize: Quantize = _identity,
+                     gamma: float = 2.0) -> Iterator[torch.Tensor]:
+    """Goldschmidt reciprocal of an already scaled y in (0, 2): yields x after each iteration.
+
+    gamma: the first factor is gamma - y instead of 2 - y (a seeded first step, see
+    `choose_seeded_goldschmidt`); every later one is 2 - y."""
     x = torch.ones_like(y)
+    c = gamma
     while True:
-        m = 2 - y
+        m = c - y
         x, y = quantize(x * m), quantize(y * m)
+        c = 2
         yield x
 
 
-def rsqrt_steps(x: torch.Tensor, quantize: Quantize = _identity) -> Iterator[torch.Tensor]:
-    """Goldschmidt 1/sqrt of an already scaled x in (0, 3): yields y after each iteration."""
+def rsqrt_steps(x: torch.Tensor, quantize: Quantize = _identity,
+                gamma: float = 3.0) -> Iterator[torch.Tensor]:
+    """Goldschmidt 1/sqrt of an already scaled x in (0, 3): yields y after each iteration.
+
+    gamma: the first factor is (gamma - x)/2 instead of (3 - x)/2 (seeded first step)."""
     y = torch.ones_like(x)
+    c = gamma
     while True:
-        m = quantize((3 - x) / 2)
+        m = quantize((c - x) / 2)
         x, y = quantize(quantize(x * m) * m), quantize(y * m)
+        c = 3
         yield y
 
 
@@ -89,16 +110,18 @@ def _run(steps: Iterator[torch.Tensor], start: torch.Tensor, iterations: int) ->
     return out
 
 
-def reciprocal_goldschmidt(x: torch.Tensor, *, prescale: float, iterations: int) -> torch.Tensor:
+def reciprocal_goldschmidt(x: torch.Tensor, *, prescale: float, iterations: int,
+                           gamma: float = 2.0) -> torch.Tensor:
     """1/x ~= s * Goldschmidt(s * x): `iterations` steps after the public pre-scale s."""
     y = x * prescale
-    return _run(reciprocal_steps(y), torch.ones_like(y), iterations) * prescale
+    return _run(reciprocal_steps(y, gamma=gamma), torch.ones_like(y), iterations) * prescale
 
 
-def rsqrt_goldschmidt(x: torch.Tensor, *, prescale: float, iterations: int) -> torch.Tensor:
+def rsqrt_goldschmidt(x: torch.Tensor, *, prescale: float, iterations: int,
+                      gamma: float = 3.0) -> torch.Tensor:
     """1/sqrt(x) ~= sqrt(s) * Goldschmidt(s * x): `iterations` steps after the pre-scale s."""
     v = x * prescale
-    return _run(rsqrt_steps(v), torch.ones_like(v), iterations) * math.sqrt(prescale)
+    return _run(rsqrt_steps(v, gamma=gamma), torch.ones_like(v), iterations) * math.sqrt(prescale)
 
 
 class GoldschmidtChoice(NamedTuple):
@@ -207,6 +230,135 @@ def choose_goldschmidt(
     return GoldschmidtChoice(prescale=2.0**-neg_j, iterations=int(n), achieved_err=err)
 
 
+# --- seeded first step ----------------------------------------------------------------------
+#
+# Goldschmidt's first factor is a linear function of the scaled input u = s v: 2 - u
+# (reciprocal), (3 - u)/2 (rsqrt). Any linear first factor k (g - u) costs the same round
+# (the first product opens u alone: u (g - u) resp. u (g - u)^2 / 4 are polynomials in u),
+# and (k, g) is (s, g) again after rescaling u, so a seeded first step is a pre-scale with a
+# few significant bits and a constant gamma in place of 2 (3). Chosen jointly they put the
+# first iterate's error on both sides of 1 (a minimax seed) instead of one side: for the
+# 2Quad row sums of BERT-base (range ratio 3.4 after the calibration margins) 4 iterations
+# instead of 5 reach 1e-4, for its LayerNorm variances (ratio 3.2 to 3.4) 3 instead of 4.
+SEED_GAMMA = {"reciprocal": (2.0, 2.75), "rsqrt": (3.0, 3.5)}  # runtime overflow bounds
+SEED_GAMMA_UNIT = 2.0**-6  # gamma = g / 64: exact at the runtime's >= 18 fractional bits
+# prescale = m 2^-k with m < 2^bits: the 2Quad runtime (prescale_const) keeps 4 bits exactly;
+# LayerNorm folds 1/n^2 into its constant (nonlinear._ln_plan) and rounds that down, by at
+# most 1/76 for n <= 1024 at f = 16: the target must also hold at prescale (1 - SEED_ROBUST)
+SEED_PRESCALE_BITS = {"reciprocal": 4, "rsqrt": 6}
+SEED_ROBUST = RUNTIME_SEED_ROBUST
+# Between hi and headroom * hi the seeded choice must stay within this multiple of the target
+# (the plain one is usually far below it there: a minimax seed that just meets the target
+# on [lo, hi] can be 10% off at 1.5 hi, e.g. LayerNorm at 3 iterations on [0.8, 2.7]).
+SEED_HEADROOM_ERR = 10.0
+
+
+class SeededChoice(NamedTuple):
+    """Result of `choose_seeded_goldschmidt`."""
+
+    prescale: float
+    gamma: float
+    iterations: int
+    achieved_err: float
+
+
+def _first_ok(kind: str, u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Whether the first iterate of every u (last dim) stays inside the convergence interval."""
+    if kind == "reciprocal":
+        y1 = u * (gamma - u)
+        return ((y1 > 0) & (y1 < 2)).all(-1)
+    x1 = u * (gamma - u) ** 2 / 4
+    return ((u < gamma) & (x1 > 0) & (x1 < 3)).all(-1)
+
+
+def choose_seeded_goldschmidt(
+    lo: float,
+    hi: float,
+    target_rel_err: float = DEFAULT_TARGET_REL_ERR,
+    kind: str = "rsqrt",
+    *,
+    headroom: float = 1.5,
+    grid: int = 1025,
+    max_iterations: int = 64,
+    applied: Callable[[float], float] | None = None,
+) -> SeededChoice:
+    """Pre-scale, first-step constant gamma and the fewest iterations for inputs in [lo, hi].
+
+    Searches prescales m 2^-k (m < 2^SEED_PRESCALE_BITS[kind]) and gamma on a 1/64 grid inside
+    `SEED_GAMMA[kind]`, with inputs up to headroom * hi inside the convergence interval
+    after the first step, the target met at prescale and at prescale (1 - SEED_ROBUST), and
+    at most SEED_HEADROOM_ERR times the target between hi and headroom * hi.
+    applied(p): the prescale the runtime will actually apply for p (LayerNorm folds 1/n^2 or
+    1/n into it and rounds down); candidates it lowers by more than SEED_ROBUST are skipped.
+    Falls back to `choose_goldschmidt`'s power of two and standard gamma when the seed saves
+    no iteration (the same program as before)."""
+    plain = choose_goldschmidt(lo, hi, target_rel_err, kind, headroom=headroom, grid=grid,
+                               max_iterations=max_iterations)
+    std_gamma = SEED_GAMMA[kind][0]
+    fallback = SeededChoice(plain.prescale, std_gamma, plain.iterations, plain.achieved_err)
+    if plain.iterations <= 1:
+        return fallback
+    g_lo, g_hi = SEED_GAMMA[kind]
+    gammas = torch.arange(round(g_lo / SEED_GAMMA_UNIT), round(g_hi / SEED_GAMMA_UNIT) + 1,
+                          dtype=torch.float64) * SEED_GAMMA_UNIT
+    j0 = math.floor(math.log2(_BOUND[kind] / hi))
+    bits = SEED_PRESCALE_BITS[kind]
+    cands = sorted({m * 2.0 ** (j - bits) for j in range(j0 - 2, j0 + 3)
+                    for m in range(1 << (bits - 1), 1 << bits)})
+    if applied is not None:
+        cands = [p for p in cands if applied(p) >= p * (1 - SEED_ROBUST)]
+    if not cands:
+        return fallback
+    prescales = torch.tensor(cands, dtype=torch.float64)
+
+    def errors(points: int, s: torch.Tensor, g: torch.Tensor, n: int, top: float = hi,
+               bottom: float = lo) -> torch.Tensor:
+        """Max relative error after n iterations of each (s, g) pair on [bottom, top], at s and
+        s (1 - robust)."""
+        v = torch.logspace(math.log10(bottom), math.log10(top), points, dtype=torch.float64)
+        v[0], v[-1] = bottom, top
+        exact = 1 / v if kind == "reciprocal" else torch.rsqrt(v)
+        worst = torch.zeros(len(s), dtype=torch.float64)
+        for sc in (s, s * (1 - SEED_ROBUST)):
+            u = v[None, :] * sc[:, None]
+            if kind == "reciprocal":
+                est, post = _run(reciprocal_steps(u, gamma=g[:, None]), u, n), sc[:, None]
+            else:
+                est, post = _run(rsqrt_steps(u, gamma=g[:, None]), u, n), sc[:, None].sqrt()
+            worst = torch.maximum(worst, ((est * post - exact) / exact).abs().amax(-1))
+        return worst
+
+    with torch.no_grad():
+        # (prescale, gamma) pairs whose first step keeps inputs up to headroom * hi inside the
+        # convergence interval
+        vh = torch.logspace(math.log10(lo), math.log10(hi * headroom), 257, dtype=torch.float64)
+        S, G = torch.meshgrid(prescales, gammas, indexing="ij")
+        S, G = S.reshape(-1), G.reshape(-1)
+        ok = _first_ok(kind, vh[None, :] * S[:, None], G[:, None])
+        S, G = S[ok], G[ok]
+        def meets(n: int) -> SeededChoice | None:
+            # above hi (calibration samples miss the largest runtime values) the plain choice
+            # degrades gracefully; a seed may not do much worse there
+            coarse = torch.maximum(errors(257, S, G, n),
+                                   errors(129, S, G, n, hi * headroom, hi) / SEED_HEADROOM_ERR)
+            for k in torch.argsort(coarse)[:8].tolist():  # confirm on the full grid
+                if float(coarse[k]) > target_rel_err:
+                    break
+                err = float(errors(grid, S[k:k + 1], G[k:k + 1], n)[0])
+                above = float(errors(grid, S[k:k + 1], G[k:k + 1], n, hi * headroom, hi)[0])
+                if err <= target_rel_err and above <= SEED_HEADROOM_ERR * target_rel_err:
+                    return SeededChoice(float(S[k]), float(G[k]), n, err)
+            return None
+
+        best = None  # fewer iterations than plain, then as few as still meet the target
+        for n in range(plain.iterations - 1, 0, -1):
+            found = meets(n)
+            if found is None:
+                break
+            best = found
+    return fallback if best is None else best
+
+
 GOLDSCHMIDT_DEFAULTS: dict[str, GoldschmidtDefault] = {
     "layernorm_var": GoldschmidtDefault(
         kind="rsqrt",
@@ -268,19 +420,28 @@ _CALIBRATABLE = {
 
 
 def calibrate_goldschmidt(
-    spec: ApproxSpec, lo: float, hi: float, target_rel_err: float = DEFAULT_TARGET_REL_ERR, **kwargs
+    spec: ApproxSpec, lo: float, hi: float, target_rel_err: float = DEFAULT_TARGET_REL_ERR,
+    applied: Callable[[float], float] | None = None, **kwargs
 ) -> ApproxSpec:
     """A variant of a Goldschmidt-based spec with pre-scale and iterations chosen for [lo, hi].
 
     [lo, hi] is the observed range of the Goldschmidt input: x for reciprocal/rsqrt,
     var + eps for layernorm, the row sums of the 2Quad numerator for softmax. kwargs go to
-    `choose_goldschmidt`. The variant declares the achieved error: relative for
+    `choose_goldschmidt`; applied: see `choose_seeded_goldschmidt` (specs with a `gamma`
+    param only). The variant declares the achieved error: relative for
     reciprocal/rsqrt/layernorm (layernorm's normalized outputs carry rsqrt's relative
     error), absolute for 2Quad (its outputs are <= 1, so absolute <= relative).
     """
     if "prescale" not in spec.params or "iterations" not in spec.params:
         raise ValueError(f"{spec.name} has no Goldschmidt pre-scale/iterations to calibrate")
-    choice = choose_goldschmidt(lo, hi, target_rel_err, _CALIBRATABLE[spec.op], **kwargs)
+    kind = _CALIBRATABLE[spec.op]
+    extra = {}
+    if "gamma" in spec.params:  # the spec's function takes a seeded first step
+        seeded = choose_seeded_goldschmidt(lo, hi, target_rel_err, kind, applied=applied, **kwargs)
+        choice = GoldschmidtChoice(seeded.prescale, seeded.iterations, seeded.achieved_err)
+        extra["gamma"] = seeded.gamma
+    else:
+        choice = choose_goldschmidt(lo, hi, target_rel_err, kind, **kwargs)
     margin = choice.achieved_err * 1.01 + 1e-15
     if spec.op == "softmax":
         return spec.derive(
@@ -288,10 +449,12 @@ def calibrate_goldschmidt(
             notes=f"{spec.notes}; division calibrated for row sums in [{lo:g}, {hi:g}]",
             prescale=choice.prescale,
             iterations=choice.iterations,
+            **extra,
         )
     return spec.derive(
         domain=(lo, hi),
         declared_max_rel_err=margin,
         prescale=choice.prescale,
         iterations=choice.iterations,
+        **extra,
     )

@@ -61,7 +61,7 @@ def layernorm_exact(
     op="layernorm",
     method="goldschmidt",
     domain=(_VAR.lo, _VAR.hi),
-    params={"prescale": _VAR.choice.prescale, "iterations": _VAR.choice.iterations},
+    params={"prescale": _VAR.choice.prescale, "iterations": _VAR.choice.iterations, "gamma": 3.0},
     declared_max_rel_err=8e-5,
     source=GOLDSCHMIDT_SOURCE,
     notes="default pre-scale/iterations cover var + eps in [1e-3, 1e3]; calibrate per "
@@ -75,14 +75,16 @@ def layernorm_secformer(
     *,
     prescale: float,
     iterations: int,
+    gamma: float = 3.0,
 ) -> torch.Tensor:
-    """LayerNorm with Goldschmidt 1/sqrt(var + eps) after the public pre-scale."""
+    """LayerNorm with Goldschmidt 1/sqrt(var + eps) after the public pre-scale (gamma: the
+    first step's constant, goldschmidt.choose_seeded_goldschmidt)."""
     return _layernorm(
         x,
         weight,
         bias,
         eps,
-        lambda v: rsqrt_goldschmidt(v, prescale=prescale, iterations=iterations),
+        lambda v: rsqrt_goldschmidt(v, prescale=prescale, iterations=iterations, gamma=gamma),
     )
 
 

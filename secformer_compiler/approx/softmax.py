@@ -77,7 +77,8 @@ def _quad2_target(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int = 
     op="softmax",
     method="2quad",
     domain=(-4.0, 3.0),
-    params={"c": 5.0, "prescale": _SUM.choice.prescale, "iterations": _SUM.choice.iterations},
+    params={"c": 5.0, "prescale": _SUM.choice.prescale, "iterations": _SUM.choice.iterations,
+            "gamma": 2.0},
     declared_max_abs_err=1.2e-7,
     target=_quad2_target,
     replacement=True,
@@ -95,12 +96,15 @@ def softmax_2quad(
     c: float,
     prescale: float,
     iterations: int,
+    gamma: float = 2.0,
 ) -> torch.Tensor:
-    """(x + c)^2 mask * Goldschmidt(1 / sum((x + c)^2 mask)): no exp, no max."""
+    """(x + c)^2 mask * Goldschmidt(1 / sum((x + c)^2 mask)): no exp, no max.
+
+    gamma: the Goldschmidt first step's constant (goldschmidt.choose_seeded_goldschmidt)."""
     num = _apply_mask((x + c) ** 2, mask)
     den = num.sum(dim, keepdim=True)
     # An all-masked row has den = 0: Goldschmidt then returns 2^n * s, finite, times num = 0.
-    return num * reciprocal_goldschmidt(den, prescale=prescale, iterations=iterations)
+    return num * reciprocal_goldschmidt(den, prescale=prescale, iterations=iterations, gamma=gamma)
 
 
 @approximation(

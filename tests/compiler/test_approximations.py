@@ -219,6 +219,54 @@ def test_calibrate_goldschmidt_derives_checked_variants():
         calibrate_goldschmidt(get_approx("gelu.puma"), 1.0, 2.0)
 
 
+def test_seeded_goldschmidt_choice():
+    """Fewer iterations than the plain choice where a seed helps, never more; the target
+    holds on the range at the prescale and at prescale (1 - SEED_ROBUST); inputs up to 1.5 hi
+    stay inside the convergence interval after the first step; gamma on the 1/64 grid and
+    the prescale with the runtime's significant bits."""
+    from secformer_compiler.approx import goldschmidt as gs
+
+    for kind, lo, hi in [("reciprocal", 2457.0, 8363.0), ("rsqrt", 1.0, 4.0), ("rsqrt", 0.7985, 2.698),
+                         ("rsqrt", 0.002, 0.03), ("reciprocal", 0.5, 0.6)]:
+        c = gs.choose_seeded_goldschmidt(lo, hi, 1e-4, kind)
+        plain = choose_goldschmidt(lo, hi, 1e-4, kind)
+        assert c.iterations <= plain.iterations
+        if c.iterations == plain.iterations:  # no gain: exactly the plain program
+            assert (c.prescale, c.gamma) == (plain.prescale, gs.SEED_GAMMA[kind][0])
+            continue
+        assert (c.gamma / gs.SEED_GAMMA_UNIT).is_integer()
+        assert gs.SEED_GAMMA[kind][0] <= c.gamma <= gs.SEED_GAMMA[kind][1]
+        m, _ = math.frexp(c.prescale)
+        assert (m * 2 ** gs.SEED_PRESCALE_BITS[kind]).is_integer()
+        v = torch.logspace(math.log10(lo), math.log10(hi), 20001, dtype=torch.float64)
+        fn = gs.reciprocal_goldschmidt if kind == "reciprocal" else gs.rsqrt_goldschmidt
+        exact = 1 / v if kind == "reciprocal" else torch.rsqrt(v)
+        for s in (c.prescale, c.prescale * (1 - gs.SEED_ROBUST)):
+            est = fn(v, prescale=s, iterations=c.iterations, gamma=c.gamma)
+            assert float(((est - exact) / exact).abs().max()) <= 1.0001e-4
+            above = torch.linspace(hi, 1.5 * hi, 2001, dtype=torch.float64)
+            est = fn(above, prescale=s, iterations=c.iterations, gamma=c.gamma)
+            ex = 1 / above if kind == "reciprocal" else torch.rsqrt(above)
+            assert float(((est - ex) / ex).abs().max()) <= gs.SEED_HEADROOM_ERR * 1.0001e-4
+        u = torch.linspace(lo, 1.5 * hi, 5001, dtype=torch.float64) * c.prescale
+        assert bool(gs._first_ok(kind, u, torch.tensor(c.gamma, dtype=torch.float64)))
+    assert gs.choose_seeded_goldschmidt(2457.0, 8363.0, 1e-4, "reciprocal").iterations == 4  # was 5
+    # BERT-base's LayerNorm variances: 3 iterations would meet 1e-4 on the range but be ~13%
+    # off at 1.5 hi (4 plain ones: 8e-4), so the plain choice stays
+    assert gs.choose_seeded_goldschmidt(0.7985, 2.698, 1e-4, "rsqrt").gamma == 3.0
+
+
+def test_calibrate_goldschmidt_seeds_specs_that_take_gamma():
+    quad = get_approx("softmax.2quad")
+    tuned = calibrate_goldschmidt(quad, 2457.0, 8363.0)
+    assert tuned.params["gamma"] != 2.0 and tuned.iterations == 4
+    ln = calibrate_goldschmidt(get_approx("layernorm.secformer"), 1.0, 4.0)
+    assert ln.params["gamma"] != 3.0 and ln.iterations == 4  # plain: 5
+    assert measure_error(ln).max_rel <= ln.declared_max_rel_err
+    plain = get_approx("reciprocal.goldschmidt")  # declares no gamma: the plain step
+    assert "gamma" not in calibrate_goldschmidt(plain, 2457.0, 8363.0).params
+
+
 # --- registry and spec data ----------------------------------------------------------------
 
 

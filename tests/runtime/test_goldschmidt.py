@@ -163,3 +163,56 @@ def test_fixed_const():
     assert s == 20 and m / 2 ** s <= 1 / 3000
     with pytest.raises(ValueError):
         fixed_const(2 ** -30, max_shift=20)
+
+
+# --- seeded first step (approx.goldschmidt.choose_seeded_goldschmidt) ------------------------
+
+@pytest.mark.parametrize("kind,lo,hi", [
+    ("reciprocal", 2457.0, 8363.0),  # BERT-base's 2Quad row sums (with calibration margins)
+    ("reciprocal", 0.5, 50.0),
+    ("rsqrt", 1.0, 4.0),
+    ("rsqrt", 0.01, 10.0),
+])
+def test_seeded_first_step_whole_range(cluster, seed, kind, lo, hi):
+    """The seeded step (prescale with a few significant bits, first factor gamma - y) over the
+    whole range in 2PC and the simulator: the relative-error target plus a few ulps, with
+    fewer iterations than the plain power-of-two prescale, and no garbage up to the 1.5x
+    headroom above hi (within SEED_HEADROOM_ERR times the target); cost formula = counted."""
+    c = approx_gs.choose_seeded_goldschmidt(lo, hi, 1e-4, kind)
+    plain = choose_goldschmidt(lo, hi, 1e-4, kind)
+    assert c.iterations < plain.iterations and c.gamma != {"reciprocal": 2.0, "rsqrt": 3.0}[kind]
+    print(f"{kind} on [{lo}, {hi}]: seeded prescale {c.prescale:g}, gamma {c.gamma}, "
+          f"{c.iterations} iterations (plain: {plain.iterations})")
+    y = _sweep(lo, hi)
+    above = torch.linspace(hi, 1.5 * hi, 200, dtype=torch.float64)
+    if kind == "reciprocal":
+        op, want_fn = reciprocal_goldschmidt, (lambda t: 1 / t)
+        kw = dict(prescale=c.prescale, iters=c.iterations, gamma=c.gamma)
+        enc = lambda t: t  # noqa: E731 - the runtime applies the 4-bit prescale exactly
+        input_err = lambda t: 2 ** -17 / t  # noqa: E731
+    else:  # the caller applies the prescale (LayerNorm folds it into its variance constant)
+        op, want_fn = rsqrt_goldschmidt, (lambda t: 1 / t.sqrt())
+        kw = dict(prescale=c.prescale, iters=c.iterations, gamma=c.gamma, scaled_input=True)
+        enc = lambda t: t * c.prescale  # noqa: E731
+        input_err = lambda t: 2 ** -16 / (c.prescale * t)  # noqa: E731
+    for pts, tol in ((y, 1e-4), (above, approx_gs.SEED_HEADROOM_ERR * 1e-4)):
+        got, clear, stats = _run(cluster, op, enc(pts), **kw)
+        want = want_fn(pts)
+        bound = tol * want + 8 * 2 ** -16 + want * input_err(pts)
+        assert ((got - want).abs() / bound).max() <= 1
+        assert ((clear - want).abs() / bound).max() <= 1
+    if kind == "reciprocal":
+        _check_cost(stats, above.shape, reciprocal_goldschmidt_cost(above.shape, c.prescale, c.iterations,
+                                                                    gamma=c.gamma))
+    else:
+        _check_cost(stats, above.shape, rsqrt_goldschmidt_cost(above.shape, c.prescale, c.iterations,
+                                                               scaled_input=True))
+
+
+def test_gamma_must_be_a_multiple_of_a_64th(cluster):
+    def program(ctx, xv):
+        s = yield from arith.share(ctx, xv, 0, (4,))
+        return (yield from reciprocal_goldschmidt(ctx, s, 0.25, 3, gamma=2.3))
+
+    with pytest.raises(ValueError, match="multiple of 1/64"):
+        run_clear(program, FX.encode(torch.ones(4)), fxp=FX)

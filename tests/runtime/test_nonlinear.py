@@ -16,7 +16,7 @@ from secformer_compiler.runtime.protocols.goldschmidt import effective_prescale
 from secformer_compiler.runtime.protocols.trunc import begin, trunc_cost
 from secformer_compiler.runtime.protocols.nonlinear import (
     gelu_cmp_from_params, gelu_cmp_plan, gelu_secformer, gelu_secformer_cost,
-    layernorm_effective_prescale, layernorm_goldschmidt,
+    layernorm_effective_prescale, layernorm_goldschmidt, layernorm_needs_center_first,
     layernorm_goldschmidt_cost, softmax_2quad, softmax_2quad_cost, softmax_2quad_matmul,
     softmax_2quad_matmul_cost, softmax_2quad_rows, softmax_2quad_rows_cost, attend_out_bound)
 from secformer_compiler.runtime.ring import FixedPoint
@@ -151,7 +151,7 @@ def _calibrate_ln(xs, n, eps, center_first=False):
 _KEYS = itertools.count()  # fixed-operand keys persist in the module's cluster
 
 
-def _ln_program(shape, weight_kind, eps, p, iters, center_first, pending=False):
+def _ln_program(shape, weight_kind, eps, p, iters, center_first, pending=False, gamma=3.0):
     n = shape[-1]
     key = f"ln_weight_{next(_KEYS)}"
 
@@ -165,7 +165,7 @@ def _ln_program(shape, weight_kind, eps, p, iters, center_first, pending=False):
             w = yield from arith.fix_operand(ctx, w, key)
         elif weight_kind == "none":
             w = b = None
-        y = yield from layernorm_goldschmidt(ctx, s, w, b, eps, p, iters, center_first)
+        y = yield from layernorm_goldschmidt(ctx, s, w, b, eps, p, iters, center_first, gamma)
         return (yield from arith.reveal(ctx, y))
     return program
 
@@ -206,6 +206,54 @@ def test_layernorm_goldschmidt(cluster, seed, sigma, weight_kind, center_first, 
     # +1 more for a pending x there: the mean needs it finished)
     assert cost.rounds == iters + (4 + pending if center_first else 3)
     print(f"  {cost.rounds} rounds, {cost.bytes / x.numel():.2f} bytes/element/party")
+
+
+@pytest.mark.parametrize("pending", [False, True])
+def test_layernorm_seeded_first_step(cluster, seed, pending):
+    """A seeded first rsqrt step (approx.goldschmidt.choose_seeded_goldschmidt) for var + eps
+    in [1, 4]: one iteration fewer than the plain step, same error budget, in 2PC."""
+    from secformer_compiler.approx.goldschmidt import choose_seeded_goldschmidt
+
+    shape, eps = (8, 768), 1e-12
+    n = shape[-1]
+    lo, hi = 1.0, 4.0
+    c = choose_seeded_goldschmidt(lo, hi, 1e-4, "rsqrt")
+    plain = choose_goldschmidt(lo, hi, 1e-4, "rsqrt")
+    assert c.iterations == plain.iterations - 1
+    assert not layernorm_needs_center_first(n, c.prescale, 16, c.gamma)
+    x = torch.randn(shape, dtype=torch.float64)
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)
+    x = x * torch.linspace(1.0, 2.0, shape[0], dtype=torch.float64)[:, None] + 0.3  # var 1 .. 4
+    wf = 1 + 0.3 * torch.randn(n, dtype=torch.float64)
+    bf = 0.1 * torch.randn(n, dtype=torch.float64)
+    program = _ln_program(shape, "fixed", eps, c.prescale, c.iterations, False, pending, c.gamma)
+    xe = FixedPoint(32).encode(x) if pending else FX.encode(x)
+    args = (xe, FX.encode(wf), FX.encode(bf))
+    o0, o1, stats = cluster.run(program, args, (None, None, None))
+    assert torch.equal(o0, o1)
+    clear, counter = run_clear(program, *args, fxp=FX)
+    want = torch.nn.functional.layer_norm(x, (n,), FX.decode(args[1]), FX.decode(args[2]), eps)
+    err, err_clear = ((FX.decode(o) - want).abs().max().item() for o in (o0, clear))
+    print(f"seeded layernorm: var range [{lo:.3g}, {hi:.3g}], prescale {c.prescale:g}, gamma {c.gamma}, "
+          f"{c.iterations} iterations (plain {plain.iterations}); max err 2PC {err:.2e}, simulator {err_clear:.2e}")
+    assert err < 4e-4 and err_clear < 4e-4
+    cost = layernorm_goldschmidt_cost(shape, c.prescale, c.iterations, "fixed", False, x_k=16 if pending else 0)
+    _check_cost(stats, counter, [shape, (n,), (n,)], shape, arith.fix_operand_cost((n,)) + cost)
+    assert cost.rounds == c.iterations + 3
+
+
+def test_layernorm_seeded_prescale_must_be_kept():
+    # p = 0.01 at n = 768: p / n^2 keeps 2 bits in one pass (up to 50% low): a seeded step
+    # centres first instead (p / n keeps its bits), and a program that does not is refused
+    assert not layernorm_needs_center_first(768, 0.01)
+    assert layernorm_needs_center_first(768, 0.01, 16, gamma=3.25)
+
+    def program(ctx, xv):
+        s = yield from arith.share(ctx, xv, 0, (2, 768))
+        return (yield from layernorm_goldschmidt(ctx, s, None, None, 1e-5, 0.01, 3, False, 3.25))
+
+    with pytest.raises(ValueError, match="calibrated for"):
+        run_clear(program, FX.encode(torch.randn(2, 768)), fxp=FX)
 
 
 def test_layernorm_effective_prescale_and_limit():
