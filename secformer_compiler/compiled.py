@@ -87,7 +87,7 @@ class CompiledModel:
         self.fxp = fxp or FixedPoint()
         self.trunc = trunc
         self.preset = preset
-        plan_fixed(graph)
+        plan_fixed(graph, self.fxp.frac_bits)
         self._ring_weights = {k: self.fxp.encode(v.detach().double()) for k, v in graph.weights.items()}
 
     @property

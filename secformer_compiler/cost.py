@@ -107,7 +107,8 @@ def _mul(node, ins, mode, f):
 @cost_rule("linear")
 def _linear(node, ins, mode, f):
     c = arith.beaver_fixed_cost(ins[0].shape)
-    return c if "defer" in node.meta else c + trunc_cost(node.shape, mode)  # deferral.py
+    deferred = "defer" in node.meta or node.meta.get("defer_raw")  # deferral.py
+    return c if deferred else c + trunc_cost(node.shape, mode)
 
 
 def _pending_k(node, mode: str, f: int) -> int:
@@ -172,6 +173,7 @@ def _ln_secformer(node, ins, mode, f):
     weight = "fixed" if len(ins) > 1 else "none"
     shape, prescale = _ln_shape(node, ins), float(_p(node)["prescale"])
     return nl.layernorm_goldschmidt_cost(shape, prescale, int(_p(node)["iterations"]), weight=weight, f=f, mode=mode,
+                                         raw="raw" in node.meta,
                                          center_first=nl.layernorm_needs_center_first(
                                              shape[-1], prescale, f, float(_p(node).get("gamma", 3.0))),
                                          x_k=_pending_k(node, mode, f))
@@ -259,7 +261,7 @@ def program_cost(graph: Graph, mode: str = "exact", frac_bits: int = 16) -> Prog
     from .mpc_interp import plan_fixed
 
     if graph.nodes:  # always: the deferral marks depend on the methods (deferral.py)
-        plan_fixed(graph)
+        plan_fixed(graph, frac_bits)
     finish: dict[str, int] = {}
     by_node: dict[str, Cost] = {}
     by_op: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_sent": 0, "rounds": 0, "count": 0})

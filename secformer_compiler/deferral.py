@@ -24,6 +24,17 @@ done, so the 2PC interpreter and the static cost model agree:
   per attention layer and scales (rows, d_v) instead of (rows, rows). Marks: softmax
   "unnormalized", matmul "normalizes".
 
+* layernorm (layernorm.secformer) -> the linear layers after it: the LayerNorm's last product
+  is not truncated (`trunc.Raw` at 2f + RAW_EXTRA bits, runtime/protocols/nonlinear.py) and
+  each linear truncates its product by f + (f + RAW_EXTRA) instead of f, so the LayerNorm's
+  last round goes; the residual add that also reads it adds the raw value to the untruncated
+  product of the linear before it (that linear marked "defer_raw" instead of "defer"), and
+  the next LayerNorm's first round truncates the sum by f + RAW_EXTRA. Only where every user
+  is such a linear or such an add, the output is not a graph output, and
+  `nonlinear.layernorm_raw_frac` allows it (f <= 16, prescale >= 2^-6); saves one round per
+  LayerNorm. Marks: layernorm "raw", linear "raw_in", add "raw_add", and the
+  pending_shift of the consumers grows by the raw bits.
+
 Only chains whose every intermediate value has that single user and is not a graph output
 qualify: nothing else ever sees a pending value. Marks (node.meta, not saved in artifacts:
 recomputed on load): producer "defer" = extra shift s, a passing add/scale "pending_in" =
@@ -37,7 +48,8 @@ import math
 
 from .ir import Graph, Node
 
-_KEYS = ("defer", "pending_in", "pending_shift", "folded", "unnormalized", "normalizes")
+_KEYS = ("defer", "pending_in", "pending_shift", "folded", "unnormalized", "normalizes",
+         "raw", "raw_in", "raw_add", "defer_raw")
 
 
 def _power_of_two_shift(factor: float) -> int | None:
@@ -48,8 +60,9 @@ def _power_of_two_shift(factor: float) -> int | None:
     return 1 - e if m == 0.5 and e <= 1 else None
 
 
-def plan_deferred(graph: Graph) -> list[str]:
-    """Mark the deferred truncations (see the module docstring); returns the producers."""
+def plan_deferred(graph: Graph, frac_bits: int = 16) -> list[str]:
+    """Mark the deferred truncations (see the module docstring) for f = frac_bits; returns the
+    producers."""
     users: dict[str, list[Node]] = {}
     for n in graph:
         for k in _KEYS:
@@ -110,7 +123,51 @@ def plan_deferred(graph: Graph) -> list[str]:
                     and v.secret and v.op != "weight" and n.inputs[0] != n.inputs[1]):
                 sm.meta["unnormalized"] = True
                 n.meta["normalizes"] = True
+    _plan_raw_layernorms(graph, users, outputs, nodes, frac_bits)
     return producers
+
+
+def _plan_raw_layernorms(graph: Graph, users: dict, outputs: set, nodes: dict, f: int) -> None:
+    from .runtime.protocols.nonlinear import layernorm_raw_frac
+
+    for n in graph:
+        if n.op != "layernorm" or n.attrs.get("method") != "layernorm.secformer" \
+                or n.attrs.get("dims") != 1 or n.name in outputs:
+            continue
+        raw_frac = layernorm_raw_frac(float((n.attrs.get("params") or {}).get("prescale", 0.0)), f)
+        us = users.get(n.name, [])
+        if raw_frac is None or not us:
+            continue
+        linears, adds = [], []
+        for u in us:
+            if u.op == "linear" and u.inputs[0] == n.name and n.name not in u.inputs[1:] \
+                    and u.meta.get("fixed", {}).get(1) is not None:
+                linears.append(u)
+            elif u.op == "add" and u.meta.get("pending_in") is not None \
+                    and u.inputs[1 - u.meta["pending_in"]] == n.name \
+                    and "defer" in nodes[u.inputs[u.meta["pending_in"]]].meta \
+                    and nodes[u.inputs[u.meta["pending_in"]]].meta["defer"] == 0:
+                adds.append(u)
+            else:
+                break
+        else:
+            if not linears:
+                continue
+            extra = raw_frac - f  # bits above f
+            n.meta["raw"] = raw_frac
+            for u in linears:
+                u.meta["raw_in"] = raw_frac
+                if "defer" in u.meta:  # its consumer (GeLU) finishes a truncation by more
+                    for c in users.get(u.name, []):
+                        if c.meta.get("pending_in") == 0:
+                            c.meta["pending_shift"] = c.meta.get("pending_shift", 0) + extra
+            for a in adds:
+                lin = nodes[a.inputs[a.meta["pending_in"]]]
+                del lin.meta["defer"]
+                lin.meta["defer_raw"] = True
+                a.meta["raw_add"] = raw_frac
+                for c in users.get(a.name, []):  # the LayerNorm after it
+                    c.meta["pending_shift"] = raw_frac - 2 * f
 
 
 def _mark(chain: list, producer: Node, shift: int) -> None:

@@ -132,6 +132,10 @@ _DT = {"f32": torch.float32, "i64": torch.int64, "bool": torch.bool}
 
 @rule("add", "sub")
 def _add(ctx, node, ins):
+    if node.meta.get("raw_add"):  # a raw linear product + a raw LayerNorm output (deferral.py)
+        frac = max(v.frac for v in ins)
+        a, b = (v.value << (frac - v.frac) for v in ins)
+        return T.begin(ctx, a + b if node.op == "add" else a - b, frac - ctx.f)
     pos = node.meta.get("pending_in")
     if pos is not None:  # a deferred truncation passes through (deferral.py): add to its base
         p = ins[pos]
@@ -200,12 +204,15 @@ def _matmul(ctx, node, ins):
 
 @rule("linear")
 def _linear(ctx, node, ins):
-    x = ins[0]
+    x, in_frac = (ins[0].value, ins[0].frac) if isinstance(ins[0], T.Raw) else (ins[0], ctx.f)
     z = yield from arith.matmul_fixed(ctx, x, ctx.state[arith.FIXED_OPERANDS][_fixed_key(node, 1)])
+    # z carries f + in_frac bits: a raw LayerNorm output's extra bits are truncated here too
+    if node.meta.get("defer_raw"):  # the residual add truncates the sum (deferral.py)
+        return T.Raw(z + (ins[2] << in_frac) if len(ins) == 3 else z, ctx.f + in_frac)
     if "defer" in node.meta:  # the consumer's first round finishes it (deferral.py)
-        p = T.begin(ctx, z, ctx.f)
+        p = T.begin(ctx, z, in_frac + node.meta["defer"])
         return p.plus(ins[2]) if len(ins) == 3 else p
-    z = yield from T.trunc(ctx, z)
+    z = yield from T.trunc(ctx, z, in_frac)
     if len(ins) == 3:
         z = z + ins[2]
     return z
@@ -335,10 +342,12 @@ def _fixed_key(node: Node, pos: int) -> str | None:
     return node.meta.get("fixed", {}).get(pos)
 
 
-def plan_fixed(graph: Graph) -> dict[str, tuple[str, str]]:
+def plan_fixed(graph: Graph, frac_bits: int = 16) -> dict[str, tuple[str, str]]:
     """Annotate products whose second operand is a weight; returns key -> (weight, layout).
 
-    layout: "t" (linear: x @ W.T, so W.T is the fixed operand) or "n" (as is).
+    layout: "t" (linear: x @ W.T, so W.T is the fixed operand) or "n" (as is). Then the
+    deferred truncations for f = frac_bits (deferral.py; recorded as the first node's
+    meta["plan_f"]).
     """
     plan: dict[str, tuple[str, str]] = {}
     nodes = {n.name: n for n in graph}
@@ -356,13 +365,15 @@ def plan_fixed(graph: Graph) -> dict[str, tuple[str, str]]:
         key = f"{src.attrs['name']}:{layout}"
         plan[key] = (src.attrs["name"], layout)
         n.meta.setdefault("fixed", {})[wpos] = key
-    plan_deferred(graph)
+    plan_deferred(graph, frac_bits)
+    if graph.nodes:
+        graph.nodes[0].meta["plan_f"] = frac_bits
     return plan
 
 
 def load_program(ctx: Context, graph: Graph, weight_shares: dict[str, torch.Tensor]) -> Protocol:
     """Loading phase: open W - B for every fixed operand, all in one round."""
-    plan = plan_fixed(graph)
+    plan = plan_fixed(graph, ctx.f)
     ctx.state["weights"] = weight_shares
     keys = sorted(plan)
     batch: list = []
@@ -435,8 +446,8 @@ def infer_program(ctx: Context, graph: Graph, inputs: dict[str, Any],
 
     on_node(node), if given, is called as each compute node completes (progress bars); it
     changes neither the messages nor the randomness."""
-    if "in_nodes" not in graph.nodes[0].meta:
-        plan_fixed(graph)
+    if "in_nodes" not in graph.nodes[0].meta or graph.nodes[0].meta.get("plan_f") != ctx.f:
+        plan_fixed(graph, ctx.f)
     ctx.state["inputs"] = inputs
     nodes = graph.nodes
     notify = on_node or (lambda node: None)

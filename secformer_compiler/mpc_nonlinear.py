@@ -17,7 +17,7 @@ from .mpc_interp import _fixed_key, nonlinear
 from .runtime.context import CLEAR, Context
 from .runtime.messages import Protocol
 from .runtime.protocols import arith, baselines, nonlinear as nl
-from .runtime.protocols.trunc import trunc
+from .runtime.protocols.trunc import Raw, trunc
 
 
 def _mask(node, ins):
@@ -81,7 +81,9 @@ def _layernorm_secformer(ctx, node, ins, p) -> Protocol:
     out = yield from nl.layernorm_goldschmidt(ctx, x, w, b, float(node.attrs["eps"]), prescale, int(p["iterations"]),
                                               center_first=nl.layernorm_needs_center_first(x.shape[-1], prescale,
                                                                                            ctx.f, gamma),
-                                              gamma=gamma)
+                                              gamma=gamma, raw="raw" in node.meta)
+    if isinstance(out, Raw):  # the linear layers after it truncate it (deferral.py)
+        return Raw(out.value.reshape(ins[0].shape), out.frac)
     return out.reshape(ins[0].shape)
 
 

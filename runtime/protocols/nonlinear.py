@@ -32,7 +32,7 @@ from .goldschmidt import (SEED_ROBUST, fixed_const, prescale_const, recip_fracs,
                           reciprocal_core_cost, reciprocal_core_out_k,
                           rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
 from .sine import bits_times_x, bits_times_x_cost, x_sine_series, x_sine_series_cost
-from .trunc import Pending, begin, begin_rescale, finish, trunc, trunc_cost
+from .trunc import Pending, Raw, begin, begin_rescale, finish, trunc, trunc_cost
 
 # --- GeLU -------------------------------------------------------------------------------------
 
@@ -158,6 +158,22 @@ def gelu_secformer_cost(shape, bits: int = 64, mode: str = "exact", drop: int = 
 # --- LayerNorm --------------------------------------------------------------------------------
 
 _R_EXTRA = 12  # extra fractional bits of 1/sigma before the final product (see below)
+# A raw LayerNorm output (`layernorm_goldschmidt(raw=True)`, deferral.py) keeps 1/sigma at
+# f + RAW_EXTRA bits and y = Z r untruncated at 2f + RAW_EXTRA: a linear layer by it lands at
+# 3f + RAW_EXTRA = 52 bits (f = 16), so its outputs must stay below 2^10 (GeLU's comparisons
+# assume that of FFN1 anyway), and 1/sigma >= sqrt(p/3)/2 >= 2^-4 keeps 16 significant bits
+# for prescales down to RAW_MIN_PRESCALE (var + eps up to 3/p = 192).
+RAW_EXTRA = 4
+RAW_MIN_PRESCALE = 2.0 ** -6
+
+
+def layernorm_raw_frac(prescale: float, f: int) -> int | None:
+    """Fractional bits of a raw LayerNorm output (2f + RAW_EXTRA), or None where one may not
+    be used: f above 16 (the linear after it would pass 2^52) or a prescale below
+    RAW_MIN_PRESCALE (1/sigma would lose precision at f + RAW_EXTRA bits)."""
+    if 3 * f + RAW_EXTRA > 52 or prescale < RAW_MIN_PRESCALE:
+        return None
+    return 2 * f + RAW_EXTRA
 
 
 def _ln_plan(n: int, prescale: float, f: int, center_first: bool) -> dict:
@@ -196,7 +212,8 @@ def layernorm_effective_prescale(n: int, prescale: float, f: int = 16,
 def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
                           weight: torch.Tensor | FixedOperand | None,
                           bias: torch.Tensor | None, eps: float, prescale: float, iters: int,
-                          center_first: bool = False, gamma: float = 3.0) -> Protocol:
+                          center_first: bool = False, gamma: float = 3.0,
+                          raw: bool = False) -> Protocol:
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
 
     x: a share, or a pending truncation (`trunc.Pending`: the linear layer before it left
@@ -204,7 +221,9 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
     the usual case: only x's mask is opened), a secret share, or None; bias: a share or
     None. prescale * (var + eps) must lie in the rsqrt domain (0, 3)
     (`layernorm_effective_prescale` gives the factor actually used). gamma: the rsqrt's
-    first-step constant (a seeded first step, `rsqrt_core`).
+    first-step constant (a seeded first step, `rsqrt_core`). raw: return `trunc.Raw` at
+    `layernorm_raw_frac` bits instead of the last round's truncation (the linear layers after
+    it truncate once for both, deferral.py); 1/sigma is then kept at f + RAW_EXTRA bits.
 
     One pass (default), 3 + iters rounds (iters >= 1): with S = sum x and D' = n x - S = n d
     (local, exact), the variance comes from V = n sum x^2 - S^2 = n^2 var (at 2f bits)
@@ -271,11 +290,23 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
     vs = ctx.add_public(vs, round(eps * plan["p_eff"] * 2.0 ** (2 * f + plan["var_shift"])))
     # x0's truncation round is the rsqrt's first opening (fused.py)
     x0 = begin(ctx, vs, 2 * f + plan["var_shift"] - fx)
+    r_frac = _ln_r_frac(plan, prescale, f, raw)
     z, r = yield from parallel(zpath, rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"],
-                                                 iters, plan["r_frac"], gamma))
+                                                 iters, r_frac, gamma))
     out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
-    out = yield from trunc(ctx, out, plan["r_frac"])
+    if raw:  # Z (f bits) times r (r_frac bits), for the consumer to truncate
+        return Raw(out if bias is None else out + (bias << r_frac), f + r_frac)
+    out = yield from trunc(ctx, out, r_frac)
     return out if bias is None else out + bias
+
+
+def _ln_r_frac(plan: dict, prescale: float, f: int, raw: bool) -> int:
+    if not raw:
+        return plan["r_frac"]
+    if layernorm_raw_frac(prescale, f) is None:
+        raise ValueError(f"a raw LayerNorm output needs f <= 16 and a prescale >= {RAW_MIN_PRESCALE:g} "
+                         f"(got f = {f}, prescale {prescale:g})")
+    return f + RAW_EXTRA
 
 
 def _ln_weighted(ctx: Context, d: torch.Tensor, weight) -> Protocol:
@@ -316,9 +347,10 @@ def _variance_round(ctx: Context, X: Pending) -> Protocol:
 
 def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str = "fixed",
                                center_first: bool = False, f: int = 16,
-                               mode: str = "exact", x_k: int = 0) -> Cost:
+                               mode: str = "exact", x_k: int = 0, raw: bool = False) -> Cost:
     """weight: "fixed" (FixedOperand), "secret" (a share of shape (n,)) or "none";
-    x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share)."""
+    x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share);
+    raw: a `trunc.Raw` output (no final truncation)."""
     n = shape[-1]
     rows = tuple(shape[:-1]) + (1,)
     plan = _ln_plan(n, prescale, f, center_first)
@@ -336,8 +368,9 @@ def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str =
         raise ValueError(f"weight must be 'fixed', 'secret' or 'none', got {weight!r}")
     z_k = pending_k(z_frac + plan["j"] - f, mode)
     x0_k = pending_k(2 * f + plan["var_shift"] - rsqrt_frac(f), mode)
-    r_k = rsqrt_core_out_k(plan["y_shift"], iters, plan["r_frac"], f, mode)
-    rsqrt = rsqrt_core_cost(rows, plan["y_shift"], iters, plan["r_frac"], f, mode, x0_k)
+    r_frac = _ln_r_frac(plan, prescale, f, raw)
+    r_k = rsqrt_core_out_k(plan["y_shift"], iters, r_frac, f, mode)
+    rsqrt = rsqrt_core_cost(rows, plan["y_shift"], iters, r_frac, f, mode, x0_k)
     if center_first:
         pre = pre + t_rows + (arith.square_cost(shape) | wc)
         zpath = trunc_cost(shape, mode) if z_k else Cost()
@@ -347,7 +380,7 @@ def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str =
         zpath = wc + (trunc_cost(shape, mode) if z_k and iters >= 2 else Cost())
         if iters >= 2:
             z_k = 0
-    return pre + (zpath | rsqrt) + fused.mul_cost(shape, z_k, rows, r_k) + t
+    return pre + (zpath | rsqrt) + fused.mul_cost(shape, z_k, rows, r_k) + (Cost() if raw else t)
 
 
 # --- 2Quad softmax ----------------------------------------------------------------------------

@@ -85,6 +85,23 @@ class Pending:
         return Pending(fn(self.base), self.k, None if self.own is None else fn(self.own))
 
 
+@dataclass
+class Raw:
+    """A share with `frac` fractional bits, more than f, left for its consumer to truncate.
+
+    Why: a product's truncation costs a round, and where the consumer is itself a product
+    whose result is truncated anyway, the two truncations can be one (by the sum of the
+    shifts) if the values stay below 2^62 throughout (secformer_compiler/deferral.py: a
+    LayerNorm's output into the linear layers after it)."""
+
+    value: torch.Tensor
+    frac: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.value.shape
+
+
 def begin(ctx: Context, x: torch.Tensor, k: int, mode: str | None = None) -> Pending:
     """The local part of trunc(x, k) (context's mode unless `mode` is given)."""
     if k == 0:

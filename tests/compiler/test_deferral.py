@@ -3,8 +3,10 @@
 The scores' matmul (with BERT's 1/sqrt(16) = 2^-2 scale folded in) and the linear layers
 before each LayerNorm and GeLU leave their truncation to the consumer's first round, and
 2Quad hands its unnormalized first round to the matmul by V, which normalizes after the
-product: 2PC must still agree with the simulator, the static cost must equal what the run
-counts, and each layer must take seven rounds fewer than without the deferral.
+product, and a LayerNorm read only by linear layers and residual adds leaves its output
+untruncated (raw) for them: 2PC must still agree with the simulator, the static cost must
+equal what the run counts, and each layer must take seven rounds fewer than without the
+deferral, plus one per raw LayerNorm.
 """
 
 import pytest
@@ -36,6 +38,9 @@ def test_plan_marks_scores_and_layernorm_inputs(bert):
     producers = [cm.graph[p] for p in deferral.plan_deferred(cm.graph)]
     assert sorted(p.op for p in producers) == ["linear"] * 6 + ["matmul"] * 2
     for p in producers:
+        if p.meta.get("defer_raw"):  # before a residual add with a raw LayerNorm: no truncation
+            assert "defer" not in p.meta
+            continue
         assert p.meta["defer"] == (2 if p.op == "matmul" else 0)  # 1/sqrt(16) = 2^-2 folds in
     folded = [n for n in cm.graph if n.meta.get("folded")]
     assert len(folded) == 2 and all(n.op == "scale" for n in folded)
@@ -47,6 +52,22 @@ def test_plan_marks_scores_and_layernorm_inputs(bert):
     normalizes = [n for n in cm.graph if n.meta.get("normalizes")]
     assert [n.op for n in normalizes] == ["matmul"] * 2
     assert all(n.inputs[0] == s.name for n, s in zip(normalizes, unnormalized))
+    # raw LayerNorms: the embeddings' and every one but the last (a graph output)
+    raw = [n for n in cm.graph if n.meta.get("raw")]
+    assert len(raw) == 4 and all(n.op == "layernorm" for n in raw)
+    assert cm.graph.outputs[0] not in {n.name for n in raw}
+    raw_in = [n for n in cm.graph if n.meta.get("raw_in")]
+    assert sorted(n.module_path.split(".")[-1] for n in raw_in) == ["dense"] * 2 + ["key"] * 2 + ["query"] * 2 + ["value"] * 2
+    assert len([n for n in cm.graph if n.meta.get("defer_raw")]) == 4  # O and FFN2 of both layers
+    assert len([n for n in cm.graph if n.meta.get("raw_add")]) == 4
+
+
+def test_raw_layernorms_need_f_16_or_less(bert):
+    cm, _ = bert
+    deferral.plan_deferred(cm.graph, 18)
+    assert not any(n.meta.get("raw") for n in cm.graph)
+    mpc_interp.plan_fixed(cm.graph, 16)
+    assert any(n.meta.get("raw") for n in cm.graph)
 
 
 def test_2pc_agrees_and_cost_model_counts_it(bert):
@@ -61,11 +82,11 @@ def test_2pc_agrees_and_cost_model_counts_it(bert):
     assert static.bytes_per_party == res.stats.bytes_sent[0] == res.stats.bytes_sent[1]
 
 
-def test_seven_rounds_fewer_per_layer(bert, monkeypatch):
+def test_seven_rounds_fewer_per_layer_and_one_per_raw_layernorm(bert, monkeypatch):
     cm, _ = bert
     with_deferral = program_cost(cm.graph).rounds
 
-    def nothing_deferred(graph):
+    def nothing_deferred(graph, frac_bits=16):
         for n in graph:
             for k in deferral._KEYS:
                 n.meta.pop(k, None)
@@ -75,5 +96,5 @@ def test_seven_rounds_fewer_per_layer(bert, monkeypatch):
     without = program_cost(cm.graph).rounds
     # per layer: the scores (2: the scale and the truncation), 2 LayerNorms, GeLU and the
     # attention's normalization after its product (2: the matmul beside the reciprocal, and
-    # its truncation in the scaling's round)
-    assert with_deferral == without - 7 * 2
+    # its truncation in the scaling's round); and the 4 raw LayerNorms' last rounds
+    assert with_deferral == without - 7 * 2 - 4

@@ -242,6 +242,56 @@ def test_layernorm_seeded_first_step(cluster, seed, pending):
     assert cost.rounds == c.iterations + 3
 
 
+@pytest.mark.parametrize("pending", [False, True])
+def test_layernorm_raw_output_into_a_linear(cluster, seed, pending):
+    """raw=True: the LayerNorm returns Z r untruncated (trunc.Raw at 2f + RAW_EXTRA bits) and
+    the linear layer after it truncates its product by f + that once (deferral.py); against
+    float LayerNorm then linear, in 2PC and the simulator, one round fewer than finishing the
+    LayerNorm first, and cost formula = counted."""
+    from secformer_compiler.runtime.protocols.nonlinear import RAW_EXTRA, layernorm_raw_frac
+    from secformer_compiler.runtime.protocols.trunc import Raw, trunc
+
+    shape, eps, m = (8, 768), 1e-12, 64
+    n = shape[-1]
+    calib = torch.randn(64, n, dtype=torch.float64) * 1.5 + 0.3
+    p, iters = _calibrate_ln(calib, n, eps)
+    assert layernorm_raw_frac(p, 16) == 32 + RAW_EXTRA
+    x = torch.randn(shape, dtype=torch.float64) * 1.5 + torch.randn(shape[0], 1) * 0.5
+    wf = 1 + 0.3 * torch.randn(n, dtype=torch.float64)
+    bf = 0.1 * torch.randn(n, dtype=torch.float64)
+    lin = torch.randn(n, m, dtype=torch.float64) / n ** 0.5
+    key, lkey = f"ln_weight_{next(_KEYS)}", f"lin_{next(_KEYS)}"
+
+    def program(ctx, xv, wv, bv, lv):
+        s = yield from arith.share(ctx, xv, 0, shape)
+        if pending:
+            s = begin(ctx, s, FX.frac_bits)
+        w = yield from arith.fix_operand(ctx, (yield from arith.share(ctx, wv, 0, (n,))), key)
+        b = yield from arith.share(ctx, bv, 0, (n,))
+        L = yield from arith.fix_operand(ctx, (yield from arith.share(ctx, lv, 0, (n, m))), lkey)
+        y = yield from layernorm_goldschmidt(ctx, s, w, b, eps, p, iters, raw=True)
+        assert isinstance(y, Raw) and y.frac == 2 * ctx.f + RAW_EXTRA
+        z = yield from arith.matmul_fixed(ctx, y.value, L)
+        z = yield from trunc(ctx, z, y.frac)
+        return (yield from arith.reveal(ctx, z))
+
+    xe = FixedPoint(32).encode(x) if pending else FX.encode(x)
+    args = (xe, FX.encode(wf), FX.encode(bf), FX.encode(lin))
+    o0, o1, stats = cluster.run(program, args, (None,) * 4)
+    assert torch.equal(o0, o1)
+    clear, counter = run_clear(program, *args, fxp=FX)
+    want = torch.nn.functional.layer_norm(x, (n,), FX.decode(args[1]), FX.decode(args[2]), eps) @ FX.decode(args[3])
+    err, err_clear = ((FX.decode(o) - want).abs().max().item() for o in (o0, clear))
+    print(f"raw layernorm -> linear: max err 2PC {err:.2e}, simulator {err_clear:.2e}")
+    assert err < 1e-3 and err_clear < 1e-3  # the finished LayerNorm then a linear: ~4e-4
+    ln = layernorm_goldschmidt_cost(shape, p, iters, "fixed", x_k=16 if pending else 0, raw=True)
+    cost = (arith.fix_operand_cost((n,)) + arith.fix_operand_cost((n, m)) + ln
+            + arith.beaver_fixed_cost(shape) + trunc_cost((shape[0], m)))
+    _check_cost(stats, counter, [shape, (n,), (n,), (n, m)], (shape[0], m), cost)
+    plain = layernorm_goldschmidt_cost(shape, p, iters, "fixed", x_k=16 if pending else 0)
+    assert ln.rounds == plain.rounds - 1 == iters + 2
+
+
 def test_layernorm_seeded_prescale_must_be_kept():
     # p = 0.01 at n = 768: p / n^2 keeps 2 bits in one pass (up to 50% low): a seeded step
     # centres first instead (p / n keeps its bits), and a program that does not is refused
