@@ -636,7 +636,9 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                   f"rounds (LayerNorm, softmax and GeLU: ours {nl_o} against CrypTen's {nl_c}), and our matmuls take "
                   f"2 rounds (the opening and an exact truncation; 1 where the truncation shares the next op's "
                   f"first round, `secformer_compiler/deferral.py`) where CrypTen's take 1 (with 2 parties it "
-                  f"truncates locally, probabilistically): {mm_o} against {mm_c}, see the breakdown. Against CrypTen's "
+                  f"truncates locally, probabilistically): {mm_o} against {mm_c}, see the breakdown (ours counts "
+                  "2Quad's reciprocal under the attention matmul by V, which normalizes after its product, "
+                  "and a LayerNorm's output is truncated by the linear layers after it: `deferral.py`). Against CrypTen's "
                   f"own functions ({cr['crypten']['rounds']:,} rounds) the ratio is {ratio(b['rounds'], cr['crypten']['rounds']):.2f}."
                   if "crypten" in cr else "", ""]
         L += offline_section(b, cr)
