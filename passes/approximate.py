@@ -64,26 +64,19 @@ PRESETS: dict[str, dict[str, str]] = {
 FALLBACK = {"tanh.crypten": "tanh.exact"}  # ops the approximation registry may not cover yet
 
 
-
 def _applied_prescale(node):
-    """The prescale a node's 2PC protocol applies for a requested one, where that is not the
-    requested value (LayerNorm: folded with 1/n^2, or 1/n when centring first, and rounded
-    down, runtime/protocols/nonlinear._ln_plan); None elsewhere (2Quad keeps 4 bits exactly)."""
+    """The prescale a node's 2PC protocol applies for a requested one where that differs
+    (LayerNorm: `nonlinear.layernorm_seeded_prescale`; the default 16 fractional bits); None
+    elsewhere (2Quad keeps its 4-bit prescale exactly)."""
     if node.op != "layernorm":
         return None
-    from ..runtime.protocols import nonlinear as nl
+    from ..runtime.protocols.nonlinear import layernorm_seeded_prescale
 
     n = 1
     for d in node.shape[len(node.shape) - node.attrs.get("dims", 1):]:
         n *= d
+    return lambda p: layernorm_seeded_prescale(n, p)
 
-    def applied(p: float) -> float:
-        try:  # as the runtime decides for a seeded step (gamma != 3)
-            centre = nl.layernorm_needs_center_first(n, p, 16, gamma=3.25)
-            return nl.layernorm_effective_prescale(n, p, 16, centre)
-        except ValueError:
-            return 0.0
-    return applied
 
 def _registry() -> Any:
     from .. import approx  # imported lazily: the approximation package is optional for the IR

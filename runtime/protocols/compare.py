@@ -149,6 +149,27 @@ def _words_bytes(count: int, numel_: int, h: int) -> int:
     return count * packed_nbytes(numel_, h)
 
 
+def _private_ands(ctx: Context, xs: list[torch.Tensor], pairs: list[tuple[int, int]], h: int,
+                   dt: torch.dtype) -> Protocol:
+    """XOR shares of x_i & y_j for each (i, j) in pairs, in one round, where xs are this
+    party's private h-bit words (P0's x, P1's y; placeholders on the dealer).
+
+    Each party sends its words masked by fresh uniform masks only it and the dealer know
+    (P0: x ^ u, P1: y ^ v); the shares x & (y ^ v) ^ w0 (P0) and (x ^ u) & v ^ w1 (P1) XOR to
+    x & y since the dealer shares w = u & v."""
+    k = len(xs)
+    shape = xs[0].shape
+    shares = ctx.corr.correlated(
+        [(shape, Dom("xor", h, owner=0))] * k + [(shape, Dom("xor", h, owner=1))] * k,
+        lambda *uv: [uv[i] & uv[k + j] for i, j in pairs], [Dom("xor", h)] * len(pairs), dtype=dt)
+    shares = [t.to(dt) for t in shares]  # no-ops but at the dealer (meta int64)
+    us, vs, ws = shares[:k], shares[k:2 * k], shares[2 * k:]
+    own = us if ctx.party == P0 else vs
+    theirs = yield from _open_words([x ^ o for x, o in zip(xs, own)], h, send=swap)
+    return [((xs[i] & theirs[j]) if ctx.party == P0 else (theirs[i] & vs[j])) ^ w
+            for (i, j), w in zip(pairs, ws)]
+
+
 def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
     """XOR share of carry-out(a + b) for n-bit words a (held by P0) and b (held by P1).
 
@@ -173,13 +194,8 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
     mine = _index_reverse(mine, width)
 
     if width == 1:  # a single bit: the carry is a AND b (one dealer-assisted AND)
-        u, v, w = ctx.corr.correlated(
-            [(shape, Dom("xor", 1, owner=0)), (shape, Dom("xor", 1, owner=1))],
-            lambda u, v: [u & v], [Dom("xor", 1)], dtype=dt)
-        u, v, w = u.to(dt), v.to(dt), w.to(dt)  # no-ops but at the dealer (meta int64)
-        (theirs,) = yield from swap(mine ^ (u if ctx.party == P0 else v), bits=1)
-        theirs = theirs.to(dt)
-        return (((mine & theirs) if ctx.party == P0 else (theirs & v)) ^ w).to(torch.int64)
+        (g,) = yield from _private_ands(ctx, [mine], [(0, 0)], 1, dt)
+        return g.to(torch.int64)
 
     # Level 0 and level 1 in one round. Level 1's block of two bits (hi above lo) has
     #   G = g_hi ^ p_hi g_lo = a_h b_h ^ (a_h a_l) b_l ^ a_l (b_h b_l),
@@ -197,23 +213,11 @@ def _carry(ctx: Context, mine: torch.Tensor, n: int) -> Protocol:
     xs = [(mine >> h) & m if width == dbits else mine >> h, mine & m]  # hi, lo
     xs.append(xs[0] & xs[1])
     pairs = [(0, 0), (2, 1), (1, 2)] + ([] if last else [(0, 1), (1, 0)])  # (x, y) indices
-    shares = ctx.corr.correlated(
-        [(shape, Dom("xor", h, owner=0))] * 3 + [(shape, Dom("xor", h, owner=1))] * 3,
-        lambda *uv: [uv[i] & uv[3 + j] for i, j in pairs], [Dom("xor", h)] * len(pairs), dtype=dt)
-    shares = [t.to(dt) for t in shares]  # no-ops but at the dealer (meta int64)
-    us, vs, ws = shares[:3], shares[3:6], shares[6:]
-    own = us if ctx.party == P0 else vs
-    theirs = yield from _open_words([x ^ o for x, o in zip(xs, own)], h, send=swap)
-
-    def cross(t: int) -> torch.Tensor:  # this party's share of x_i & y_j for pairs[t]
-        i, j = pairs[t]
-        z = (xs[i] & theirs[j]) if ctx.party == P0 else (theirs[i] & vs[j])
-        return z ^ ws[t]
-
-    g = cross(0) ^ cross(1) ^ cross(2)
+    cross = yield from _private_ands(ctx, xs, pairs, h, dt)
+    g = cross[0] ^ cross[1] ^ cross[2]
     if last:
         return g.to(torch.int64)
-    p = xs[2] ^ cross(3) ^ cross(4)  # a_h a_l on P0, b_h b_l on P1: a plain XOR share
+    p = xs[2] ^ cross[3] ^ cross[4]  # a_h a_l on P0, b_h b_l on P1: a plain XOR share
     width = h
 
     # Tree: in bit-reversed order position i + h holds the block just above position i.

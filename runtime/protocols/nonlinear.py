@@ -192,15 +192,30 @@ def _ln_plan(n: int, prescale: float, f: int, center_first: bool) -> dict:
                 y_shift=y_shift, r_frac=f + _R_EXTRA, mean_shift=46 - f)
 
 
-def layernorm_needs_center_first(n: int, prescale: float, f: int = 16, gamma: float = 3.0) -> bool:
+def layernorm_needs_center_first(n: int, prescale: float, f: int = 16, gamma: float = 3.0, *,
+                                 seeded: bool | None = None) -> bool:
     """Whether the one-pass LayerNorm cannot represent its constant p/n^2 (var + eps above
     ~3 2^(59 - 2f) / n^2, e.g. 2730 at n = 384: Quad GeLU's FFN outputs reach that), so the
     mean must be subtracted first (one more round; constant p/n, var up to 3 2^27 / n).
     With a seeded first step (gamma != 3) also where p/n^2 would be rounded down by more
-    than goldschmidt.SEED_ROBUST: the seed was calibrated for p."""
+    than goldschmidt.SEED_ROBUST: the seed was calibrated for p. seeded: whether the step is
+    seeded (default: gamma != 3)."""
     if prescale / (n * n) < 2.0 ** -(59 - 2 * f):
         return True
-    return gamma != 3.0 and _ln_plan(n, prescale, f, False)["p_eff"] < prescale * (1 - SEED_ROBUST)
+    seeded = gamma != 3.0 if seeded is None else seeded
+    return seeded and _ln_plan(n, prescale, f, False)["p_eff"] < prescale * (1 - SEED_ROBUST)
+
+
+def layernorm_seeded_prescale(n: int, prescale: float, f: int = 16) -> float:
+    """The prescale a LayerNorm with a seeded first step (gamma != 3) applies for `prescale`
+    (folded with 1/n^2, or 1/n when it centres first, and rounded down); 0 where it cannot
+    represent it at all. The seeded calibration skips prescales this lowers by more than
+    goldschmidt.SEED_ROBUST (passes/approximate.py)."""
+    try:
+        centre = layernorm_needs_center_first(n, prescale, f, seeded=True)
+        return layernorm_effective_prescale(n, prescale, f, centre)
+    except ValueError:
+        return 0.0
 
 
 def layernorm_effective_prescale(n: int, prescale: float, f: int = 16,
@@ -513,6 +528,14 @@ def softmax_2quad_matmul(ctx: Context, rows: QuadRows, v: torch.Tensor) -> Proto
     return (yield from trunc(ctx, out, r_frac))
 
 
+def _recip_pending_ks(mult: int, shift: int, iters: int, r_frac: int, f: int, mode: str,
+                      gamma: float) -> tuple[int, int]:
+    """The shifts 2Quad's reciprocal leaves pending: on y0 (the pre-scaled row sum, finished
+    by its first opening) and on its result r (finished by the product that uses it)."""
+    y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters, gamma)[0], mode)
+    return y0_k, reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode, gamma)
+
+
 def softmax_2quad_rows_cost(shape, x_k: int = 0) -> Cost:
     """Cost of `softmax_2quad_rows` (round 1); x_k: the shift pending on x (0: finished)."""
     return fused.fused_round_cost([tuple(shape)], [tuple(shape)] if x_k else [])
@@ -526,8 +549,7 @@ def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int
     full, rows = tuple(shape) + (n,), tuple(shape) + (1,)
     mult, shift, r_frac = _softmax_plan(prescale, f)
     t = trunc_cost(full, mode)
-    y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters, gamma)[0], mode)
-    r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode, gamma)
+    y0_k, r_k = _recip_pending_ks(mult, shift, iters, r_frac, f, mode, gamma)
     return (softmax_2quad_rows_cost(full, x_k)
             + (t | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k, gamma))
             + fused.mul_cost(full, 0, rows, r_k) + t)
@@ -542,8 +564,7 @@ def softmax_2quad_matmul_cost(q_shape, v_shape, prescale: float, iters: int, f: 
     out = tuple(torch.broadcast_shapes(q_shape[:-2], v_shape[:-2])) + (q_shape[-2], v_shape[-1])
     mult, shift, _ = _softmax_plan(prescale, f)
     r_frac = attend_r_frac(shift, f)
-    y0_k = pending_k(2 * f + shift - recip_fracs(f, mult, iters, gamma)[0], mode)
-    r_k = reciprocal_core_out_k(mult, shift, iters, r_frac, f, mode, gamma)
+    y0_k, r_k = _recip_pending_ks(mult, shift, iters, r_frac, f, mode, gamma)
     qv = trunc_cost(q_shape, mode) + arith.beaver_cost(q_shape, v_shape)
     return ((qv | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k, gamma))
             + fused.mul_cost(out, pending_k(f, mode), rows, r_k) + trunc_cost(out, mode))
