@@ -57,25 +57,54 @@ def _mod_bits(period: int, f: int) -> int:
     return bits
 
 
+def harmonics(theta: torch.Tensor, k_max: int):
+    """(sin k theta, cos k theta) for k = 1 .. k_max, float64, by the angle-addition
+    recurrence e^(i k theta) = e^(i (k-1) theta) e^(i theta) from one sin and one cos.
+
+    Why: torch's float64 sin/cos of k theta (up to 2 pi k_max) costs 4-8 ms per call on
+    128x3072 here, 14 calls per GeLU in each party and in the dealer; the recurrence costs
+    four fused multiply-adds per harmonic (sine.py's benchmark note in
+    benchmarks/results/profile_base.md). Its error grows by about 2 ulp per step, 1e-14 at
+    k = 32, far below the 2^-(f + scale_frac) rounding that follows (a factor can differ
+    from the direct rounding only where the exact value sits within 1e-14 of a tie).
+    Yields (sin, cos) pairs; the tensors are reused between steps, so copy what you keep.
+    """
+    s1, c1 = torch.sin(theta), torch.cos(theta)
+    s, c = s1.clone(), c1.clone()
+    tmp = torch.empty_like(s)
+    for k in range(1, k_max + 1):
+        yield s, c
+        if k < k_max:  # (c + i s)(c1 + i s1)
+            torch.mul(s, c1, out=tmp).addcmul_(c, s1)
+            c.mul_(c1).addcmul_(s, s1, value=-1)
+            s, tmp = tmp, s
+
+
+def _angle(t: torch.Tensor, mod_bits: int) -> torch.Tensor:
+    """2 pi (t mod M) / M in float64 (exact below 2^53)."""
+    return (t & ((1 << mod_bits) - 1)).to(torch.float64).mul_(2 * math.pi / (1 << mod_bits))
+
+
 def trig_of_mask(t: torch.Tensor, k_max: int, mod_bits: int, f: int) -> list[torch.Tensor]:
     """[sin(2 pi k t/M) for k=1..K] + [cos(...)], t read mod M = 2^mod_bits, encoded with f bits.
 
     Runs in the dealer (on real masks and, for shapes, on meta tensors) and in the simulator.
     """
-    tm = (t & ((1 << mod_bits) - 1)).to(torch.float64) * (2 * math.pi / (1 << mod_bits))
-    sins = [torch.round(torch.sin(k * tm) * (1 << f)).to(torch.int64) for k in range(1, k_max + 1)]
-    coss = [torch.round(torch.cos(k * tm) * (1 << f)).to(torch.int64) for k in range(1, k_max + 1)]
+    scale = float(1 << f)
+    sins, coss = [], []
+    for s, c in harmonics(_angle(t, mod_bits), k_max):
+        sins.append(torch.mul(s, scale).round_().to(torch.int64))
+        coss.append(torch.mul(c, scale).round_().to(torch.int64))
     return sins + coss
 
 
 def _public_factors(d: torch.Tensor, coeffs: Sequence[float], mod_bits: int, frac: int):
     """round(beta_k sin(2 pi k d/M) 2^frac), round(beta_k cos(2 pi k d/M) 2^frac) for public d."""
-    dm = (d & ((1 << mod_bits) - 1)).to(torch.float64) * (2 * math.pi / (1 << mod_bits))
     scale = float(1 << frac)
     us, vs = [], []
-    for k, beta in enumerate(coeffs, 1):
-        us.append(torch.round(beta * scale * torch.sin(k * dm)).to(torch.int64))
-        vs.append(torch.round(beta * scale * torch.cos(k * dm)).to(torch.int64))
+    for beta, (s, c) in zip(coeffs, harmonics(_angle(d, mod_bits), len(coeffs))):
+        us.append(torch.mul(s, beta * scale).round_().to(torch.int64))
+        vs.append(torch.mul(c, beta * scale).round_().to(torch.int64))
     return us, vs
 
 
@@ -155,17 +184,23 @@ def x_sine_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period
     r_add, ra = rest[4 * k_max:4 * k_max + n_bits], rest[4 * k_max + n_bits:]
 
     (e,) = yield from open_add(x - a)  # uniform in the ring; e mod M = (x + t) mod M, t = -a
-    # x = e + a, so sin(2 pi k x/M) = sin(2 pi k e/M) C_k + cos(2 pi k e/M) S_k with S, C of a.
-    us, vs = _public_factors(e, coeffs, mb, frac)
+    # x = e + a, so sin(2 pi k x/M) = sin(2 pi k e/M) C_k + cos(2 pi k e/M) S_k with S, C of a,
+    # and x C_k = e C_k + [a C_k] (e public). The public factors u_k, v_k (`_public_factors`)
+    # are made one frequency at a time into reused buffers, and everything accumulates in
+    # place: no fresh 3 MB tensor per pass (fresh pages cost faults:
+    # benchmarks/results/profile_base.md).
     acc = x * round(const * 2.0 ** (f + frac))
-    # In place, through one temporary: 8 passes per frequency either way, but no fresh
-    # 3 MB tensor per pass (fresh pages cost faults: benchmarks/results/profile_base.md).
-    tmp = torch.empty_like(acc)
-    for u, v, s, c, a_s, a_c in zip(us, vs, sins, coss, a_sins, a_coss):
-        torch.mul(e, c, out=tmp)  # shares of x * C_k = e C_k + [a C_k] (e public)
-        acc.add_(tmp.add_(a_c).mul_(u))
+    tmp, fac = torch.empty_like(acc), torch.empty_like(acc)
+    fbuf = torch.empty(acc.shape, dtype=torch.float64, device=acc.device)
+    scale = float(1 << frac)
+    for beta, (sn, cs), s, c, a_s, a_c in zip(coeffs, harmonics(_angle(e, mb), k_max),
+                                            sins, coss, a_sins, a_coss):
+        fac.copy_(torch.mul(sn, beta * scale, out=fbuf).round_())  # u_k
+        torch.mul(e, c, out=tmp)  # shares of x * C_k
+        acc.add_(tmp.add_(a_c).mul_(fac))
+        fac.copy_(torch.mul(cs, beta * scale, out=fbuf).round_())  # v_k
         torch.mul(e, s, out=tmp)  # shares of x * S_k
-        acc.add_(tmp.add_(a_s).mul_(v))
+        acc.add_(tmp.add_(a_s).mul_(fac))
     return acc, OpenedX(x, e, list(r_xor), list(r_add), list(ra))
 
 
