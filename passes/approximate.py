@@ -99,14 +99,23 @@ def resolve_method(op: str, preset: str, overrides: Mapping[str, str], node_name
 
 @register_pass("approximate")
 def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str, str] | None = None,
-                calibration: Mapping[str, Any] | None = None) -> Graph:
-    """Attach method and params to every gelu / layernorm / softmax / tanh node."""
+                calibration: Mapping[str, Any] | None = None,
+                target_rel_err: float | None = None) -> Graph:
+    """Attach method and params to every gelu / layernorm / softmax / tanh node.
+
+    calibration: {node: (lo, hi)} input ranges of the Goldschmidt steps; each calibrated step
+    gets the prescale and fewest iterations that meet `target_rel_err` there (None:
+    `approx.CALIBRATION_TARGET_REL_ERR`, 1e-4 relative)."""
+    approx = _registry()
+    target = approx.CALIBRATION_TARGET_REL_ERR if target_rel_err is None else float(target_rel_err)
+    if not 0 < target < 0.5:
+        raise CompileError(f"goldschmidt_target must be a relative error in (0, 0.5), got {target_rel_err!r} "
+                           "(1e-4 is the default; 1e-3 saves about one iteration per Goldschmidt step)")
     graph = graph.copy()  # the input graph keeps its methods (re-approximate after calibrating)
     overrides = dict(overrides or {})
     unknown = [k for k in overrides if k not in APPROXIMATED_OPS and k not in graph]
     if unknown:
         raise CompileError(f"overrides name neither an op ({', '.join(APPROXIMATED_OPS)}) nor a node: {unknown}")
-    approx = _registry()
     chosen, notes, problems = {}, [], []
     for n in graph:
         if n.op not in APPROXIMATED_OPS:
@@ -130,11 +139,14 @@ def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str,
         rng = (calibration or {}).get(n.name)
         if rng is not None and "prescale" in spec.params and "iterations" in spec.params:
             lo, hi = rng
-            spec = approx.calibrate_goldschmidt(spec, float(lo), float(hi), applied=_applied_prescale(n))
+            spec = approx.calibrate_goldschmidt(spec, float(lo), float(hi), target,
+                                                applied=_applied_prescale(n))
         n.attrs.update(method=name, params=dict(spec.params))
         chosen[n.name] = spec
     if problems:
         raise CompileError(f"{len(problems)} approximation(s) could not be chosen:", problems,
                            hint="registered: " + ", ".join(sorted(approx.APPROXIMATIONS)))
     graph.meta = {**graph.meta, "approximations": chosen, "preset": preset, "approximation_notes": notes}
+    if calibration:
+        graph.meta["goldschmidt_target"] = target
     return graph

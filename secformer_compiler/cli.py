@@ -193,7 +193,7 @@ def tokenize(tok: Any, texts: list[str], seq_len: int, names: list[str]) -> dict
 def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str = "secformer", seq_len: int = 128,
                        batch: int = 1, calibrate: Path | None = None, samples: int = 16, frac_bits: int = 16,
                        trunc: str = "exact", force: bool = False, range_margin: float | None = None,
-                       log: Callable[[str], None] = _note) -> Any:
+                       goldschmidt_target: float | None = None, log: Callable[[str], None] = _note) -> Any:
     """Checkpoint -> compiled program -> artifact folder at `out` (written atomically)."""
     from . import compile as sf_compile
     from .artifact import save_artifact
@@ -206,6 +206,8 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
         margin = resolve_margin(range_margin, "--range-margin")
     except ValueError as e:
         raise UserError(str(e)) from None
+    if goldschmidt_target is not None and not 0 < goldschmidt_target < 0.5:
+        raise UserError(f"--goldschmidt-target must be a relative error in (0, 0.5), got {goldschmidt_target}")
     if Path(out).exists() and not force:
         raise UserError(f"{out} already exists (pass --force to replace it)")
     t0 = time.perf_counter()
@@ -220,9 +222,9 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
     log(f"compiling ({task}, preset {preset}, batch {batch} x seq {seq_len}; calibrating on {len(texts)} "
         f"text(s) from {calibrate or 'built-in sentences'})")
     cm = sf_compile(model, chunks[0], preset=preset, calibration=chunks, frac_bits=frac_bits, trunc=trunc,
-                    range_margin=margin)
+                    range_margin=margin, goldschmidt_target=goldschmidt_target)
     calib = {"source": str(calibrate) if calibrate else "built-in sentences", "texts": len(texts),
-             "range_margin": margin}
+             "range_margin": margin, "goldschmidt_target": cm.graph.meta.get("goldschmidt_target")}
     save_artifact(cm, out, tokenizer=tok, task=task, seq_len=seq_len, batch=batch, labels=labels,
                   source=source, calibration=calib, force=force)
     n_params = sum(v.numel() for v in cm.graph.weights.values())
@@ -250,12 +252,15 @@ def compile_cmd(
     trunc: str = typer.Option("exact", help="Truncation after products: exact or local."),
     range_margin: Optional[float] = typer.Option(None, help="Goldschmidt must converge up to this factor times "
                                                            "the largest calibrated value (default 2.5)."),
+    goldschmidt_target: Optional[float] = typer.Option(None, help="Relative error each calibrated Goldschmidt "
+                                                                  "step must meet (default 1e-4; 1e-3 saves about a "
+                                                                  "round per LayerNorm, with less margin off-range)."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Compile a checkpoint into an artifact folder (program.onnx, weights, tokenizer, manifest)."""
     compile_checkpoint(checkpoint, out, task=task.value, preset=preset, seq_len=seq_len, batch=batch,
                        calibrate=calibrate, samples=samples, frac_bits=frac_bits, trunc=trunc, force=force,
-                       range_margin=range_margin)
+                       range_margin=range_margin, goldschmidt_target=goldschmidt_target)
 
 
 @app.command()

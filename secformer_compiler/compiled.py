@@ -152,7 +152,7 @@ class CompiledModel:
 def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secformer",
             calibration: Sequence[Any] | None = None, frac_bits: int = 16, trunc: str = "exact",
             overrides: Mapping[str, str] | None = None, range_margin: float | None = None,
-            **per_op: str) -> CompiledModel:
+            goldschmidt_target: float | None = None, **per_op: str) -> CompiledModel:
     """Compile `model` for 2PC inference.
 
     Args:
@@ -169,11 +169,16 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             converge for (default `calibrate.HI_MARGIN`, 2.5: real inputs exceed a sample's
             range, and past it the iterations diverge); larger costs about one iteration
             (2 rounds) per doubling.
+        goldschmidt_target: the relative error every calibrated Goldschmidt step (LayerNorm's
+            1/sqrt, 2Quad's 1/sum) must meet over its range (default
+            `approx.CALIBRATION_TARGET_REL_ERR`, 1e-4). 1e-3 saves about one round per
+            LayerNorm, for less margin outside the calibrated range (see that constant).
         per_op / overrides: per-op methods, e.g. softmax="puma".
     """
     from .calibrate import resolve_margin
     resolve_margin(range_margin)  # a bad value is refused before any tracing work
-    graph = build_ir(model, example_inputs, preset=preset, overrides=overrides, **per_op)
+    graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
+                     goldschmidt_target=goldschmidt_target, **per_op)  # refuses a bad target too
     if calibration is None:
         # The documented wide defaults cannot hold LayerNorm's variance range at 16 fractional
         # bits (DESIGN: choose pre-scales from measured ranges), so the example inputs are the
@@ -187,7 +192,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
         from .training import measure_ranges
         ranges = measure_ranges(graph, calibration, hi_margin=range_margin)
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
-                         calibration=ranges, **per_op)
+                         calibration=ranges, goldschmidt_target=goldschmidt_target, **per_op)
     release_free_memory()  # calibration's float64 runs are done (runtime/memory.py)
     return CompiledModel(graph, FixedPoint(frac_bits), trunc, preset)
 

@@ -172,7 +172,7 @@ def _op_name(target: Any) -> str:
 def build_ir(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secformer",
              overrides: Mapping[str, str] | None = None, calibration: Mapping[str, Any] | None = None,
              public_inputs: Sequence[str] = DEFAULT_PUBLIC_INPUTS, pipeline: Sequence[Any] | None = None,
-             **per_op: str) -> Graph:
+             goldschmidt_target: float | None = None, **per_op: str) -> Graph:
     """Compile `model` to the verified MPC IR.
 
     Args:
@@ -186,6 +186,8 @@ def build_ir(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secf
             iterative parts (see `passes.approximate`); None uses the documented defaults.
         public_inputs: names of inputs that are public (default: the attention mask).
         pipeline: pass names or callables replacing `passes.DEFAULT_PIPELINE`.
+        goldschmidt_target: relative error each calibrated Goldschmidt step must meet on its
+            range (None: `approx.CALIBRATION_TARGET_REL_ERR`, 1e-4).
     Raises:
         CompileError (UnsupportedOpsError) listing every op without an MPC lowering at once.
     """
@@ -194,7 +196,7 @@ def build_ir(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secf
     ep = trace(model, example_inputs)
     graph = import_program(ep, example_inputs, public_inputs)
     options = {"approximate": {"preset": preset, "overrides": {**(overrides or {}), **per_op},
-                               "calibration": calibration}}
+                               "calibration": calibration, "target_rel_err": goldschmidt_target}}
     return PassManager(pipeline or DEFAULT_PIPELINE, options).run(graph)
 
 

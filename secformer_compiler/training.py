@@ -355,7 +355,7 @@ def measure_ranges(graph: Graph, samples: Sequence[Any], device: str | torch.dev
 def compile_calibrated(model: torch.nn.Module, example_inputs: Any, samples: Sequence[Any], *,
                        preset: str = "secformer", frac_bits: int = 16, trunc: str = "exact",
                        overrides: Mapping[str, str] | None = None, device: str | torch.device = "cpu",
-                       range_margin: float | None = None):
+                       range_margin: float | None = None, goldschmidt_target: float | None = None):
     """`compile()` with Goldschmidt ranges measured on the approximated program (`measure_ranges`)
     instead of the exact model. Suggested as compile()'s calibration for every preset."""
     from .compiled import CompiledModel
@@ -365,7 +365,8 @@ def compile_calibrated(model: torch.nn.Module, example_inputs: Any, samples: Seq
     graph = build_ir(model, example_inputs, preset=preset, overrides=overrides)
     if samples:
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
-                         calibration=measure_ranges(graph, samples, device, range_margin))
+                         calibration=measure_ranges(graph, samples, device, range_margin),
+                         goldschmidt_target=goldschmidt_target)
     cm = CompiledModel(graph, FixedPoint(frac_bits), trunc, preset)
     cm.calibration = "approximated program" if samples else "defaults"
     return cm

@@ -13,6 +13,7 @@ from .gelu import (
     fit_erf_sine_series,
 )
 from .goldschmidt import (
+    CALIBRATION_TARGET_REL_ERR,
     DEFAULT_TARGET_REL_ERR,
     GOLDSCHMIDT_DEFAULTS,
     GoldschmidtChoice,
@@ -36,6 +37,7 @@ from .spec import (
 
 __all__ = [
     "APPROXIMATIONS",
+    "CALIBRATION_TARGET_REL_ERR",
     "DEFAULT_TARGET_REL_ERR",
     "ERF_SINE_COEFFS",
     "ERF_SINE_PERIOD",

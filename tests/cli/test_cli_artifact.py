@@ -56,6 +56,7 @@ def test_round_trip_text_and_simulation(compiled):
     assert set(m["files"]) >= {"program.onnx", "weights.safetensors", "tokenizer/tokenizer.json"}
     assert any(a["method"] == "gelu.secformer" for a in m["approximations"].values())
     assert m["calibration"]["range_margin"] == 2.5 and m["calibration"]["texts"] == 4
+    assert m["calibration"]["goldschmidt_target"] == 1e-4
 
 
 def test_classifier_artifact_has_labels(cls_artifact):

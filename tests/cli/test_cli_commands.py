@@ -59,6 +59,8 @@ def test_compile_refuses_to_overwrite_and_checks_flags(artifact, ckpt_dir, tmp_p
     assert r.exit_code == 1 and "no such calibration file" in r.output
     r = invoke("compile", ckpt_dir, "-o", tmp_path / "o", "--range-margin", "0.5")
     assert r.exit_code == 1 and "--range-margin must be >= 1" in r.output
+    r = invoke("compile", ckpt_dir, "-o", tmp_path / "o", "--goldschmidt-target", "0")
+    assert r.exit_code == 1 and "--goldschmidt-target must be a relative error in (0, 0.5)" in r.output
     assert not (tmp_path / "o").exists()
 
 

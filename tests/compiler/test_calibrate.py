@@ -68,3 +68,35 @@ def test_wider_margin_costs_iterations_not_accuracy():
         its[m] = next(n.attrs["params"]["iterations"] for n in cm.graph if n.op == "softmax")
         assert (cm.simulate(cal)[0] - _two_quad(cal)).abs().max().item() < 1e-3
     assert its[1.25] <= its[2.5] <= its[10.0] and its[1.25] < its[10.0]
+
+
+def test_goldschmidt_target_trades_iterations_for_accuracy():
+    """compile(goldschmidt_target=...): a looser target needs no more iterations, each step
+    declares (and meets, in float and in fixed point) the error it was chosen for, and the
+    graph records the target; the default is approx.CALIBRATION_TARGET_REL_ERR (1e-4)."""
+    from secformer_compiler.approx import CALIBRATION_TARGET_REL_ERR
+
+    cal, _ = _scores()
+    its = {}
+    for t in (None, 1e-3, 1e-2):
+        cm = sc.compile(_Softmax(), (cal,), calibration=[(cal,)], goldschmidt_target=t)
+        node = next(n for n in cm.graph if n.op == "softmax")
+        spec = cm.graph.meta["approximations"][node.name]
+        want = CALIBRATION_TARGET_REL_ERR if t is None else t
+        assert cm.graph.meta["goldschmidt_target"] == want
+        assert spec.declared_max_abs_err <= want * 1.01 + 1e-15
+        its[want] = node.attrs["params"]["iterations"]
+        assert (float_approx(cm, cal)[0] - _two_quad(cal)).abs().max().item() <= want
+        assert (cm.simulate(cal)[0] - _two_quad(cal)).abs().max().item() <= want + 1e-3
+    assert its[1e-4] >= its[1e-3] >= its[1e-2] and its[1e-4] > its[1e-2]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-3, 0.5, float("nan")])
+def test_goldschmidt_target_out_of_range_is_refused(bad):
+    from secformer_compiler.errors import CompileError
+
+    cal, _ = _scores()
+    with pytest.raises(CompileError, match="goldschmidt_target must be a relative error in"):
+        sc.compile(_Softmax(), (cal,), calibration=[(cal,)], goldschmidt_target=bad)
+    with pytest.raises(CompileError, match="goldschmidt_target must be"):  # even uncalibrated
+        sc.compile(_Softmax(), (cal,), calibration=[], goldschmidt_target=bad)
