@@ -127,9 +127,11 @@ def plan_key(program: Callable[..., Protocol], args: tuple) -> Any:
     """What an offline pass depends on: the program and its arguments' public structure.
 
     Tensors count by shape and dtype (their values are secret or not there at all: the
-    dealer and the offline passes see meta tensors); everything else (the graph object,
-    ints, names, functions) by value or identity. None when an argument is unhashable:
-    then nothing is recorded. A party keys its prepare pass on `_offline_args` (progress
+    dealer and the offline passes see meta tensors); an object with a `fingerprint()`
+    method (the IR graph) by that digest, so that a fresh unpickled copy of the same program
+    (a process cluster sends one with every request) finds the recorded pass; everything
+    else (ints, names, functions) by value or identity. None when an argument is
+    unhashable: then nothing is recorded. A party keys its prepare pass on `_offline_args` (progress
     callbacks dropped), which is also what that pass runs."""
     def sig(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -138,6 +140,9 @@ def plan_key(program: Callable[..., Protocol], args: tuple) -> Any:
             return (type(x).__name__,) + tuple(sig(v) for v in x)
         if isinstance(x, dict):
             return ("dict",) + tuple((k, sig(v)) for k, v in x.items())
+        fp = getattr(x, "fingerprint", None)
+        if callable(fp) and not isinstance(x, type):
+            return ("fingerprint", type(x).__qualname__, fp())
         hash(x)
         return x
     try:
@@ -169,6 +174,9 @@ class Role:
         # recorded offline passes by (program, argument shapes): the dealer's request lists
         # and the parties' fixed-product lists (see `dealer_offline` and `prepare`)
         self._plans: dict[Any, Any] = {}
+        # whether this role's last offline pass (the dealer's, or a party's prepare) replayed
+        # a recorded one instead of running the program on meta tensors
+        self.replayed = False
 
     @property
     def name(self) -> str:
@@ -205,6 +213,7 @@ class Role:
             return
         key = plan_key(program, _offline_args(args))
         requests = self._plans.get(key) if key is not None else None
+        self.replayed = requests is not None
         if requests is None:
             rec = RecordingCorrelations(self.ctx.corr)
             rctx = Context(DEALER, DEALER_MODE, rec, self.fxp, self.trunc, state=meta_like(self.ctx.state),
@@ -241,6 +250,7 @@ class Role:
         corr = self.ctx.corr
         key = plan_key(program, args)
         plan = self._plans.get(key) if key is not None else None
+        self.replayed = plan is not None
         if plan is not None:
             corr.replay(plan)
             return

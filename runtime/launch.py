@@ -98,6 +98,7 @@ def _run_one(role: Role, payload: bytes, offline: str = "stream") -> tuple[Any, 
     import resource  # peak resident memory of this role's process so far (Linux: KiB)
     stats["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stats["rounds"] = role.engine.counter.rounds - rounds0
+    stats["replayed"] = role.replayed
     by_tag = {}
     for k, v in role.engine.counter.by_tag.items():
         b = tags0.get(k, {"bytes_sent": 0, "rounds": 0})
@@ -270,6 +271,7 @@ class ProcessCluster:
             offline_s=st[DEALER]["offline_s"],
             sent_to=sent_to,
             peak_rss_mib={r: st[r].get("peak_rss_mib") for r in RANKS},
+            replayed={r: st[r].get("replayed", False) for r in RANKS},
         )
         return replies[P0][1], replies[P1][1], stats
 

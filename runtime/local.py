@@ -32,6 +32,9 @@ class RunStats:
     prepare_s: dict[int, float] = field(default_factory=dict)
     sent_to: dict[int, dict[int, int]] = field(default_factory=dict)
     peak_rss_mib: dict[int, float] = field(default_factory=dict)
+    # replayed[role]: its offline pass (the dealer's; a party's prepare) replayed the one
+    # recorded for the same program and shapes, instead of a run on meta tensors
+    replayed: dict[int, bool] = field(default_factory=dict)
 
 
 class LocalCluster:
@@ -89,4 +92,5 @@ class LocalCluster:
             if d["bytes_sent"] or d["rounds"]:
                 by_tag[k] = d
         rounds = self.roles[0].engine.counter.rounds - rounds_before[0]
-        return out[0], out[1], RunStats(sent, rounds, dealer, by_tag)
+        return out[0], out[1], RunStats(sent, rounds, dealer, by_tag,
+                                        replayed={r.rank: r.replayed for r in self.roles})

@@ -138,10 +138,14 @@ def _measure_kernels() -> str:
     return "int64" if t_int64 < 0.9 * t_limbs else "limbs"
 
 
-def _colmajor(b: torch.Tensor) -> torch.Tensor:
+def colmajor(b: torch.Tensor) -> torch.Tensor:
     """b with its last two dims stored column-major: torch's int64 matmul kernel is several
-    times faster with such a right operand (the values and the result are the same)."""
+    times faster with such a right operand (the values and the result are the same). No
+    copy when b is already stored that way."""
     return b.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+_colmajor = colmajor
 
 
 def _split_limbs(b: torch.Tensor) -> tuple:

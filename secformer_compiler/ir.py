@@ -19,6 +19,7 @@ ops: what the runtime executes).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -309,6 +310,22 @@ class Ref:
     index: int
 
 
+def _canonical(x: Any) -> Any:
+    """A hashable, repr-stable form of an attribute value (tensors by content)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu().contiguous()
+        return ("tensor", str(t.dtype), tuple(t.shape),
+                hashlib.blake2b(t.numpy().tobytes() if t.dtype != torch.bfloat16 else
+                                t.view(torch.int16).numpy().tobytes(), digest_size=16).hexdigest())
+    if isinstance(x, dict):
+        return ("dict",) + tuple(sorted(((str(k), _canonical(v)) for k, v in x.items()), key=repr))
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__,) + tuple(_canonical(v) for v in x)
+    if isinstance(x, float):
+        return float.hex(x)
+    return x
+
+
 class Graph:
     """An ordered list of nodes with the model's weights, inputs and outputs."""
 
@@ -326,6 +343,24 @@ class Graph:
     @property
     def level(self) -> str:
         return self.meta.get("level", "mpc")
+
+    def fingerprint(self) -> str:
+        """A digest of what a 2PC program run on this graph depends on besides its inputs'
+        values: every node's name, op, inputs, attrs, shape, dtype and secrecy, the graph's
+        inputs and outputs, and its weights' names, shapes and dtypes (not their values,
+        which the roles hold as shares). Equal for a graph and its unpickled copy: the roles
+        of a process cluster receive a fresh copy with every request, and key their recorded
+        offline passes on this (runtime.engine.plan_key), so they replay them instead of
+        re-running the program on meta tensors each time."""
+        h = hashlib.blake2b(digest_size=16)
+        for n in self._nodes.values():
+            h.update(repr((n.name, n.op, tuple(n.inputs), _canonical(n.attrs),
+                           None if n.shape is None else tuple(n.shape), n.dtype, n.secret)).encode())
+        h.update(repr((tuple(self.inputs), tuple(self.outputs), self.level)).encode())
+        for k in sorted(self.weights):
+            w = self.weights[k]
+            h.update(repr((k, tuple(w.shape), str(w.dtype))).encode())
+        return h.hexdigest()
 
     @property
     def nodes(self) -> list[Node]:

@@ -157,7 +157,7 @@ def fix_operand(ctx: Context, w: torch.Tensor, key: str) -> Protocol:
     """Open W - B once for a secret weight W (loading phase). One round."""
     (b,) = ctx.corr.correlated([(w.shape, RING)], keep=key)
     (f,) = yield from open_add(w - b)
-    ctx.corr.publish(key, f)
+    f = ctx.corr.publish(key, f)  # kept in the matmul kernel's layout (one copy of F in all)
     operand = FixedOperand(key, f, ctx.add_public(b, f))
     # by key, so that a party's prepare phase can split its share ahead (engine.Role.prepare)
     ctx.state.setdefault(FIXED_OPERANDS, {})[key] = operand

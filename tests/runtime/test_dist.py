@@ -254,3 +254,23 @@ def test_offline_modes_prepare_before_the_online_clock(offline, seed):
     assert st.bytes_sent == lst.bytes_sent and st.rounds == lst.rounds and st.dealer_bytes > 0
     with pytest.raises(ValueError, match="'stream' or 'ahead'"):
         ProcessCluster(FX, offline="later")
+
+
+def test_process_session_replays_its_offline_passes_from_the_second_request(seed):
+    """Every request ships a fresh unpickled copy of the graph to the roles; the dealer and the
+    parties still replay their recorded offline passes from the second request on (keyed by
+    Graph.fingerprint), with the same outputs as the simulator and the same counted cost."""
+    import secformer_compiler as sc
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8),
+                                torch.nn.LayerNorm(8)).eval()
+    x = torch.randn(3, 8)
+    cm = sc.compile(model, (x,))
+    with cm.session(processes=True, timeout=60.0) as sess:
+        runs = [sess.infer(x + i) for i in range(3)]
+    assert [r.stats.replayed for r in runs] == [{0: False, 1: False, 2: False}] + [{0: True, 1: True, 2: True}] * 2
+    for i, r in enumerate(runs):
+        assert (r.outputs[0] - cm.simulate(x + i)[0]).abs().max() < 5e-3
+        assert r.stats.rounds == runs[0].stats.rounds and r.stats.bytes_sent == runs[0].stats.bytes_sent
+        assert r.stats.dealer_bytes == runs[0].stats.dealer_bytes

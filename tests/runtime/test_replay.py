@@ -60,11 +60,12 @@ def test_cluster_replays_and_stays_correct(seed):
     for i in range(3):
         x = torch.randn(5, 7, generator=gen, dtype=torch.float64) * 4
         w = torch.randn(5, 7, generator=gen, dtype=torch.float64)
-        o0, o1, _ = cluster.run(_program, (FX.encode(x), None, (5, 7)), (None, FX.encode(w), (5, 7)))
+        o0, o1, st = cluster.run(_program, (FX.encode(x), None, (5, 7)), (None, FX.encode(w), (5, 7)))
         assert torch.equal(o0, o1)
         want = torch.where(x * w < 0, x * w, torch.zeros_like(x))
         assert (FX.decode(o0) - want).abs().max() < 1e-3, f"run {i}"
         assert len(dealer._plans) == 1 and len(p0._plans) == 1  # recorded once, then replayed
+        assert st.replayed == {0: i > 0, 1: i > 0, 2: i > 0}
     # another shape is another plan
     x = FX.encode(torch.ones(2, 3, dtype=torch.float64))
     o0, _, _ = cluster.run(_program, (x, None, (2, 3)), (None, x, (2, 3)))
@@ -93,3 +94,23 @@ def test_plan_key_is_shapes_and_identity():
     assert plan_key(prog, ({"x": a},)) != plan_key(prog, ({"y": a},))
     assert plan_key(prog, ([1],)) is not None
     assert plan_key(prog, (bytearray(b"x"),)) is None  # unhashable: not recorded
+
+
+def test_a_graph_argument_is_keyed_by_its_fingerprint():
+    """A process cluster unpickles a fresh copy of the graph for every request: the copy must
+    find the recorded offline pass (Graph.fingerprint), and a changed graph must not."""
+    import pickle
+
+    import secformer_compiler as sc
+
+    def prog(ctx, graph, x):
+        yield []
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()).eval()
+    g = sc.compile(model, (torch.randn(2, 4),)).graph
+    x = torch.zeros(2, 4, dtype=torch.int64)
+    copy = pickle.loads(pickle.dumps(g))
+    assert copy is not g and plan_key(prog, (copy, x)) == plan_key(prog, (g, x))
+    node = next(n for n in copy if n.op == "gelu")
+    node.attrs["params"] = {**node.attrs["params"], "threshold": 3.5}
+    assert plan_key(prog, (copy, x)) != plan_key(prog, (g, x))
