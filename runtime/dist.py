@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from datetime import timedelta
 
 import torch
@@ -41,6 +42,10 @@ from .context import ROLE_NAMES
 from .transport import PeerError, Transport
 
 WORLD_SIZE = 3
+# How much the dealer's correction stream may run ahead of P1's receives (`send_blob(wait=False)`):
+# 4 of its 64 MiB chunks. A gloo send is a rendezvous, so a blocking send kept the dealer at
+# most one chunk ahead, idle until P1 asked for the next one (P1 then waited for it to be made).
+MAX_IN_FLIGHT_BYTES = 256 << 20
 
 
 class DistInitError(RuntimeError):
@@ -69,6 +74,8 @@ class DistTransport(Transport):
         super().__init__(rank, timeout)
         self.group = group
         self._prefetched: dict[int, list[torch.Tensor]] = {}
+        self._in_flight: deque = deque()  # (work, peer, tensor) of sends not waited for yet
+        self._in_flight_bytes = 0
 
     # --- the primitives -----------------------------------------------------------------
 
@@ -123,6 +130,33 @@ class DistTransport(Transport):
 
     # --- blobs, prefetching and synchronisation ---------------------------------------------
 
+    def send_blob(self, peer: int, data: torch.Tensor, wait: bool = True) -> None:
+        """As `Transport.send_blob`; with wait=False the sends are only posted (the tensors
+        kept alive until they complete), and this waits for the oldest ones only while more
+        than MAX_IN_FLIGHT_BYTES are outstanding: the dealer goes on producing while P1
+        computes. `drain` waits for the rest (a dead or stalled peer raises PeerError then)."""
+        if wait:
+            super().send_blob(peer, data)
+            return
+        header = torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8)
+        for buf in (header, data) if data.numel() else (header,):
+            buf = buf.contiguous().view(torch.uint8)
+            self._count(peer, sent=buf.numel())
+            self._in_flight.append((self._post_send(peer, buf), peer, buf))
+            self._in_flight_bytes += buf.numel()
+        while self._in_flight_bytes > MAX_IN_FLIGHT_BYTES:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        work, peer, buf = self._in_flight.popleft()
+        self._in_flight_bytes -= buf.numel()
+        self._wait(work, peer, "send", time.monotonic() + self.timeout)
+
+    def drain(self) -> None:
+        """Wait for every send posted by `send_blob(wait=False)` (each within the timeout)."""
+        while self._in_flight:
+            self._wait_oldest()
+
     def prefetch_blob(self, peer: int, until_end: bool = False) -> None:
         """Receive the next blob from `peer` now (with until_end, every blob up to and
         including the empty one that ends a program's stream); `recv_blob(peer)` returns them.
@@ -161,6 +195,7 @@ class DistTransport(Transport):
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a broken pair must not block shutdown
                 pass
+        self._in_flight.clear()  # posted sends die with the group
 
 
 def init_dist(rank: int, host: str = "127.0.0.1", port: int = 29500, timeout: float = 120.0,

@@ -198,7 +198,9 @@ class Role:
         self.engine = Engine(self.ctx, t)
 
     def _send_chunk(self, buf: torch.Tensor) -> None:
-        self.transport.send_blob(P1, buf)
+        # not waiting for P1 to take it: the dealer makes the next chunk meanwhile (the
+        # program's end waits for all of them: `transport.drain`)
+        self.transport.send_blob(P1, buf, wait=False)
         self.dealer_bytes += buf.numel() + 8
 
     def prepare(self, program: Callable[..., Protocol], *args: Any) -> None:
@@ -276,6 +278,7 @@ class Role:
             if buf.numel():
                 self._send_chunk(buf)
             self._send_chunk(buf[:0])  # end of this program's stream
+            self.transport.drain()
             return None
         if self.rank == P1:
             first = self.transport.recv_blob(DEALER)

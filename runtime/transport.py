@@ -52,11 +52,17 @@ class Transport(ABC):
             self.send(peer, data)
         return self.recv(peer, nbytes) if nbytes > 0 else None
 
-    def send_blob(self, peer: int, data: torch.Tensor) -> None:
-        """Send a buffer whose size the receiver does not know (8-byte length header)."""
+    def send_blob(self, peer: int, data: torch.Tensor, wait: bool = True) -> None:
+        """Send a buffer whose size the receiver does not know (8-byte length header).
+
+        wait=False may return before the peer has taken it (`drain` waits for every such
+        send); here, as for threads, sends never block anyway."""
         self.send(peer, torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8))
         if data.numel():
             self.send(peer, data)
+
+    def drain(self) -> None:
+        """Wait until every blob sent with wait=False has been taken (nothing to do here)."""
 
     def recv_blob(self, peer: int) -> torch.Tensor:
         n = int(self.recv(peer, 8).view(torch.int64)[0])

@@ -393,6 +393,7 @@ class _Server:
         start = time.perf_counter()
         for chunk in self.ahead + [torch.zeros(0, dtype=torch.uint8)]:
             self.role_obj._send_chunk(chunk)
+        t.drain()
         self.ahead = None
         stats = {"role": self.role, "seconds": self.ahead_s, "send_s": time.perf_counter() - start, "rounds": 0,
                  "sent_to": {NAME[ROLES[p]]: n - sent0.get(p, 0) for p, n in t.bytes_sent.items()}}

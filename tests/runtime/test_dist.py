@@ -274,3 +274,37 @@ def test_process_session_replays_its_offline_passes_from_the_second_request(seed
         assert (r.outputs[0] - cm.simulate(x + i)[0]).abs().max() < 5e-3
         assert r.stats.rounds == runs[0].stats.rounds and r.stats.bytes_sent == runs[0].stats.bytes_sent
         assert r.stats.dealer_bytes == runs[0].stats.dealer_bytes
+
+
+def streaming_program(ctx, path, n):
+    """The dealer streams n small chunks of corrections while P1 sleeps before using any:
+    each role writes when it got there (CLOCK_MONOTONIC is shared by the processes)."""
+    from secformer_compiler.runtime.correlations import RING
+
+    if ctx.party == DEALER:
+        ctx.corr.chunk_bytes = 1024  # one chunk per draw below
+    if ctx.party == P1 and not ctx.recording:
+        time.sleep(1.0)
+        with open(os.path.join(path, "p1_woke"), "w") as fh:
+            fh.write(repr(time.monotonic()))
+    total = None
+    for _ in range(n):  # a Beaver triple's product: P1's share of it comes from the dealer
+        a, b, c = ctx.corr.correlated([((128,), RING), ((128,), RING)], lambda a, b: [a * b], [RING])
+        total = c if total is None else total + c
+    if ctx.party == DEALER:
+        with open(os.path.join(path, "dealer_done"), "w") as fh:
+            fh.write(repr(time.monotonic()))
+    return total
+    yield  # a generator, like every program
+
+
+def test_dealer_streams_ahead_of_p1(tmp_path):
+    """The dealer's chunks are posted, not waited for (DistTransport.send_blob(wait=False)):
+    it makes all of them while P1 is busy, instead of one at a time as P1 asks; P1 still
+    gets every byte (its shares of the products match the dealer's draws)."""
+    with ProcessCluster(FX, timeout=30.0) as c:
+        o0, o1, st = c.run(streaming_program, (str(tmp_path), 20))
+    done = float((tmp_path / "dealer_done").read_text())
+    woke = float((tmp_path / "p1_woke").read_text())
+    assert done < woke, "the dealer waited for P1 between chunks"
+    assert st.dealer_bytes >= 20 * 1024
