@@ -388,7 +388,10 @@ def summary(recs: list[dict], title: str) -> list[str]:
         pr = json.loads(prof.read_text())
         p0, w = pr["profiled"]["roles"]["P0"], pr["profiled"]["online_wall_s"]
         pc, plain = p0["protocols_cum_s"], pr["plain"]["roles"]
-        cpu = {k: v["cpu_s"] for k, v in plain.items()}
+        cpu = {k: v["cpu_s"] for k, v in plain.items() if "cpu_s" in v}
+        replay = RES / "dealer_replay.json"  # a steady-state profile's dealer replays: not profiled there
+        if "dealer" not in cpu and replay.exists():
+            cpu["dealer"] = json.loads(replay.read_text())["replay_cpu_s"]
         ahead = RES / "profile_base_l2_128_ahead.json"  # the parties' own work, no dealer beside them
         how = "default mode"
         if ahead.exists():
@@ -398,7 +401,9 @@ def summary(recs: list[dict], title: str) -> list[str]:
         L.append(f"- **Where the time goes** (cProfile, BERT-base 2 layers seq 128, {pr['started_utc'][:10]}): in P0 "
                  f"({how}) the linear layers take {pc['mpc_interp.py:_linear'] / w:.0%} of the online wall, GeLU "
                  f"{pc['nonlinear.py:gelu_secformer'] / w:.0%}, openings {p0['cumulative_s']['dist.py:exchange'] / w:.0%}; "
-                 f"in default mode the dealer uses {cpu['dealer'] / sum(cpu.values()):.0%} of the inference's CPU and P1 waited "
+                 + (f"in default mode the dealer uses {cpu['dealer'] / sum(cpu.values()):.0%} of the inference's CPU "
+                    f"({'its replayed pass, `dealer_replay.json`' if 'cpu_s' not in plain.get('dealer', {}) else 'its first run'}) "
+                    if "dealer" in cpu else "in default mode ") + f"and P1 waited "
                  f"{pr['profiled']['roles']['P1']['cumulative_s'].get('dist.py:recv_blob', 0):.2f} s for it.")
     return L + [""]
 
