@@ -142,7 +142,10 @@ def plan_key(program: Callable[..., Protocol], args: tuple) -> Any:
             return ("dict",) + tuple((k, sig(v)) for k, v in x.items())
         fp = getattr(x, "fingerprint", None)
         if callable(fp) and not isinstance(x, type):
-            return ("fingerprint", type(x).__qualname__, fp())
+            try:
+                return ("fingerprint", type(x).__qualname__, fp())
+            except Exception as e:  # noqa: BLE001 - no digest: the pass is simply not recorded
+                raise TypeError(f"no fingerprint: {e}") from e
         hash(x)
         return x
     try:

@@ -313,10 +313,9 @@ class Ref:
 def _canonical(x: Any) -> Any:
     """A hashable, repr-stable form of an attribute value (tensors by content)."""
     if isinstance(x, torch.Tensor):
-        t = x.detach().cpu().contiguous()
-        return ("tensor", str(t.dtype), tuple(t.shape),
-                hashlib.blake2b(t.numpy().tobytes() if t.dtype != torch.bfloat16 else
-                                t.view(torch.int16).numpy().tobytes(), digest_size=16).hexdigest())
+        t = x.detach().cpu().contiguous().reshape(-1)
+        raw = t.view(torch.uint8).numpy().tobytes()  # any dtype, as its bytes
+        return ("tensor", str(x.dtype), tuple(x.shape), hashlib.blake2b(raw, digest_size=16).hexdigest())
     if isinstance(x, dict):
         return ("dict",) + tuple(sorted(((str(k), _canonical(v)) for k, v in x.items()), key=repr))
     if isinstance(x, (list, tuple)):
