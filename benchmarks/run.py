@@ -377,7 +377,8 @@ def summary(recs: list[dict], title: str) -> list[str]:
                              f" / {fmt_mib(r['bytes_sent_per_party'])}" for r in base)
                  + "; " + _rounds_by_length(base)
                  + ("; * = measured with the parties' prepare phase (one online ring matmul per linear layer), the "
-                    "others before it (two)." if any(r["ours"].get("party_prepare_s") for r in base) else "."))
+                    "others before it (two)" if any(r["ours"].get("party_prepare_s") for r in base) else "")
+                 + _requests_note(base) + ".")
     lg = large_128(recs)
     if lg:
         ll, k_l, how = lg
@@ -406,6 +407,16 @@ def summary(recs: list[dict], title: str) -> list[str]:
                     if "dealer" in cpu else "in default mode ") + f"and P1 waited "
                  f"{pr['profiled']['roles']['P1']['cumulative_s'].get('dist.py:recv_blob', 0):.2f} s for it.")
     return L + [""]
+
+
+def _requests_note(rows: list) -> str:
+    """Which rows are medians of several requests of one session and which a first request
+    (where the roles record their offline passes; later requests replay them)."""
+    n = {r["seq_len"]: len(r["ours"].get("wall_s_runs") or [1]) for r in rows}
+    if len(set(n.values())) <= 1:
+        return ""
+    many = ", ".join(f"seq {k} the median of {v} requests" for k, v in n.items() if v > 1)
+    return f"; {many} (the first of a session records the offline passes, later ones replay them), the others a first request"
 
 
 # BERT-base seq 128 before each party computed A_i @ F ahead (two ring matmuls per linear
