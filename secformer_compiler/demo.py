@@ -13,13 +13,15 @@ and both parties send at once over a full-duplex link, so
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -301,6 +303,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SECFORMER_CACHE") or Path.home() / ".cache" / "secformer")
 
 
+def source_digest(dirs: Sequence[Path]) -> str:
+    """A digest of every .py file under `dirs` (names and contents): part of the demo cache
+    key, so that an artifact compiled by other code of the same version (an editable
+    checkout between releases) is compiled again instead of reused."""
+    h = hashlib.blake2b(digest_size=8)
+    for d in sorted({Path(d).resolve() for d in dirs}):
+        for f in sorted(d.rglob("*.py")):
+            h.update(str(f.relative_to(d)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _package_dirs() -> list[Path]:
+    """The compiler's source folders (the passes and the runtime live outside the package
+    folder in a checkout: pyproject's package-dir)."""
+    from . import passes, runtime
+    return [Path(m.__file__).parent for m in (sys.modules[__package__], passes, runtime)]
+
+
 def demo_artifact(preset: str, log: Callable[[str], None]) -> Any:
     """The compiled all-MiniLM-L6-v2 SentenceEncoder for the demo batch, from the cache or compiled now."""
     from . import __version__
@@ -311,7 +331,8 @@ def demo_artifact(preset: str, log: Callable[[str], None]) -> Any:
     src = default_model_path()
     st = (src / "model.safetensors").stat()
     texts = [s for pair in DEMO_PAIRS for s in pair]
-    key = f"all-MiniLM-L6-v2-{preset}-b{len(texts)}-s{DEMO_SEQ_LEN}-v{__version__}-{st.st_size:x}{int(st.st_mtime):x}"
+    key = (f"all-MiniLM-L6-v2-{preset}-b{len(texts)}-s{DEMO_SEQ_LEN}-v{__version__}-{st.st_size:x}{int(st.st_mtime):x}"
+           f"-c{source_digest(_package_dirs())}")
     path = cache_dir() / key
     if path.exists():
         try:
@@ -329,6 +350,10 @@ def demo_artifact(preset: str, log: Callable[[str], None]) -> Any:
                            calibrate=calib, samples=2 * len(texts), force=True, log=log)
     finally:
         calib.unlink(missing_ok=True)
+    for old in cache_dir().glob(f"all-MiniLM-L6-v2-{preset}-*"):  # superseded by this one
+        if old.is_dir() and old != path:
+            shutil.rmtree(old, ignore_errors=True)
+            log(f"removed the superseded cached artifact {old}")
     return load_artifact(path)
 
 
