@@ -28,7 +28,7 @@ import torch
 
 from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG
-from .ring import SplitOperand, colmajor, matmul_kernel, ring_matmul
+from .ring import SplitOperand, int64_layout, matmul_kernel, ring_matmul
 
 Shape = tuple[int, ...]
 
@@ -132,13 +132,12 @@ class Correlations(ABC):
 
     def publish(self, key: str, masked: torch.Tensor) -> torch.Tensor:
         """Record the opened F = W - B of the fixed source `key` (P0 and P1 both know it);
-        returns the tensor kept. A matrix is kept column-major where the process's ring
-        matmul is the int64 kernel (ring.matmul_kernel): the same values in the layout that
-        kernel wants, so each party's A_i @ F (prepare_products) makes no transposed copy of
-        F per call (a third of that product's time on BERT-base's 768 x 3072 weights) and
-        no second copy of F is kept (the caller's FixedOperand holds the returned one)."""
-        if masked.dim() >= 2 and masked.device.type != "meta" and matmul_kernel() == "int64":
-            masked = colmajor(masked)
+        returns the tensor kept. A matrix is kept in the layout of the process's int64 ring
+        matmul kernel (ring.int64_layout; column-major for "int64-colmajor"), so each party's
+        A_i @ F (prepare_products) makes no copy of F per call and no second copy of F is
+        kept (the caller's FixedOperand holds the returned one)."""
+        if masked.dim() >= 2 and masked.device.type != "meta" and matmul_kernel() != "limbs":
+            masked = int64_layout(masked)
         self._public[key] = masked
         return masked
 

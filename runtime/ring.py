@@ -20,13 +20,16 @@ additions and elementwise products of shares are native. Two things are not:
   A right operand used again and again (a party's share of a fixed weight) can be split
   once (`SplitOperand`): splitting a (768 x 3072) share costs about a quarter of one
   (128 x 768) @ (768 x 3072) product here, paid on every call otherwise.
-* Which of the two is faster depends on the CPU, so each process measures once
-  (`matmul_kernel`): on a core without AVX-512 (AMD family 23, where the figures above
-  were taken) the limbs win by 2-2.5x over torch's int64 matmul even with a column-major
-  right operand; on an AVX-512 core (AMD family 25, model 17) int64 with a column-major
-  right operand is 1.4-3.3x faster than the limbs (`benchmarks/gemm_peak.py`). Both are
-  exact mod 2^64, so parties may differ in their choice; `SECFORMER_RING_MATMUL=limbs` or
-  `=int64` fixes it.
+* Which is fastest depends on the CPU, so each process measures once (`matmul_kernel`):
+  the limbs, torch's int64 matmul with the right operand as it is stored ("int64",
+  row-major) and with it column-major ("int64-colmajor"). On a core without AVX-512 (AMD
+  family 23, where the figures above were taken) the limbs win by 2-2.5x over torch's
+  int64 matmul even with a column-major right operand; on an AVX-512 core (AMD family 25,
+  model 17) int64 is 1.4-3.3x faster than the limbs (`benchmarks/gemm_peak.py`), and
+  there, measured 2026-11-27, row-major beats column-major: (128 x 768) @ (768 x 2304)
+  20 ms against 28 ms, @ (768 x 3072) 27 against 47 ms. All are exact mod 2^64, so parties
+  may differ in their choice; `SECFORMER_RING_MATMUL=limbs`, `=int64` or `=int64-colmajor`
+  fixes it.
 """
 
 from __future__ import annotations
@@ -101,26 +104,34 @@ def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-_KERNEL: str | None = None  # "limbs" or "int64" once chosen (`matmul_kernel`)
+_KERNEL: str | None = None  # one of KERNELS once chosen (`matmul_kernel`)
 KERNEL_ENV = "SECFORMER_RING_MATMUL"
+KERNELS = ("limbs", "int64", "int64-colmajor")
 
 
 def matmul_kernel() -> str:
-    """The exact ring product this process uses: "limbs" (five float64 GEMMs) or "int64"
-    (torch's int64 matmul, column-major right operand). Chosen on first use by timing both
-    on a (64 x 768) @ (768 x 768) product (about 0.1 s), unless $SECFORMER_RING_MATMUL says."""
+    """The exact ring product this process uses: "limbs" (five float64 GEMMs), "int64"
+    (torch's int64 matmul, right operand row-major) or "int64-colmajor" (the same with a
+    column-major right operand). Chosen on first use by timing them on a (128 x 768) @
+    (768 x 768) product (about 0.1 s), unless $SECFORMER_RING_MATMUL says."""
     global _KERNEL
     if _KERNEL is None:
         env = os.environ.get(KERNEL_ENV, "").strip().lower()
-        if env and env not in ("limbs", "int64"):
-            raise ValueError(f"{KERNEL_ENV}={env!r}: use 'limbs' or 'int64' (or unset it to measure)")
+        if env and env not in KERNELS:
+            raise ValueError(f"{KERNEL_ENV}={env!r}: use 'limbs', 'int64' or 'int64-colmajor' "
+                             "(or unset it to measure)")
         _KERNEL = env or _measure_kernels()
     return _KERNEL
 
 
+def int64_layout(b: torch.Tensor) -> torch.Tensor:
+    """b in the layout the process's int64 kernel wants (no copy when it already is)."""
+    return colmajor(b) if matmul_kernel() == "int64-colmajor" else b.contiguous()
+
+
 def _measure_kernels() -> str:
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(-2 ** 62, 2 ** 62, (64, 768), generator=g)
+    a = torch.randint(-2 ** 62, 2 ** 62, (128, 768), generator=g)
     b = torch.randint(-2 ** 62, 2 ** 62, (768, 768), generator=g)
     limbs, cm = _split_limbs(b), _colmajor(b)
 
@@ -134,8 +145,11 @@ def _measure_kernels() -> str:
         return min(ts)
 
     t_limbs = best(lambda: _matmul_limbs(a, limbs))
-    t_int64 = best(lambda: torch.matmul(a, cm))
-    return "int64" if t_int64 < 0.9 * t_limbs else "limbs"
+    t_rows = best(lambda: torch.matmul(a, b))
+    t_cols = best(lambda: torch.matmul(a, cm))
+    if min(t_rows, t_cols) >= 0.9 * t_limbs:
+        return "limbs"
+    return "int64" if t_rows <= t_cols else "int64-colmajor"
 
 
 def colmajor(b: torch.Tensor) -> torch.Tensor:
@@ -168,27 +182,28 @@ class SplitOperand:
     """A right operand of `ring_matmul` prepared once for the process's kernel.
 
     limbs: 4 float64 values per element, per chunk of K (three limbs and the sum of the two
-    low ones: 32 bytes); int64: the operand stored column-major (8 bytes). A party keeps one
-    of these per weight matrix for the whole session and not the plain int64 tensor beside
-    it. `value` gives the int64 operand back exactly when some other use needs it.
+    low ones: 32 bytes); int64 kernels: the operand in the kernel's layout (`int64_layout`,
+    8 bytes). A party keeps one of these per weight matrix for the whole session and not the
+    plain int64 tensor beside it. `value` gives the int64 operand back exactly when some
+    other use needs it.
     """
 
-    __slots__ = ("shape", "chunks", "colmajor")
+    __slots__ = ("shape", "chunks", "dense")
 
     def __init__(self, value: torch.Tensor) -> None:
         if value.dim() < 2:
             raise ValueError(f"a matmul right operand needs 2 or more dims, got shape {tuple(value.shape)}")
         self.shape = value.shape
-        if matmul_kernel() == "int64":
-            self.chunks, self.colmajor = None, _colmajor(value)
+        if matmul_kernel() == "limbs":
+            self.chunks, self.dense = _split_limbs(value), None
         else:
-            self.chunks, self.colmajor = _split_limbs(value), None
+            self.chunks, self.dense = None, int64_layout(value)
 
     @property
     def value(self) -> torch.Tensor:
         """The int64 operand, l0 + l1 2^22 + l2 2^44 mod 2^64 (exact: the limbs are integers)."""
-        if self.colmajor is not None:
-            return self.colmajor.contiguous()
+        if self.dense is not None:
+            return self.dense.contiguous()
         parts = [(l0.to(torch.int64) + (l1.to(torch.int64) << _LIMB_BITS) + (l2.to(torch.int64) << (2 * _LIMB_BITS)))
                  for l0, l1, l2, _ in self.chunks]
         return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
@@ -204,11 +219,11 @@ def ring_matmul(a: torch.Tensor, b: "torch.Tensor | SplitOperand") -> torch.Tens
     elif a.device.type == "meta" or b.device.type == "meta":
         return torch.matmul(a, b)
     if split is not None:
-        if split.colmajor is not None:
-            return torch.matmul(a, split.colmajor)
+        if split.dense is not None:
+            return torch.matmul(a, split.dense)
         return _matmul_limbs(a, split.chunks)
-    if matmul_kernel() == "int64":
-        return torch.matmul(a, _colmajor(b))
+    if matmul_kernel() != "limbs":
+        return torch.matmul(a, int64_layout(b))
     return _matmul_limbs(a, None, b)
 
 

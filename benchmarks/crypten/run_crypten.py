@@ -595,8 +595,8 @@ def _party(rank, world_size, port, provider, args, q):
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
-    if args.int64_matmul == "colmajor":
-        _patch_int64_matmul()
+    if args.int64_matmul in ("colmajor", "rowmajor"):
+        _patch_int64_matmul(args.int64_matmul)
     try:
         import crypten
         from crypten.config import cfg
@@ -619,17 +619,20 @@ def _party(rank, world_size, port, provider, args, q):
         raise
 
 
-def _patch_int64_matmul():
-    """Opt-in (--int64-matmul colmajor): torch.matmul on int64 with the second operand made
-    column-major first. Bit-identical results; torch 2.13's CPU int64 matmul kernel is 6-10x
-    faster in that layout (e.g. (128x768)@(768x3072): 3.1 s -> 0.55 s, one thread; float32:
-    0.03 s). CrypTen calls getattr(torch, "matmul") for triples and Beaver products."""
+def _patch_int64_matmul(layout: str = "colmajor"):
+    """Opt-in (--int64-matmul colmajor / rowmajor): torch.matmul on int64 with the second
+    operand made column-major (or contiguous row-major) first. Bit-identical results; on the
+    family 23 host torch 2.13's CPU int64 matmul kernel was 6-10x faster column-major (e.g.
+    (128x768)@(768x3072): 3.1 s -> 0.55 s, one thread; float32: 0.03 s); on the family 25
+    host (2026-11-27) contiguous row-major beats column-major by 1.3-1.7x for our runtime's
+    shapes (runtime/ring.py), so both are offered. CrypTen calls getattr(torch, "matmul")
+    for triples and Beaver products."""
     orig = torch.matmul
 
     def matmul(a, b, *args, **kwargs):
         if (torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == torch.long
                 and b.dtype == torch.long and b.dim() >= 2 and not args and not kwargs):
-            b = b.transpose(-1, -2).contiguous().transpose(-1, -2)
+            b = b.transpose(-1, -2).contiguous().transpose(-1, -2) if layout == "colmajor" else b.contiguous()
         return orig(a, b, *args, **kwargs)
 
     torch.matmul = matmul
@@ -874,7 +877,7 @@ def main():
                     help="timed runs (median reported); default 5 for --ops, 1 for --bert")
     ap.add_argument("--rsqrt-iters", type=int, default=7)
     ap.add_argument("--div-iters", type=int, default=7)
-    ap.add_argument("--int64-matmul", choices=["torch", "colmajor"], default="torch",
+    ap.add_argument("--int64-matmul", choices=["torch", "colmajor", "rowmajor"], default="torch",
                     help="torch: CrypTen as installed (default); colmajor: give torch's int64 "
                     "matmul a column-major second operand (same results, faster kernel)")
     ap.add_argument("--quick", action="store_true", help="--ops on smaller shapes (smoke test)")

@@ -9,9 +9,9 @@ from secformer_compiler.runtime import ring
 from secformer_compiler.runtime.ring import FixedPoint, SplitOperand, ring_matmul
 
 
-@pytest.fixture(params=["limbs", "int64"])
+@pytest.fixture(params=["limbs", "int64", "int64-colmajor"])
 def kernel(request, monkeypatch):
-    """Both exact ring products, whichever this machine's measurement would pick."""
+    """Every exact ring product, whichever this machine's measurement would pick."""
     monkeypatch.setattr(ring, "_KERNEL", request.param)
     return request.param
 
@@ -55,8 +55,12 @@ def test_split_operand_gives_the_same_product(shapes, kernel):
     a2 = g.ring(shapes[0])
     assert torch.equal(ring_matmul(a2, split), torch.matmul(a2, b))
     assert split.shape == b.shape
-    assert torch.equal(split.value, b)  # the limbs (or the column-major copy) rebuild it exactly
-    assert (split.chunks is None) == (kernel == "int64")
+    assert torch.equal(split.value, b)  # the limbs (or the int64 operand) rebuild it exactly
+    assert (split.chunks is None) == (kernel != "limbs")
+    if kernel == "int64-colmajor":
+        assert split.dense.transpose(-1, -2).is_contiguous()
+    elif kernel == "int64":
+        assert split.dense.is_contiguous()
 
 
 def test_kernel_choice_measured_or_fixed_by_environment(monkeypatch):
@@ -65,11 +69,14 @@ def test_kernel_choice_measured_or_fixed_by_environment(monkeypatch):
     assert ring.matmul_kernel() == "limbs"
     monkeypatch.setattr(ring, "_KERNEL", None)
     monkeypatch.setenv(ring.KERNEL_ENV, "gpu")
-    with pytest.raises(ValueError, match="'limbs' or 'int64'"):
+    with pytest.raises(ValueError, match="'limbs', 'int64' or 'int64-colmajor'"):
         ring.matmul_kernel()
     monkeypatch.setattr(ring, "_KERNEL", None)
+    monkeypatch.setenv(ring.KERNEL_ENV, "int64-colmajor")
+    assert ring.matmul_kernel() == "int64-colmajor"
+    monkeypatch.setattr(ring, "_KERNEL", None)
     monkeypatch.delenv(ring.KERNEL_ENV)
-    assert ring.matmul_kernel() in ("limbs", "int64")  # measured on this machine
+    assert ring.matmul_kernel() in ring.KERNELS  # measured on this machine
 
 
 def test_split_operand_rejects_a_vector():
