@@ -28,7 +28,7 @@ import torch
 
 from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG
-from .ring import SplitOperand, int64_layout, matmul_kernel, ring_matmul
+from .ring import SplitOperand, int64_layout, ring_matmul
 
 Shape = tuple[int, ...]
 
@@ -136,7 +136,7 @@ class Correlations(ABC):
         matmul kernel (ring.int64_layout; column-major for "int64-colmajor"), so each party's
         A_i @ F (prepare_products) makes no copy of F per call and no second copy of F is
         kept (the caller's FixedOperand holds the returned one)."""
-        if masked.dim() >= 2 and masked.device.type != "meta" and matmul_kernel() != "limbs":
+        if masked.dim() >= 2 and masked.device.type != "meta":
             masked = int64_layout(masked)
         self._public[key] = masked
         return masked

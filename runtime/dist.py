@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .context import ROLE_NAMES
-from .transport import PeerError, Transport
+from .transport import PeerError, Transport, blob_parts
 
 WORLD_SIZE = 3
 # How much the dealer's correction stream may run ahead of P1's receives (`send_blob(wait=False)`):
@@ -138,8 +138,7 @@ class DistTransport(Transport):
         if wait:
             super().send_blob(peer, data)
             return
-        header = torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8)
-        for buf in (header, data) if data.numel() else (header,):
+        for buf in blob_parts(data):
             buf = buf.contiguous().view(torch.uint8)
             self._count(peer, sent=buf.numel())
             self._in_flight.append((self._post_send(peer, buf), peer, buf))

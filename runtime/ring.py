@@ -125,7 +125,8 @@ def matmul_kernel() -> str:
 
 
 def int64_layout(b: torch.Tensor) -> torch.Tensor:
-    """b in the layout the process's int64 kernel wants (no copy when it already is)."""
+    """b in the layout the process's int64 kernel wants (no copy when it already is; plain
+    contiguous under the limbs kernel, which splits its operands anyway)."""
     return colmajor(b) if matmul_kernel() == "int64-colmajor" else b.contiguous()
 
 
@@ -133,7 +134,7 @@ def _measure_kernels() -> str:
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-2 ** 62, 2 ** 62, (128, 768), generator=g)
     b = torch.randint(-2 ** 62, 2 ** 62, (768, 768), generator=g)
-    limbs, cm = _split_limbs(b), _colmajor(b)
+    limbs, cm = _split_limbs(b), colmajor(b)
 
     def best(fn) -> float:
         fn()  # warm-up
@@ -153,13 +154,10 @@ def _measure_kernels() -> str:
 
 
 def colmajor(b: torch.Tensor) -> torch.Tensor:
-    """b with its last two dims stored column-major: torch's int64 matmul kernel is several
-    times faster with such a right operand (the values and the result are the same). No
-    copy when b is already stored that way."""
+    """b with its last two dims stored column-major (the same values): on some CPUs torch's
+    int64 matmul is much faster with such a right operand, on others slower (the module
+    docstring; `matmul_kernel` measures). No copy when b is already stored that way."""
     return b.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
-_colmajor = colmajor
 
 
 def _split_limbs(b: torch.Tensor) -> tuple:

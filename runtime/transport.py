@@ -21,6 +21,13 @@ class PeerError(RuntimeError):
     """A peer stalled, died or sent something unexpected. The message names the peer."""
 
 
+def blob_parts(data: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What a blob sends: its 8-byte length header, then its bytes unless it is empty (the
+    empty blob, a header alone, ends a program's correction stream)."""
+    header = torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8)
+    return (header, data) if data.numel() else (header,)
+
+
 class Transport(ABC):
     """Point-to-point channels from `rank` to the other roles, with byte counts."""
 
@@ -57,9 +64,8 @@ class Transport(ABC):
 
         wait=False may return before the peer has taken it (`drain` waits for every such
         send); here, as for threads, sends never block anyway."""
-        self.send(peer, torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8))
-        if data.numel():
-            self.send(peer, data)
+        for buf in blob_parts(data):
+            self.send(peer, buf)
 
     def drain(self) -> None:
         """Wait until every blob sent with wait=False has been taken (nothing to do here)."""
