@@ -74,8 +74,15 @@ def main() -> None:
                     help="truncation after products: exact (default; one round each) or local "
                          "(SecureML, no round, fails with probability ~|x|/2^63 per element: what "
                          "CrypTen does with 2 parties)")
+    ap.add_argument("--override", action="append", default=[], metavar="OP=METHOD",
+                    help="per-op approximation override, e.g. gelu=gelu.secformer_erf (the paper's "
+                         "erf-series GeLU; repeatable)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    bad = [o for o in args.override if o.count("=") != 1]
+    if bad:
+        ap.error(f"--override takes OP=METHOD, got {bad}")
+    overrides = dict(o.split("=") for o in args.override)
     load_before = os.getloadavg()  # the machine is shared: record how busy it was
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     torch.manual_seed(0)
@@ -86,7 +93,8 @@ def main() -> None:
     x = torch.randn(1, args.seq, cfg.hidden_size)
     cal = [torch.randn(1, args.seq, cfg.hidden_size) for _ in range(2)]
     t0 = time.perf_counter()
-    cm = sc.compile(model, (x,), preset=args.preset, calibration=[(c,) for c in cal], trunc=args.trunc)
+    cm = sc.compile(model, (x,), preset=args.preset, calibration=[(c,) for c in cal], trunc=args.trunc,
+                    overrides=overrides or None)
     compile_s = time.perf_counter() - t0
     with torch.no_grad():
         ts = []
@@ -124,7 +132,7 @@ def main() -> None:
     assert static.rounds == st.rounds and static.bytes_per_party == st.bytes_sent[0], "cost model != counted"
     rec = {
         "model": f"bert-{args.model}", "seq_len": args.seq, "layers": cfg.num_hidden_layers,
-        "preset": args.preset, "batch": 1, "runs": args.runs, "offline_mode": args.offline,
+        "preset": args.preset, "overrides": overrides, "batch": 1, "runs": args.runs, "offline_mode": args.offline,
         "trunc": args.trunc,
         "wall_s": statistics.median(walls), "wall_s_runs": walls,
         # each party's own input-independent phase (A_i @ F of every linear layer), run before

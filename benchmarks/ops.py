@@ -299,15 +299,19 @@ def gelu_records(cluster: ProcessCluster, quick: bool, runs: int, gen: torch.Gen
     # The width the compiler uses: derived from the spec's declared input bound
     # (`nonlinear.gelu_cmp_from_params`, as the 2PC rule and the cost model do).
     bits, drop = nonlinear.gelu_cmp_from_params(spec.params, FX.frac_bits)
+    form = spec.params.get("form", "erf")
     params = {"coeffs": tuple(spec.coeffs), "period": int(spec.period), "threshold": float(spec.threshold),
-              "bits": bits, "drop": drop}
-    cfg = {"x": "N(0, 3^2)", "approximation": "gelu.secformer", "period": spec.period,
+              "bits": bits, "drop": drop, "form": form, "const": float(spec.params.get("const", 0.0))}
+    cfg = {"x": "N(0, 3^2)", "approximation": "gelu.secformer", "form": form, "period": spec.period,
            "threshold": spec.threshold, "terms": len(spec.coeffs), "comparison_bits": bits,
            "comparison_dropped_low_bits": drop,
            "input_bound": spec.params.get("input_bound"),
            "f": FX.frac_bits, "declared_max_abs_err_of_approximation": spec.declared_max_abs_err}
-    note = (f"SecFormer GeLU: x [x > T] + [|x| <= T] x (1 + erf~(x))/2, erf~ = {len(spec.coeffs)}-term "
-            f"sine series of period {spec.period} (one opening of x - a, fused with the product by x), "
+    series = (f"(x/2 + h~(x)), h~ = {len(spec.coeffs)}-term cosine series of GeLU's even part, period "
+              f"{spec.period} (one opening of x - a; no product by x)" if form == "even" else
+              f"x (1 + erf~(x))/2, erf~ = {len(spec.coeffs)}-term sine series of period {spec.period} "
+              f"(one opening of x - a, fused with the product by x)")
+    note = (f"SecFormer GeLU: x [x > T] + [|x| <= T] {series}, "
             f"T = {spec.threshold}; the two comparisons run in parallel with the series and its "
             f"truncation; {bits}-bit comparisons of the shares' top {bits - drop} bits, the plan the compiler "
             f"derives from the spec's declared input bound |x| <= {spec.params.get('input_bound')} (right for "

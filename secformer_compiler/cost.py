@@ -144,7 +144,7 @@ def _p(node) -> dict:
     return node.attrs.get("params") or {}
 
 
-@nonlinear_cost("gelu", "gelu.secformer")
+@nonlinear_cost("gelu", "gelu.secformer", "gelu.secformer_erf")
 def _gelu_secformer_cost(n, ins, mode, f):
     bits, drop = nl.gelu_cmp_from_params(_p(n), f)  # as the 2PC rule (mpc_nonlinear) runs it
     return nl.gelu_secformer_cost(n.shape, bits, mode, drop=drop, x_k=_pending_k(n, mode, f))

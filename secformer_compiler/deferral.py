@@ -94,7 +94,7 @@ def plan_deferred(graph: Graph, frac_bits: int = 16) -> list[str]:
                 continue
             _mark(chain, src, 0)
             producers.append(src.name)
-        elif n.op == "gelu" and method == "gelu.secformer":
+        elif n.op == "gelu" and method in ("gelu.secformer", "gelu.secformer_erf"):
             src = nodes[n.inputs[0]]
             if src.op == "linear" and src.secret and sole_user(src.name, n):
                 _mark([(n, 0, None)], src, 0)

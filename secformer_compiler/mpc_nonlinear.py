@@ -58,11 +58,13 @@ nonlinear("layernorm", "layernorm.exact", "exact")(_exact(_ln_exact))
 nonlinear("softmax", "softmax.exact", "exact")(_exact(_sm_exact))
 
 
-@nonlinear("gelu", "gelu.secformer")
+@nonlinear("gelu", "gelu.secformer", "gelu.secformer_erf")
 def _gelu_secformer(ctx, node, ins, p) -> Protocol:
     bits, drop = nl.gelu_cmp_from_params(p, ctx.f)
+    # programs compiled before the even form existed hold erf coefficients and no "form"
     return nl.gelu_secformer(ctx, ins[0], p["coeffs"], int(p["period"]), float(p["threshold"]),
-                             bits=bits, drop=drop)
+                             bits=bits, drop=drop, form=p.get("form", "erf"),
+                             const=float(p.get("const", 0.0)))
 
 
 def _flatten_trailing(x: torch.Tensor, k: int) -> torch.Tensor:

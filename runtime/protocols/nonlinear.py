@@ -31,16 +31,29 @@ from .fused import pending_k
 from .goldschmidt import (SEED_ROBUST, fixed_const, prescale_const, recip_fracs, reciprocal_core,
                           reciprocal_core_cost, reciprocal_core_out_k,
                           rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
-from .sine import bits_times_x, bits_times_x_cost, x_sine_series, x_sine_series_cost
+from .sine import bits_times_x, bits_times_x_cost, x_cos_series, x_sine_series, x_sine_series_cost
 from .trunc import Pending, Raw, begin, begin_rescale, finish, trunc, trunc_cost
 
 # --- GeLU -------------------------------------------------------------------------------------
 
 
+# Extra fractional bits of the even form's dealt sines and public factors (x_cos_series):
+# its coefficients sum to 15.3 in absolute value (approx/gelu.py), so their rounding at f
+# bits could add ~1e-4; at f + 4 it adds < 1.5e-5. The product then carries 2f + 8 bits,
+# |value| < 2^(10 + 40) for |x| <= 1024: far inside the exact truncation's range.
+GELU_EVEN_EXTRA_FRAC = 4
+
+
 def gelu_secformer(ctx: Context, x: torch.Tensor | Pending, coeffs: Sequence[float], period: int,
-                   threshold: float, bits: int = 64, drop: int = 0) -> Protocol:
+                   threshold: float, bits: int = 64, drop: int = 0, form: str = "erf",
+                   const: float = 0.0) -> Protocol:
     """SecFormer GeLU for x at f fractional bits; the comparisons need
     (|x| + T) 2^f + 2^drop <= 2^(bits-1) (`gelu_cmp_plan` derives bits and drop).
+
+    form "erf" (the paper's): the middle segment is x G(x), G = 1/2 + sum (beta_k/2) sin,
+    from `sine.x_sine_series`. form "even": it is x/2 + const + sum gamma_k cos, from
+    `sine.x_cos_series` (half the dealt randomness; approx/gelu.py). Same rounds and
+    openings either way; "x G(x)" below stands for whichever.
 
     x may be a pending truncation by k (the linear layer before it deferred it,
     deferral.py): its base equals x mod 2^(64-k), which is all the comparisons read when
@@ -68,6 +81,8 @@ def gelu_secformer(ctx: Context, x: torch.Tensor | Pending, coeffs: Sequence[flo
     """
     f = ctx.f
     t = round(threshold * (1 << f))
+    if form not in ("erf", "even"):
+        raise ValueError(f"gelu_secformer: form must be 'erf' or 'even', got {form!r}")
     half = [b / 2 for b in coeffs]  # G = 1/2 + sum (beta_k / 2) sin(.)
 
     X = fused.as_pending(x)
@@ -76,6 +91,12 @@ def gelu_secformer(ctx: Context, x: torch.Tensor | Pending, coeffs: Sequence[flo
 
     def g_path() -> Protocol:
         x = yield from finish(ctx, X)  # no round unless x is pending
+        if form == "even":
+            fe = f + GELU_EVEN_EXTRA_FRAC
+            xg, opened = yield from x_cos_series(ctx, x, coeffs, period, const=const, x_coef=0.5,
+                                                 trig_frac=fe, scale_frac=fe, bit_masks=1)
+            xg = yield from trunc(ctx, xg, 2 * fe - f)  # 2f + 8 -> f
+            return xg, opened
         xg, opened = yield from x_sine_series(ctx, x, half, period, const=0.5, bit_masks=1)
         xg = yield from trunc(ctx, xg, 2 * f)  # 3f -> f; |x G| <= T (1/2 + sum|beta|/2) here
         return xg, opened

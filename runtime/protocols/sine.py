@@ -22,6 +22,8 @@ d = e mod M for free, and with the dealer's shares of a*S_k and a*C_k,
 x * C_k = e * C_k + [a C_k]: so x * (c + sum_k beta_k sin(2 pi k x / P)) costs one round
 and one 8-byte opening, instead of sine (1 round), truncation, Beaver (16 bytes) and a
 second truncation. The dealer sends 4K values per element instead of 2K + 1 (offline).
+`x_cos_series` is the same round for a cosine series plus a linear term (GeLU's even-part
+form): it needs no a*S_k, a*C_k, so the dealer sends 2K values per element.
 The opened e can be reused for later products b * x of XOR-shared bits b (`bits_times_x`):
 their masks are drawn in the same correlation, so such a product opens only b's masked
 bit. Reusing e is safe: it was already public, and each bit has a fresh mask.
@@ -205,6 +207,62 @@ def x_sine_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period
 
 
 def x_sine_series_cost(shape) -> Cost:
+    return Cost(1, 8 * numel(shape))
+
+
+def x_cos_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period: int,
+                 const: float = 0.0, x_coef: float = 0.5, trig_frac: int | None = None,
+                 scale_frac: int | None = None, bit_masks: int = 0) -> Protocol:
+    """(share of const + x_coef x + sum_k gamma_k cos(2 pi k x / P), OpenedX), in one round.
+
+    The even-part form of SecFormer's GeLU (approx/gelu.py): no product by x, so the dealer
+    deals only S_k and C_k of the mask (2K values per element, against 4K for
+    `x_sine_series`), and each party does two products per frequency instead of four. It
+    opens the same e = x - a (8 bytes per element), so `bits_times_x` can reuse it.
+
+    The dealt sines carry trig_frac fractional bits and the public factors scale_frac (f
+    each by default); the result carries trig_frac + scale_frac. x_coef x is exact there
+    when x_coef 2^(trig_frac + scale_frac - f) is an integer (x/2 always is, for frac >= 1).
+    """
+    f = ctx.f
+    tf = f if trig_frac is None else trig_frac
+    frac = f if scale_frac is None else scale_frac
+    out_frac = tf + frac
+    x_mult = x_coef * 2.0 ** (out_frac - f)
+    if x_mult != round(x_mult):
+        raise ValueError(f"x_cos_series: x_coef {x_coef} is not a multiple of 2^-{out_frac - f}")
+    mb = _mod_bits(period, f)
+    k_max = len(coeffs)
+    n_bits = bit_masks
+
+    def derive(a, *rs):
+        return trig_of_mask(a, k_max, mb, tf) + list(rs) + [r * a for r in rs]
+
+    sources = [(x.shape, RING)] + [(x.shape, Dom("xor", 1))] * n_bits
+    n_out = 2 * k_max + 2 * n_bits
+    out = ctx.corr.correlated(sources, derive, [RING] * n_out, out_shapes=[x.shape] * n_out)
+    a, r_xor = out[0], out[1:1 + n_bits]
+    rest = out[1 + n_bits:]
+    sins, coss = rest[:k_max], rest[k_max:2 * k_max]
+    r_add, ra = rest[2 * k_max:2 * k_max + n_bits], rest[2 * k_max + n_bits:]
+
+    (e,) = yield from open_add(x - a)  # uniform in the ring; e mod M = (x + t) mod M, t = -a
+    # x = e + a, so cos(2 pi k x/M) = cos(2 pi k e/M) C_k - sin(2 pi k e/M) S_k, with S, C
+    # of a. The public factors are made one frequency at a time into reused buffers, and
+    # everything accumulates in place (as in `x_sine_series`).
+    acc = ctx.add_public(x * int(x_mult), round(const * 2.0 ** out_frac))
+    tmp, fac = torch.empty_like(acc), torch.empty_like(acc)
+    fbuf = torch.empty(acc.shape, dtype=torch.float64, device=acc.device)
+    scale = float(1 << frac)
+    for gamma, (sn, cs), s, c in zip(coeffs, harmonics(_angle(e, mb), k_max), sins, coss):
+        fac.copy_(torch.mul(cs, gamma * scale, out=fbuf).round_())
+        acc.add_(torch.mul(c, fac, out=tmp))
+        fac.copy_(torch.mul(sn, -gamma * scale, out=fbuf).round_())
+        acc.add_(torch.mul(s, fac, out=tmp))
+    return acc, OpenedX(x, e, list(r_xor), list(r_add), list(ra))
+
+
+def x_cos_series_cost(shape) -> Cost:
     return Cost(1, 8 * numel(shape))
 
 

@@ -10,7 +10,10 @@ from .gelu import (
     ERF_SINE_COEFFS,
     ERF_SINE_PERIOD,
     ERF_SINE_THRESHOLD,
+    GELU_EVEN_COEFFS,
+    GELU_EVEN_CONST,
     fit_erf_sine_series,
+    fit_gelu_even_cos_series,
 )
 from .goldschmidt import (
     CALIBRATION_TARGET_REL_ERR,
@@ -42,6 +45,8 @@ __all__ = [
     "ERF_SINE_COEFFS",
     "ERF_SINE_PERIOD",
     "ERF_SINE_THRESHOLD",
+    "GELU_EVEN_COEFFS",
+    "GELU_EVEN_CONST",
     "GOLDSCHMIDT_DEFAULTS",
     "OPS",
     "ApproxSpec",
@@ -56,6 +61,7 @@ __all__ = [
     "choose_goldschmidt",
     "choose_seeded_goldschmidt",
     "fit_erf_sine_series",
+    "fit_gelu_even_cos_series",
     "get_approx",
     "measure_error",
     "register",

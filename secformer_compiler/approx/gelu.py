@@ -17,6 +17,23 @@ the K = 7 series is within 7e-5 of erf, so the GeLU error is 1.4e-4 over all x. 
 cannot fit [-4, 4]; P = 32 needs coefficients of size ~1e4 (ill-conditioned, fixed-point
 noise is multiplied by them); with P = 16, sum |beta_k| = 2.3, so f = 16 share noise on
 the sines adds < 1e-4. K = 8 gains nothing at T = 4 and costs one more sine.
+
+That is the paper's form, kept as `gelu.secformer_erf`. The default `gelu.secformer`
+evaluates the same segments with a Fourier series of GeLU's *even part* instead:
+
+    GeLU(x) = x/2 + h(x),  h(x) = (x/2) erf(x / sqrt 2) (even)
+            ~= x/2 + gamma_0 + sum_{k=1..K} gamma_k cos(2 pi k x / P)   for |x| <= T,
+
+x for x > T and 0 for x < -T (the same segment tests). Why: x G(x) in the erf form needs
+a product by x, which the fused one-round protocol (`sine.x_sine_series`) pays for with
+dealt shares of a S_k and a C_k: 4K ring values per element from the dealer. The even form
+needs no product by x (`sine.x_cos_series`): 2K values, half the dealer's correlated
+randomness and its CPU, and half the parties' series arithmetic, in the same one round
+and with the same 8-byte opening. gamma (`fit_gelu_even_cos_series(16, 4.0, 7)`, least
+squares on 8001 points of [-4, 4]) is within 8.2e-5 of h on the segment; the GeLU error
+over all x is 1.27e-4, set by the segment ends (|x| Phi(-|x|) at T = 4) as before.
+sum |gamma_k| = 15.3 (alternating signs), so the protocol encodes the dealt sines and the
+public factors with f + 4 fractional bits each (rounding adds < 1.5e-5).
 """
 
 from __future__ import annotations
@@ -50,6 +67,19 @@ ERF_SINE_COEFFS = (
     0.010418461005737479,
 )
 
+# fit_gelu_even_cos_series(16, 4.0, 7, 8001): gamma_0, then gamma_1..gamma_7 (the module
+# docstring; tests/compiler/test_approximations.py refits).
+GELU_EVEN_CONST = 3.9009572330194144
+GELU_EVEN_COEFFS = (
+    -5.226668447457212,
+    2.703656717792097,
+    -1.9559181540429202,
+    0.9124868774652981,
+    -0.41928452211122996,
+    0.10983215829386458,
+    -0.02503698382433586,
+)
+
 # PUMA GeLU pieces, lowest degree first (BASELINES.md; SPU/PUMA source).
 PUMA_GELU_LEFT = (
     -0.5054031199708174,
@@ -80,6 +110,18 @@ def fit_erf_sine_series(
     return tuple(float(b) for b in beta)
 
 
+def fit_gelu_even_cos_series(
+    period: float, threshold: float, terms: int, points: int = 8001
+) -> tuple[float, tuple[float, ...]]:
+    """Least squares (gamma_0, (gamma_1..gamma_K)): (x/2) erf(x/sqrt 2) ~= gamma_0 +
+    sum gamma_k cos(2 pi k x / P) on [-T, T] (GeLU's even part; the odd part is x/2)."""
+    x = np.linspace(-threshold, threshold, points)
+    basis = np.cos(2 * np.pi / period * np.outer(x, np.arange(0, terms + 1)))
+    target = np.array([0.5 * v * math.erf(v / math.sqrt(2)) for v in x])
+    gamma, *_ = np.linalg.lstsq(basis, target, rcond=None)
+    return float(gamma[0]), tuple(float(g) for g in gamma[1:])
+
+
 def _poly(x: torch.Tensor, coeffs: tuple[float, ...]) -> torch.Tensor:
     out = torch.zeros_like(x) + coeffs[-1]
     for c in reversed(coeffs[:-1]):
@@ -102,10 +144,26 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
 @approximation(
     "gelu.secformer",
     op="gelu",
+    method="fourier_even",
+    domain=(-32.0, 32.0),
+    params={"period": ERF_SINE_PERIOD, "threshold": ERF_SINE_THRESHOLD, "coeffs": GELU_EVEN_COEFFS,
+            "const": GELU_EVEN_CONST, "form": "even", "input_bound": GELU_CMP_INPUT_BOUND},
+    declared_max_abs_err=1.5e-4,
+    source="SecFormer (Luo et al., Findings of ACL 2024), segmented Fourier-series GeLU with "
+    "the secure sine; the series is of GeLU's even part (x/2) erf(x/sqrt 2), in cosines of a "
+    "power-of-two period, so no product by x is needed (this module's docstring)",
+    notes="same segments and comparisons as gelu.secformer_erf (the paper's erf form), half "
+    "its dealt randomness; the error is the same for every |x| > T, so it holds beyond the "
+    "swept domain up to input_bound (the 2PC comparisons' range; each threshold may move by "
+    "up to 2^-5 towards zero there, about 1.5e-4 more error)",
+)
+@approximation(
+    "gelu.secformer_erf",
+    op="gelu",
     method="fourier_erf",
     domain=(-32.0, 32.0),
     params={"period": ERF_SINE_PERIOD, "threshold": ERF_SINE_THRESHOLD, "coeffs": ERF_SINE_COEFFS,
-            "input_bound": GELU_CMP_INPUT_BOUND},
+            "form": "erf", "input_bound": GELU_CMP_INPUT_BOUND},
     declared_max_abs_err=1.5e-4,
     source="SecFormer (Luo et al., Findings of ACL 2024), erf by a segmented Fourier series; "
     "refit for a power-of-two period (this module's docstring)",
@@ -116,17 +174,27 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
 )
 def gelu_fourier_erf(
     x: torch.Tensor, *, period: float, threshold: float, coeffs: tuple[float, ...],
-    input_bound: float = GELU_CMP_INPUT_BOUND,
+    input_bound: float = GELU_CMP_INPUT_BOUND, form: str = "erf", const: float = 0.0,
 ) -> torch.Tensor:
-    """x/2 (1 + erf~) with erf~ = -1 | sum beta_k sin(2 pi k x / P) | +1 split at -T, T.
+    """SecFormer's segmented Fourier GeLU: 0 for x < -T, x for x > T, and in between
+    form "erf": x/2 (1 + sum beta_k sin(2 pi k x / P)) (the paper's erf series), or
+    form "even": x/2 + const + sum gamma_k cos(2 pi k x / P) (the even part's series).
 
     input_bound is a runtime parameter (the comparison width); the float reference has
-    no range limit and ignores it."""
+    no range limit and ignores it. Programs compiled before `form` existed hold erf
+    coefficients and no form: the default reads them as such."""
     series = torch.zeros_like(x)
-    for k, beta in enumerate(coeffs, start=1):
-        series = series + beta * torch.sin(x * (2 * math.pi * k / period))
-    erf = torch.where(x > threshold, 1.0, torch.where(x < -threshold, -1.0, series))
-    return 0.5 * x * (1 + erf)
+    if form == "erf":
+        for k, beta in enumerate(coeffs, start=1):
+            series = series + beta * torch.sin(x * (2 * math.pi * k / period))
+        mid = 0.5 * x * (1 + series)
+    elif form == "even":
+        for k, gamma in enumerate(coeffs, start=1):
+            series = series + gamma * torch.cos(x * (2 * math.pi * k / period))
+        mid = 0.5 * x + const + series
+    else:
+        raise ValueError(f"gelu.secformer form must be 'erf' or 'even', got {form!r}")
+    return torch.where(x > threshold, x, torch.where(x < -threshold, torch.zeros_like(x), mid))
 
 
 @approximation(

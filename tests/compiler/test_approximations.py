@@ -17,6 +17,8 @@ from secformer_compiler.approx.softmax import quad2_exact
 from secformer_compiler.approximations import (
     APPROXIMATIONS,
     ERF_SINE_COEFFS,
+    GELU_EVEN_COEFFS,
+    GELU_EVEN_CONST,
     GOLDSCHMIDT_DEFAULTS,
     ApproxSpec,
     DuplicateApproximationError,
@@ -26,6 +28,7 @@ from secformer_compiler.approximations import (
     calibrate_goldschmidt,
     choose_goldschmidt,
     fit_erf_sine_series,
+    fit_gelu_even_cos_series,
     get_approx,
     measure_error,
     register,
@@ -36,7 +39,7 @@ SPEC_NAMES = sorted(APPROXIMATIONS)
 
 def test_catalog_has_the_presets_specs():
     expected = {
-        "gelu.secformer", "gelu.quad", "gelu.puma", "gelu.crypten", "gelu.exact",
+        "gelu.secformer", "gelu.secformer_erf", "gelu.quad", "gelu.puma", "gelu.crypten", "gelu.exact",
         "softmax.2quad", "softmax.exact", "softmax.puma", "softmax.crypten",
         "layernorm.secformer", "layernorm.crypten", "layernorm.puma", "layernorm.exact",
         "reciprocal.goldschmidt", "reciprocal.newton", "rsqrt.goldschmidt", "rsqrt.newton",
@@ -88,19 +91,39 @@ def test_reference_is_differentiable_and_keeps_dtype(name):
 
 
 def test_gelu_refit_reproduces_coefficients():
-    spec = get_approx("gelu.secformer")
+    spec = get_approx("gelu.secformer_erf")
     refit = fit_erf_sine_series(spec.period, spec.threshold, len(spec.coeffs))
     assert refit == pytest.approx(ERF_SINE_COEFFS, abs=1e-9)
-    assert spec.coeffs == ERF_SINE_COEFFS
+    assert spec.coeffs == ERF_SINE_COEFFS and spec.form == "erf"
+    even = get_approx("gelu.secformer")
+    const, coeffs = fit_gelu_even_cos_series(even.period, even.threshold, len(even.coeffs))
+    assert const == pytest.approx(GELU_EVEN_CONST, abs=1e-9)
+    assert coeffs == pytest.approx(GELU_EVEN_COEFFS, abs=1e-9)
+    assert even.coeffs == GELU_EVEN_COEFFS and even.const == GELU_EVEN_CONST and even.form == "even"
 
 
-def test_gelu_secformer_fits_the_ring_and_the_runtime_budget():
-    spec = get_approx("gelu.secformer")
+@pytest.mark.parametrize("name", ["gelu.secformer", "gelu.secformer_erf"])
+def test_gelu_secformer_fits_the_ring_and_the_runtime_budget(name):
+    spec = get_approx(name)
     assert math.log2(spec.period).is_integer(), "P * 2^f must divide 2^64 for the secure sine"
     assert (spec.threshold * 2**16).is_integer(), "segment bounds must be exact in fixed point"
     assert len(spec.coeffs) in (7, 8)
     lo, hi = spec.domain
     assert lo <= -20 and hi >= 20 and spec.declared_max_abs_err <= 0.01
+
+
+def test_gelu_forms_share_segments_and_old_params_read_as_erf():
+    """Both forms give x above T and 0 below -T; params without "form" (programs compiled
+    before the even form) are the erf series."""
+    even, erf = get_approx("gelu.secformer"), get_approx("gelu.secformer_erf")
+    x = torch.tensor([-30.0, -4.5, 4.5, 30.0], dtype=torch.float64)
+    for spec in (even, erf):
+        assert torch.equal(spec.reference(x), torch.tensor([0.0, 0.0, 4.5, 30.0], dtype=torch.float64))
+    old = {k: v for k, v in erf.params.items() if k != "form"}
+    y = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    assert torch.equal(erf.fn(y, **old), erf.reference(y))
+    with pytest.raises(ValueError, match="form"):
+        erf.fn(y, **{**old, "form": "odd"})
 
 
 def test_gelu_puma_branches():

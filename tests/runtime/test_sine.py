@@ -11,8 +11,8 @@ from secformer_compiler.runtime.messages import Protocol
 from secformer_compiler.runtime.protocols import arith, compare
 from secformer_compiler.runtime.protocols.sine import (
     _public_factors, bits_times_x, bits_times_x_cost, harmonics, sine_series, sine_series_cost,
-    trig_of_mask, x_sine_series, x_sine_series_cost)
-from secformer_compiler.runtime.protocols.trunc import trunc
+    trig_of_mask, x_cos_series, x_cos_series_cost, x_sine_series, x_sine_series_cost)
+from secformer_compiler.runtime.protocols.trunc import trunc, trunc_cost
 from secformer_compiler.runtime.ring import FixedPoint
 
 FX = FixedPoint(16)
@@ -89,6 +89,75 @@ def test_x_sine_series_and_bit_products(cluster, seed):
                 + arith.reveal_cost(shape))
     assert stats.rounds == counter.rounds == declared.rounds
     assert stats.bytes_sent[1] == declared.bytes - arith.share_cost(shape).bytes
+
+
+def cos_series(x, coeffs, period):
+    return sum(g * torch.cos(2 * math.pi * k * x / period) for k, g in enumerate(coeffs, 1))
+
+
+@pytest.mark.parametrize("frac", [16, 20])
+def test_x_cos_series_and_bit_products(cluster, seed, frac):
+    """const + x/2 + a cosine series in one 8-byte opening, for any x in the ring's range
+    (the series is periodic; x/2 is exact), and b * x reusing that opening. frac: the
+    dealt sines' and the public factors' fractional bits (GeLU's even form uses f + 4)."""
+    period, coeffs = 16, [-5.2, 2.7, -1.9, 0.9, -0.4]  # GeLU-like sizes, alternating signs
+    x = torch.cat([torch.linspace(-6, 6, 1201, dtype=torch.float64),
+                   torch.randn(300, dtype=torch.float64) * 3,
+                   torch.tensor([1000.25, -1000.5, 8.0, -8.0, 0.0], dtype=torch.float64)])
+    x = FX.decode(FX.encode(x))  # the reference at the encoded x (the series' slope is ~8)
+    shape = x.shape
+    shift = 2 * frac - 16
+
+    def program(ctx, xv):
+        s = yield from arith.share(ctx, xv, 0, shape)
+        y, opened = yield from x_cos_series(ctx, s, coeffs, period, const=3.9, x_coef=0.5,
+                                            trig_frac=frac, scale_frac=frac, bit_masks=1)
+        y = yield from trunc(ctx, y, shift)
+        neg = yield from compare.msb(ctx, s)
+        (bx,) = yield from bits_times_x(ctx, opened, [neg])  # min(x, 0)
+        return (yield from arith.reveal(ctx, y)), (yield from arith.reveal(ctx, bx))
+
+    (y0, b0), (y1, b1), stats = cluster.run(program, (FX.encode(x),), (None,))
+    assert torch.equal(y0, y1) and torch.equal(b0, b1)
+    want = 3.9 + x / 2 + cos_series(x, coeffs, period)
+    err = (FX.decode(y0) - want).abs().max().item()
+    print(f"x_cos_series frac={frac} max err {err:.2e}")
+    # rounding: sum|gamma| (11.1) * 2^-(frac+1) for the dealt cosines, as much for the
+    # public factors, plus the final truncation's unit
+    bound = 2 * sum(abs(g) for g in coeffs) * 2.0 ** -(frac + 1) + 2.0 ** -15
+    assert err < bound
+    assert (FX.decode(b0) - x.clamp(max=0)).abs().max() < 2 ** -16
+    (cy, cb), counter = run_clear(program, FX.encode(x), fxp=FX)
+    assert (FX.decode(cy) - want).abs().max() < bound
+    declared = (arith.share_cost(shape) + x_cos_series_cost(shape) + trunc_cost(shape)
+                + compare.msb_cost(shape) + bits_times_x_cost([shape]) + arith.reveal_cost(shape)
+                + arith.reveal_cost(shape))
+    assert stats.rounds == counter.rounds == declared.rounds
+    assert stats.bytes_sent[1] == declared.bytes - arith.share_cost(shape).bytes
+
+
+def test_x_cos_series_deals_half_of_x_sine_series(cluster):
+    """The even form's point: 2K dealt values per element (sin, cos of the mask) where the
+    product form deals 4K (also a S_k, a C_k); both plus the bit product's 2."""
+    n, k = 4096, 7
+    coeffs = [0.1] * k
+    sizes = {}
+    for name, fn in (("cos", x_cos_series), ("sine", x_sine_series)):
+        def program(ctx, xv, fn=fn):
+            s = yield from arith.share(ctx, xv, 0, (n,))
+            kw = dict(trig_frac=20, scale_frac=20) if fn is x_cos_series else {}
+            y, _ = yield from fn(ctx, s, coeffs, 16, bit_masks=1, **kw)
+            return (yield from arith.reveal(ctx, y))
+        *_, stats = cluster.run(program, (torch.zeros(n, dtype=torch.int64),), (None,))
+        sizes[name] = stats.dealer_bytes
+    assert sizes["cos"] < 8 * n * (2 * k + 2) * 1.01 and sizes["sine"] > 8 * n * (4 * k + 2)
+
+
+def test_x_cos_series_refuses_an_inexact_linear_term():
+    def program(ctx, xv):
+        return (yield from x_cos_series(ctx, xv, [0.1], 16, x_coef=0.3))
+    with pytest.raises(ValueError, match="x_coef"):
+        run_clear(program, torch.zeros(3, dtype=torch.int64))
 
 
 def _spy(gen: Protocol, log: list) -> Protocol:
