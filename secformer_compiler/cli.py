@@ -190,15 +190,42 @@ def tokenize(tok: Any, texts: list[str], seq_len: int, names: list[str]) -> dict
     return {n: enc[n] for n in names}
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """["gelu=gelu.secformer_erf", ...] -> {"gelu": "gelu.secformer_erf"}; each OP must be an
+    approximated op and each METHOD a preset name or an approximation of that op."""
+    from .approx import APPROXIMATIONS
+    from .passes.approximate import APPROXIMATED_OPS, PRESETS
+
+    out: dict[str, str] = {}
+    for item in items:
+        op, sep, method = item.partition("=")
+        op, method = op.strip(), method.strip()
+        if not sep or not op or not method:
+            raise UserError(f"--override takes OP=METHOD (e.g. gelu=gelu.secformer_erf), got {item!r}")
+        if op not in APPROXIMATED_OPS:
+            raise UserError(f"--override {item!r}: {op!r} is not one of {', '.join(APPROXIMATED_OPS)}")
+        names = sorted(n for n in APPROXIMATIONS if n.startswith(op + ".")) + [f"{op}.exact"]
+        if method not in PRESETS and method not in names:
+            raise UserError(f"--override {item!r}: {method!r} is neither a preset ({', '.join(PRESETS)}) nor an "
+                            f"approximation of {op} ({', '.join(sorted(set(names)))})")
+        out[op] = method
+    return out
+
+
 def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str = "secformer", seq_len: int = 128,
                        batch: int = 1, calibrate: Path | None = None, samples: int = 16, frac_bits: int = 16,
                        trunc: str = "exact", force: bool = False, range_margin: float | None = None,
-                       goldschmidt_target: float | None = None, log: Callable[[str], None] = _note) -> Any:
-    """Checkpoint -> compiled program -> artifact folder at `out` (written atomically)."""
+                       goldschmidt_target: float | None = None, overrides: list[str] | None = None,
+                       log: Callable[[str], None] = _note) -> Any:
+    """Checkpoint -> compiled program -> artifact folder at `out` (written atomically).
+
+    overrides: "OP=METHOD" strings (e.g. "gelu=gelu.secformer_erf", "softmax=puma"): per-op
+    approximations over the preset's, checked before the checkpoint is loaded."""
     from . import compile as sf_compile
     from .artifact import save_artifact
 
     _check_preset(preset)
+    per_op = parse_overrides(overrides or [])
     if seq_len < 2 or batch < 1:
         raise UserError("--seq-len must be >= 2 and --batch >= 1")
     from .calibrate import resolve_margin
@@ -222,7 +249,7 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
     log(f"compiling ({task}, preset {preset}, batch {batch} x seq {seq_len}; calibrating on {len(texts)} "
         f"text(s) from {calibrate or 'built-in sentences'})")
     cm = sf_compile(model, chunks[0], preset=preset, calibration=chunks, frac_bits=frac_bits, trunc=trunc,
-                    range_margin=margin, goldschmidt_target=goldschmidt_target)
+                    range_margin=margin, goldschmidt_target=goldschmidt_target, overrides=per_op or None)
     calib = {"source": str(calibrate) if calibrate else "built-in sentences", "texts": len(texts),
              "range_margin": margin, "goldschmidt_target": cm.graph.meta.get("goldschmidt_target")}
     save_artifact(cm, out, tokenizer=tok, task=task, seq_len=seq_len, batch=batch, labels=labels,
@@ -255,12 +282,15 @@ def compile_cmd(
     goldschmidt_target: Optional[float] = typer.Option(None, help="Relative error each calibrated Goldschmidt "
                                                                   "step must meet (default 1e-4; 1e-3 saves about a "
                                                                   "round per LayerNorm, with less margin off-range)."),
+    override: Optional[list[str]] = typer.Option(None, help="Per-op approximation over the preset's, OP=METHOD; "
+                                                            "repeatable. E.g. gelu=gelu.secformer_erf (the "
+                                                            "paper's erf series), softmax=puma."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Compile a checkpoint into an artifact folder (program.onnx, weights, tokenizer, manifest)."""
     compile_checkpoint(checkpoint, out, task=task.value, preset=preset, seq_len=seq_len, batch=batch,
                        calibrate=calibrate, samples=samples, frac_bits=frac_bits, trunc=trunc, force=force,
-                       range_margin=range_margin, goldschmidt_target=goldschmidt_target)
+                       range_margin=range_margin, goldschmidt_target=goldschmidt_target, overrides=override)
 
 
 @app.command()

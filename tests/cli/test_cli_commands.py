@@ -61,7 +61,28 @@ def test_compile_refuses_to_overwrite_and_checks_flags(artifact, ckpt_dir, tmp_p
     assert r.exit_code == 1 and "--range-margin must be >= 1" in r.output
     r = invoke("compile", ckpt_dir, "-o", tmp_path / "o", "--goldschmidt-target", "0")
     assert r.exit_code == 1 and "--goldschmidt-target must be a relative error in (0, 0.5)" in r.output
+    r = invoke("compile", ckpt_dir, "-o", tmp_path / "o", "--override", "gelu")
+    assert r.exit_code == 1 and "--override takes OP=METHOD" in r.output
+    r = invoke("compile", ckpt_dir, "-o", tmp_path / "o", "--override", "relu=gelu.secformer")
+    assert r.exit_code == 1 and "'relu' is not one of gelu, layernorm, softmax, tanh" in r.output
+    r = invoke("compile", ckpt_dir, "-o", tmp_path / "o", "--override", "gelu=gelu.fast")
+    assert r.exit_code == 1 and "'gelu.fast' is neither a preset" in r.output and "gelu.secformer_erf" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_compile_override_picks_the_erf_gelu(ckpt_dir, tmp_path):
+    """--override gelu=gelu.secformer_erf compiles the paper's erf-series GeLU into the artifact."""
+    from secformer_compiler.artifact import load_artifact
+
+    out = tmp_path / "erf.sfa"
+    r = invoke("compile", ckpt_dir, "-o", out, "--seq-len", SEQ, "--samples", 1,
+               "--override", "gelu=gelu.secformer_erf", "--override", "softmax=secformer")
+    assert r.exit_code == 0, r.output
+    graph = load_artifact(out).graph
+    gelus = [n for n in graph if n.op == "gelu"]
+    assert gelus and all(n.attrs["method"] == "gelu.secformer_erf" and n.attrs["params"]["form"] == "erf"
+                         for n in gelus)
+    assert all(n.attrs["method"] == "softmax.2quad" for n in graph if n.op == "softmax")
 
 
 def test_calibration_file_formats(tmp_path):
