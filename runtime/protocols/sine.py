@@ -156,6 +156,22 @@ class OpenedX:
     ra: list[torch.Tensor]
 
 
+def _draw_masks(ctx: Context, shape, dealt, n_dealt: int, n_bits: int):
+    """The fused series' one correlation: a uniform ring mask a (x's Beaver mask and the
+    sine mask t = -a mod M at once), n_bits fresh XOR-shared bits r_j, then shares of the
+    dealer's values dealt(a) (n_dealt of them) and of r_j and r_j a (for `bits_times_x`).
+    Returns (a, dealt values, r_xor, r_add, ra)."""
+    def derive(a, *rs):
+        return dealt(a) + list(rs) + [r * a for r in rs]
+
+    sources = [(shape, RING)] + [(shape, Dom("xor", 1))] * n_bits
+    n_out = n_dealt + 2 * n_bits
+    out = ctx.corr.correlated(sources, derive, [RING] * n_out, out_shapes=[shape] * n_out)
+    rest = out[1 + n_bits:]
+    return (out[0], rest[:n_dealt], list(out[1:1 + n_bits]), list(rest[n_dealt:n_dealt + n_bits]),
+            list(rest[n_dealt + n_bits:]))
+
+
 def x_sine_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period: int,
                   const: float = 0.0, scale_frac: int | None = None,
                   bit_masks: int = 0) -> Protocol:
@@ -170,20 +186,14 @@ def x_sine_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period
     frac = f if scale_frac is None else scale_frac
     mb = _mod_bits(period, f)
     k_max = len(coeffs)
-    n_bits = bit_masks
 
-    def derive(a, *rs):
+    def dealt(a):
         trig = trig_of_mask(a, k_max, mb, f)
-        return trig + [a * v for v in trig] + list(rs) + [r * a for r in rs]
+        return trig + [a * v for v in trig]
 
-    sources = [(x.shape, RING)] + [(x.shape, Dom("xor", 1))] * n_bits
-    n_out = 4 * k_max + 2 * n_bits
-    out = ctx.corr.correlated(sources, derive, [RING] * n_out, out_shapes=[x.shape] * n_out)
-    a, r_xor = out[0], out[1:1 + n_bits]
-    rest = out[1 + n_bits:]
-    sins, coss = rest[:k_max], rest[k_max:2 * k_max]
-    a_sins, a_coss = rest[2 * k_max:3 * k_max], rest[3 * k_max:4 * k_max]
-    r_add, ra = rest[4 * k_max:4 * k_max + n_bits], rest[4 * k_max + n_bits:]
+    a, vals, r_xor, r_add, ra = _draw_masks(ctx, x.shape, dealt, 4 * k_max, bit_masks)
+    sins, coss = vals[:k_max], vals[k_max:2 * k_max]
+    a_sins, a_coss = vals[2 * k_max:3 * k_max], vals[3 * k_max:]
 
     (e,) = yield from open_add(x - a)  # uniform in the ring; e mod M = (x + t) mod M, t = -a
     # x = e + a, so sin(2 pi k x/M) = sin(2 pi k e/M) C_k + cos(2 pi k e/M) S_k with S, C of a,
@@ -203,7 +213,7 @@ def x_sine_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period
         fac.copy_(torch.mul(cs, beta * scale, out=fbuf).round_())  # v_k
         torch.mul(e, s, out=tmp)  # shares of x * S_k
         acc.add_(tmp.add_(a_s).mul_(fac))
-    return acc, OpenedX(x, e, list(r_xor), list(r_add), list(ra))
+    return acc, OpenedX(x, e, r_xor, r_add, ra)
 
 
 def x_sine_series_cost(shape) -> Cost:
@@ -233,18 +243,10 @@ def x_cos_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period:
         raise ValueError(f"x_cos_series: x_coef {x_coef} is not a multiple of 2^-{out_frac - f}")
     mb = _mod_bits(period, f)
     k_max = len(coeffs)
-    n_bits = bit_masks
 
-    def derive(a, *rs):
-        return trig_of_mask(a, k_max, mb, tf) + list(rs) + [r * a for r in rs]
-
-    sources = [(x.shape, RING)] + [(x.shape, Dom("xor", 1))] * n_bits
-    n_out = 2 * k_max + 2 * n_bits
-    out = ctx.corr.correlated(sources, derive, [RING] * n_out, out_shapes=[x.shape] * n_out)
-    a, r_xor = out[0], out[1:1 + n_bits]
-    rest = out[1 + n_bits:]
-    sins, coss = rest[:k_max], rest[k_max:2 * k_max]
-    r_add, ra = rest[2 * k_max:2 * k_max + n_bits], rest[2 * k_max + n_bits:]
+    a, vals, r_xor, r_add, ra = _draw_masks(ctx, x.shape, lambda a: trig_of_mask(a, k_max, mb, tf),
+                                            2 * k_max, bit_masks)
+    sins, coss = vals[:k_max], vals[k_max:]
 
     (e,) = yield from open_add(x - a)  # uniform in the ring; e mod M = (x + t) mod M, t = -a
     # x = e + a, so cos(2 pi k x/M) = cos(2 pi k e/M) C_k - sin(2 pi k e/M) S_k, with S, C
@@ -259,7 +261,7 @@ def x_cos_series(ctx: Context, x: torch.Tensor, coeffs: Sequence[float], period:
         acc.add_(torch.mul(c, fac, out=tmp))
         fac.copy_(torch.mul(sn, -gamma * scale, out=fbuf).round_())
         acc.add_(torch.mul(s, fac, out=tmp))
-    return acc, OpenedX(x, e, list(r_xor), list(r_add), list(ra))
+    return acc, OpenedX(x, e, r_xor, r_add, ra)
 
 
 def x_cos_series_cost(shape) -> Cost:
