@@ -34,6 +34,7 @@ CONFIGS = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attention_hea
            "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
            "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)}
 
+ROLE = {0: "P0", 1: "P1", 2: "dealer"}
 KINDS = {"linear": "linear", "matmul": "attention matmul", "gelu": "GeLU", "softmax": "softmax",
          "layernorm": "LayerNorm", "embedding": "embedding"}
 
@@ -113,7 +114,7 @@ def main() -> None:
         print(f"(no float-approximated reference: {e}); using the simulator", file=sys.stderr)
     sim = cm.simulate(x)[0]
     ref = approx_float if approx_float is not None else sim
-    walls, prepares, results = [], [], []
+    walls, prepares, results, cpus = [], [], [], []
     with cm.session(processes=True, timeout=1800, offline=args.offline) as sess:
         load = sess.load_stats
         for _ in range(args.runs):
@@ -121,6 +122,9 @@ def main() -> None:
             walls.append(max(res.stats.online_s.values()))
             prepares.append(max(getattr(res.stats, "prepare_s", {}).values(), default=0.0))
             results.append(res)
+            cpus.append({ROLE[r]: round(v, 3) for r, v in res.stats.cpu_s.items()}
+                        | {f"{ROLE[r]}_online": round(v, 3) for r, v in res.stats.online_cpu_s.items()}
+                        | {f"{ROLE[r]}_faults": v for r, v in res.stats.minor_faults.items()})
     res = results[-1]
     st = res.stats
     breakdown = defaultdict(lambda: {"bytes_sent": 0, "rounds": 0})
@@ -138,6 +142,10 @@ def main() -> None:
         # each party's own input-independent phase (A_i @ F of every linear layer), run before
         # the online clock starts; `secformer party` runs it between requests
         "party_prepare_s": statistics.median(prepares), "party_prepare_s_runs": prepares,
+        # each role's process CPU per request (user + system; a party's prepare included,
+        # "_online" its online phase alone): on 2 cores the three roles share, this is
+        # steadier than wall time and bounds it from below (sum / cores)
+        "cpu_s_runs": cpus,
         "offline_s": st.offline_s, "rounds": st.rounds, "bytes_sent_per_party": st.bytes_sent[0],
         "dealer_bytes": st.dealer_bytes, "peak_rss_mib": st.peak_rss_mib,
         "torch_wall_s": torch_s, "compile_s": compile_s,

@@ -212,7 +212,7 @@ class PartyCorrelations(Correlations):
     def _next_chunk(self) -> bool:
         """Move on to the stream's next chunk (False at its end). The old chunk's unread tail
         is the caller's to keep: only an item that straddles two chunks is copied (`_take`),
-        never a whole chunk (a 64 MiB copy per chunk was 1.6 GB per BERT-base inference)."""
+        never a whole chunk (a copy per 64 MiB chunk was 1.6 GB per BERT-base inference)."""
         if self._ended:
             return False
         chunk = self._fetch()
@@ -260,9 +260,11 @@ class PartyCorrelations(Correlations):
 class DealerCorrelations(Correlations):
     """The dealer: mirrors both parties' seeds, computes derived values, emits P1's corrections."""
 
-    # 64 MiB: the dealer concatenates a chunk before sending it and P1 holds the one it reads
+    # 16 MiB: the dealer concatenates a chunk before sending it and P1 holds the one it reads
     # (and any still referenced); 256 MiB chunks cost both up to ~0.5 GB more at seq 512.
-    default_chunk_bytes = 64 << 20
+    # Below glibc's largest mmap threshold (32 MiB), so a role serving requests reuses its
+    # heap's pages for them instead of mapping and faulting in fresh ones (runtime/memory.py).
+    default_chunk_bytes = 16 << 20
 
     def __init__(self, prg0: PRG, prg1: PRG, flush: Callable[[torch.Tensor], None] | None = None,
                  chunk_bytes: int | None = None) -> None:

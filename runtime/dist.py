@@ -43,7 +43,7 @@ from .transport import PeerError, Transport, blob_parts
 
 WORLD_SIZE = 3
 # How much the dealer's correction stream may run ahead of P1's receives (`send_blob(wait=False)`):
-# 4 of its 64 MiB chunks. A gloo send is a rendezvous, so a blocking send kept the dealer at
+# 16 of its 16 MiB chunks. A gloo send is a rendezvous, so a blocking send kept the dealer at
 # most one chunk ahead, idle until P1 asked for the next one (P1 then waited for it to be made).
 MAX_IN_FLIGHT_BYTES = 256 << 20
 

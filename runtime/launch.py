@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
+import resource
 import signal
 import time
 import traceback
@@ -40,7 +41,7 @@ from .context import DEALER, P0, P1, ROLE_NAMES
 from .dist import init_dist
 from .engine import Role, meta_like
 from .local import RunStats
-from .memory import release_free_memory
+from .memory import configure_for_requests, release_if_over
 from .messages import Protocol
 from .ring import FixedPoint
 from .transport import PeerError
@@ -78,10 +79,13 @@ def _run_one(role: Role, payload: bytes, offline: str = "stream") -> tuple[Any, 
     rounds0 = role.engine.counter.rounds
     tags0 = {k: dict(v) for k, v in role.engine.counter.by_tag.items()}
     stats: dict[str, Any] = {}
+    cpu0 = time.process_time()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     if role.rank == DEALER:
         start = time.perf_counter()
         out = role.run(program, *args)
         stats["offline_s"] = time.perf_counter() - start
+        stats["cpu_s"] = time.process_time() - cpu0
     else:
         if role.rank == P1 and offline == "ahead":  # all of the dealer's work first
             t.prefetch_blob(DEALER, until_end=True)
@@ -91,12 +95,15 @@ def _run_one(role: Role, payload: bytes, offline: str = "stream") -> tuple[Any, 
         if role.rank == P1 and offline == "stream":  # the online clock starts once P1 holds
             t.prefetch_blob(DEALER)  # the dealer's first blob of corrections
         t.sync(P1 if role.rank == P0 else P0, _label(program))
-        start = time.perf_counter()
+        start, cpu1 = time.perf_counter(), time.process_time()
         out = role.run(program, *args)
         stats["online_s"] = time.perf_counter() - start
+        stats["online_cpu_s"] = time.process_time() - cpu1
+        stats["cpu_s"] = time.process_time() - cpu0
     stats["sent_to"] = {p: n - sent0.get(p, 0) for p, n in t.bytes_sent.items() if n - sent0.get(p, 0)}
-    import resource  # peak resident memory of this role's process so far (Linux: KiB)
-    stats["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    stats["peak_rss_mib"] = ru.ru_maxrss / 1024  # peak resident memory so far (Linux: KiB)
+    stats["minor_faults"] = ru.ru_minflt - faults0  # fresh pages touched (zeroed by the kernel)
     stats["rounds"] = role.engine.counter.rounds - rounds0
     stats["replayed"] = role.replayed
     by_tag = {}
@@ -106,7 +113,7 @@ def _run_one(role: Role, payload: bytes, offline: str = "stream") -> tuple[Any, 
         if d["bytes_sent"] or d["rounds"]:
             by_tag[k] = d
     stats["by_tag"] = by_tag
-    release_free_memory()  # this program's temporaries are dead (runtime/memory.py)
+    release_if_over()  # keep this program's freed pages for the next one (runtime/memory.py)
     return out, stats
 
 
@@ -115,6 +122,7 @@ def _worker(rank: int, host: str, port: int, timeout: float, fxp: FixedPoint, tr
     """Body of one role's process: join the group, set up the session, serve commands."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     torch.set_num_threads(threads)
+    configure_for_requests()  # freed blocks stay for the next request (runtime/memory.py)
     try:
         transport = init_dist(rank, host, port, timeout, serve_store=False)
         role = Role(rank, transport, fxp, trunc)
@@ -272,6 +280,9 @@ class ProcessCluster:
             sent_to=sent_to,
             peak_rss_mib={r: st[r].get("peak_rss_mib") for r in RANKS},
             replayed={r: st[r].get("replayed", False) for r in RANKS},
+            cpu_s={r: st[r]["cpu_s"] for r in RANKS},
+            minor_faults={r: st[r]["minor_faults"] for r in RANKS},
+            online_cpu_s={P0: st[P0]["online_cpu_s"], P1: st[P1]["online_cpu_s"]},
         )
         return replies[P0][1], replies[P1][1], stats
 

@@ -35,6 +35,12 @@ class RunStats:
     # replayed[role]: its offline pass (the dealer's; a party's prepare) replayed the one
     # recorded for the same program and shapes, instead of a run on meta tensors
     replayed: dict[int, bool] = field(default_factory=dict)
+    # cpu_s[role]: the role's process CPU time (user + system) over the whole run (a
+    # party's prepare included); online_cpu_s: P0's and P1's over their online phase. On
+    # a machine with fewer cores than roles the wall time is bounded by their sum.
+    cpu_s: dict[int, float] = field(default_factory=dict)
+    online_cpu_s: dict[int, float] = field(default_factory=dict)
+    minor_faults: dict[int, int] = field(default_factory=dict)  # per role over the run
 
 
 class LocalCluster:

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import torch
 
-from .runtime.memory import release_free_memory
+from .runtime.memory import configure_for_requests, release_if_over
 
 ROLES = ("p0", "p1", "dealer")
 RANK = {"p0": 0, "p1": 1, "dealer": 2}
@@ -419,7 +419,7 @@ class _Server:
         if self.rank != 2 and prepared:  # its own offline phase, done before the request
             stats["prepare_s"] = self.prepare_s
         self.last_out = out
-        release_free_memory()  # the request's temporaries are dead (runtime/memory.py)
+        release_if_over()  # keep the request's freed pages for the next one (runtime/memory.py)
         return stats
 
     # -- serving --
@@ -601,6 +601,7 @@ def run_party(config: str | Path, role: str) -> int:
     cfg = load_config(config)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    configure_for_requests()  # a serving role keeps freed blocks between requests
 
     def stop(signum, frame):
         raise KeyboardInterrupt
