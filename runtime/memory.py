@@ -42,7 +42,20 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the largest glibc accepts
 TRIM_THRESHOLD = 1 << 30  # free() never trims below this much free space at the heap's top
 TOP_PAD = 64 << 20  # grow the heap in steps of at least this (fewer brk calls)
-KEEP_FREE_BYTES = int(os.environ.get("SECFORMER_KEEP_FREE_MIB", "2048")) << 20
+
+
+def _keep_free_bytes() -> int:
+    raw = os.environ.get("SECFORMER_KEEP_FREE_MIB", "2048")
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = -1
+    if mib < 0:
+        raise ValueError(f"SECFORMER_KEEP_FREE_MIB must be a whole number of MiB >= 0, got {raw!r}")
+    return mib << 20
+
+
+KEEP_FREE_BYTES = _keep_free_bytes()
 
 
 class _MallInfo2(ctypes.Structure):

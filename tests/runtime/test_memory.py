@@ -72,3 +72,16 @@ def test_a_configured_process_reuses_its_pages_between_requests():
     assert not kept and released and fourth > pages // 2, (kept, released, fourth)
     _, plain_second, *_ = run("plain")
     assert plain_second > pages // 2, plain_second
+
+
+def test_keep_free_budget_is_read_and_checked():
+    import os
+    import subprocess
+
+    code = "from secformer_compiler.runtime import memory; print(memory.KEEP_FREE_BYTES)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "SECFORMER_KEEP_FREE_MIB": "16"})
+    assert int(out.stdout) == 16 << 20
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "SECFORMER_KEEP_FREE_MIB": "lots"})
+    assert bad.returncode != 0 and "SECFORMER_KEEP_FREE_MIB must be a whole number of MiB >= 0, got 'lots'" in bad.stderr
