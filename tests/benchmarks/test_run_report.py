@@ -1,0 +1,42 @@
+"""benchmarks/run.py: the goals table quotes every committed same-series pair, in order."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(folder: Path, name: str, rec: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps([rec]))
+
+
+def test_pairs_in_measured_order_with_counts(tmp_path, monkeypatch):
+    run = _module()
+    monkeypatch.setattr(run, "RES", tmp_path)
+    base = {"model": "bert-base", "layers": 12, "seq_len": 128}
+    # measured order differs from the folders' names; one folder lacks CrypTen, one is 4 layers
+    _write(tmp_path / "series_b", "e2e_base_128.json", {**base, "wall_s": 8.0, "started_utc": "2026-01-01T01:00"})
+    _write(tmp_path / "series_b", "crypten_bert_base_colmajor.json", {"wall_s": 40.0})
+    _write(tmp_path / "series_b", "e2e_base_128_ahead.json", {**base, "wall_s": 6.0})
+    _write(tmp_path / "series_a", "e2e_base_128.json", {**base, "wall_s": 9.0, "started_utc": "2026-01-01T02:00"})
+    _write(tmp_path / "series_a", "crypten_bert_base_colmajor.json", {"wall_s": 30.0})
+    _write(tmp_path / "series_c", "e2e_base_128.json", {**base, "wall_s": 1.0, "started_utc": "2026-01-01T03:00"})
+    _write(tmp_path / "series_d", "e2e_base_128.json", {**base, "layers": 4, "wall_s": 1.0, "started_utc": "x"})
+    _write(tmp_path / "series_d", "crypten_bert_base_colmajor.json", {"wall_s": 30.0})
+    assert run.committed_pairs() == [("series_b", 8.0, 40.0, 6.0), ("series_a", 9.0, 30.0, None)]
+    (row,) = run.pairs_rows()
+    assert "b: 0.200 / 0.150; a: 0.300 |" in row
+    assert row.endswith("default: 1 of 2 met; ahead: 1 of 1 met |")
+    (tmp_path / "series_a" / "e2e_base_128.json").write_text("{not json")  # a broken folder is skipped
+    assert [p[0] for p in run.committed_pairs()] == ["series_b"]
