@@ -739,8 +739,8 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
         L += ["## Scaling (ours)" if "quick" not in title.lower() else "## Our runs", "",
               "Preset `secformer`, batch 1, 3 processes on this machine. `wall` = online wall time (median of "
               "`runs`); `dealer s` = the dealer's clock, from receiving the program until P1 took its last "
-              "blob of correlated randomness (it streams them with blocking sends, so this tracks the online "
-              "phase rather than the dealer's own work: see \"where the time goes\"); "
+              "blob of correlated randomness (it posts them at most 256 MiB ahead of what P1 has taken, so "
+              "this tracks the online phase rather than the dealer's own work: see \"where the time goes\"); "
               "`err` = max abs error of the final hidden states against the float program with the same "
               "approximations; `vs exact` against the exact float model; `peak RSS` per process P0 / P1 / dealer; "
               "`load` = 1-minute load average before / after the run (2 cores).", "",
