@@ -28,6 +28,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEncoder
 
 import secformer_compiler as sc
+from secformer_compiler.cli import UserError, parse_overrides
 from secformer_compiler.cost import NETWORKS, program_cost
 
 CONFIGS = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -80,10 +81,10 @@ def main() -> None:
                          "erf-series GeLU; repeatable)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    bad = [o for o in args.override if o.count("=") != 1]
-    if bad:
-        ap.error(f"--override takes OP=METHOD, got {bad}")
-    overrides = dict(o.split("=") for o in args.override)
+    try:
+        overrides = parse_overrides(args.override)
+    except UserError as e:
+        ap.error(str(e))
     load_before = os.getloadavg()  # the machine is shared: record how busy it was
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     torch.manual_seed(0)

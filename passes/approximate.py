@@ -97,6 +97,24 @@ def resolve_method(op: str, preset: str, overrides: Mapping[str, str], node_name
     return PRESETS[choice][op]
 
 
+def check_override(op: str, method: str) -> None:
+    """Raise CompileError unless `method` may replace the preset's choice for `op`: a preset
+    name, `<op>.exact`, or a registered approximation of `op` (plugins are loaded on a miss,
+    as `approximate` does). Lets a caller refuse a bad override before any expensive work."""
+    if op not in APPROXIMATED_OPS:
+        raise CompileError(f"{op!r} is not one of {', '.join(APPROXIMATED_OPS)}")
+    if method in PRESETS or method == f"{op}.exact":
+        return
+    approx = _registry()
+    if method not in approx.APPROXIMATIONS and not registry._plugins_loaded:
+        registry.load_plugins()
+    if method.startswith(op + ".") and method in approx.APPROXIMATIONS:
+        return
+    names = sorted({n for n in approx.APPROXIMATIONS if n.startswith(op + ".")} | {f"{op}.exact"})
+    raise CompileError(f"{method!r} is neither a preset ({', '.join(PRESETS)}) nor an approximation of "
+                       f"{op} ({', '.join(names)})")
+
+
 @register_pass("approximate")
 def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str, str] | None = None,
                 calibration: Mapping[str, Any] | None = None,

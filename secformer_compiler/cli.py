@@ -193,8 +193,8 @@ def tokenize(tok: Any, texts: list[str], seq_len: int, names: list[str]) -> dict
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """["gelu=gelu.secformer_erf", ...] -> {"gelu": "gelu.secformer_erf"}; each OP must be an
     approximated op and each METHOD a preset name or an approximation of that op."""
-    from .approx import APPROXIMATIONS
-    from .passes.approximate import APPROXIMATED_OPS, PRESETS
+    from .errors import CompileError
+    from .passes.approximate import check_override
 
     out: dict[str, str] = {}
     for item in items:
@@ -202,12 +202,10 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
         op, method = op.strip(), method.strip()
         if not sep or not op or not method:
             raise UserError(f"--override takes OP=METHOD (e.g. gelu=gelu.secformer_erf), got {item!r}")
-        if op not in APPROXIMATED_OPS:
-            raise UserError(f"--override {item!r}: {op!r} is not one of {', '.join(APPROXIMATED_OPS)}")
-        names = sorted(n for n in APPROXIMATIONS if n.startswith(op + ".")) + [f"{op}.exact"]
-        if method not in PRESETS and method not in names:
-            raise UserError(f"--override {item!r}: {method!r} is neither a preset ({', '.join(PRESETS)}) nor an "
-                            f"approximation of {op} ({', '.join(sorted(set(names)))})")
+        try:
+            check_override(op, method)
+        except CompileError as e:
+            raise UserError(f"--override {item!r}: {e}") from None
         out[op] = method
     return out
 

@@ -172,7 +172,7 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
     "width is derived from it, runtime.protocols.nonlinear.gelu_cmp_plan), except that "
     "each threshold may move by up to 2^-5 towards zero there (about 1.5e-4 more error)",
 )
-def gelu_fourier_erf(
+def gelu_fourier(
     x: torch.Tensor, *, period: float, threshold: float, coeffs: tuple[float, ...],
     input_bound: float = GELU_CMP_INPUT_BOUND, form: str = "erf", const: float = 0.0,
 ) -> torch.Tensor:

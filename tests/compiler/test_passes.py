@@ -319,3 +319,24 @@ def test_overrides_and_calibration(bert_exact):
         approximate(bert_exact, overrides={"softmax": "quick"})
     with pytest.raises(CompileError, match="does not approximate"):
         approximate(bert_exact, overrides={"gelu": "softmax.puma"})
+
+
+def test_check_override_accepts_presets_and_registered_approximations(monkeypatch):
+    """The CLI's early check (`check_override`) uses the registry the pass uses: presets,
+    `<op>.exact`, any registered approximation of the op (a plugin's too), nothing else."""
+    from secformer_compiler.approx import APPROXIMATIONS, get_approx
+    from secformer_compiler.passes.approximate import check_override
+
+    for op, method in (("gelu", "puma"), ("gelu", "gelu.exact"), ("gelu", "gelu.secformer_erf"),
+                       ("softmax", "softmax.2quad")):
+        check_override(op, method)
+    with pytest.raises(CompileError, match="'relu' is not one of"):
+        check_override("relu", "gelu.secformer")
+    with pytest.raises(CompileError, match="neither a preset"):
+        check_override("gelu", "softmax.2quad")  # another op's approximation
+    with pytest.raises(CompileError, match="neither a preset"):
+        check_override("gelu", "gelu.mine")
+    # what a plugin registers becomes selectable (the registry is the one source of names)
+    monkeypatch.setitem(APPROXIMATIONS, "gelu.mine", get_approx("gelu.secformer").derive(
+        name="gelu.mine", declared_max_abs_err=1.5e-4))
+    check_override("gelu", "gelu.mine")
