@@ -28,7 +28,7 @@ import torch
 
 from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG
-from .ring import SplitOperand, int64_layout, ring_matmul
+from .ring import SplitOperand, public_operand, ring_matmul
 
 Shape = tuple[int, ...]
 
@@ -133,13 +133,17 @@ class Correlations(ABC):
     def publish(self, key: str, masked: torch.Tensor) -> torch.Tensor:
         """Record the opened F = W - B of the fixed source `key` (P0 and P1 both know it);
         returns the tensor kept. A matrix is kept in the layout of the process's int64 ring
-        matmul kernel (ring.int64_layout; column-major for "int64-colmajor"), so each party's
-        A_i @ F (prepare_products) makes no copy of F per call and no second copy of F is
-        kept (the caller's FixedOperand holds the returned one)."""
-        if masked.dim() >= 2 and masked.device.type != "meta":
-            masked = int64_layout(masked)
+        matmul kernel (ring.public_operand: column-major for "int64-colmajor", tiled when
+        large), so each party's A_i @ F (prepare_products) makes no copy of F per call and no
+        second copy of F is kept (the caller's FixedOperand holds the returned one)."""
+        masked = public_operand(masked)
         self._public[key] = masked
         return masked
+
+    def _public_for(self, key: str, op: Op) -> torch.Tensor | SplitOperand:
+        """F of `key` as `op` takes it (a prepared matmul operand is rebuilt for other ops)."""
+        pub = self._public[key]
+        return pub.value if isinstance(pub, SplitOperand) and op is not ring_matmul else pub
 
     def _product_shape(self, shape: Sequence[int], key: str, op: Op) -> Shape:
         fixed = self._fixed_shapes[key][0]
@@ -173,7 +177,7 @@ class PartyCorrelations(Correlations):
         for key, shape, op in requests:
             a = self.linear_prg.ring(shape)
             # A weight fixed by this same program is not open yet: its product waits online.
-            pre = op(a, self._public[key]) if key in self._public else None
+            pre = op(a, self._public_for(key, op)) if key in self._public else None
             self._ahead.append((key, tuple(shape), a, pre))
 
     def prepared_left(self) -> int:
@@ -193,7 +197,7 @@ class PartyCorrelations(Correlations):
         else:
             a, pre = self.linear_prg.ring(shape), None
         if pre is None:
-            pre = op(a, self._public[key])
+            pre = op(a, self._public_for(key, op))
         c = self.prg.ring(out_shape) if self.party == 0 else self._take(out_shape, 64)
         return [a, pre, c]
 

@@ -30,6 +30,14 @@ additions and elementwise products of shares are native. Two things are not:
   20 ms against 28 ms, @ (768 x 3072) 27 against 47 ms. All are exact mod 2^64, so parties
   may differ in their choice; `SECFORMER_RING_MATMUL=limbs`, `=int64` or `=int64-colmajor`
   fixes it.
+* torch's int64 matmul is a plain loop nest with no cache blocking: past a (768 x 768)
+  right operand it slows per multiply-add as the operand grows. A `SplitOperand` for an
+  int64 kernel therefore keeps a larger matrix as 256 x 256 tiles (only along a dim over
+  768) and multiplies tile by tile (`_matmul_tiles`). Measured here (2026-11-27, AMD family
+  25, one thread, best of 5): (128 x 768) @ (768 x 3072) 25.5-37.6 ms plain, 20.8 tiled;
+  (128 x 3072) @ (3072 x 768) 27.0-33.7 against 21.0; BERT-large's (1024 x 4096) 54.4
+  against 37.9 and (4096 x 1024) 47.1 against 37.5; (768 x 768) is as fast plain (4.6 ms)
+  and stays whole (`benchmarks/gemm_peak.py` records both).
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ RING_BITS = 64
 _LIMB_BITS = 22
 _MAX_K_CHUNK = 2048  # 2^42 * 2^11 = 2^53: float64 sums of limb products stay exact
 _MID_K_CHUNK = 512  # 2^44 * 2^9 = 2^53: the same for the Karatsuba product (a0 + a1)(b0 + b1)
+_TILE = 256  # int64 kernels: tile edge for a right operand dim over _TILE_ABOVE (module docstring)
+_TILE_ABOVE = 768
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,15 @@ def int64_layout(b: torch.Tensor) -> torch.Tensor:
     return colmajor(b) if matmul_kernel() == "int64-colmajor" else b.contiguous()
 
 
+def public_operand(b: torch.Tensor) -> "torch.Tensor | SplitOperand":
+    """A public matrix kept for repeated use as a right operand, in no more memory than b:
+    a `SplitOperand` under an int64 kernel (layout and tiles), b in `int64_layout` under the
+    limbs kernel (whose split form would take 4x the memory)."""
+    if b.dim() < 2 or b.device.type == "meta":
+        return b
+    return int64_layout(b) if matmul_kernel() == "limbs" else SplitOperand(b)
+
+
 def _measure_kernels() -> str:
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-2 ** 62, 2 ** 62, (128, 768), generator=g)
@@ -181,30 +200,66 @@ class SplitOperand:
 
     limbs: 4 float64 values per element, per chunk of K (three limbs and the sum of the two
     low ones: 32 bytes); int64 kernels: the operand in the kernel's layout (`int64_layout`,
-    8 bytes). A party keeps one of these per weight matrix for the whole session and not the
-    plain int64 tensor beside it. `value` gives the int64 operand back exactly when some
-    other use needs it.
+    8 bytes), as 256 x 256 tiles when a dim of a matrix is over 768 (`tile_sizes`; the
+    module docstring says why). A party keeps one of these per weight matrix for the whole
+    session and not the plain int64 tensor beside it. `value` gives the int64 operand back
+    exactly when some other use needs it.
     """
 
-    __slots__ = ("shape", "chunks", "dense")
+    __slots__ = ("shape", "chunks", "dense", "tiles")
 
     def __init__(self, value: torch.Tensor) -> None:
         if value.dim() < 2:
             raise ValueError(f"a matmul right operand needs 2 or more dims, got shape {tuple(value.shape)}")
         self.shape = value.shape
+        self.chunks, self.dense, self.tiles = None, None, None
         if matmul_kernel() == "limbs":
-            self.chunks, self.dense = _split_limbs(value), None
-        else:
-            self.chunks, self.dense = None, int64_layout(value)
+            self.chunks = _split_limbs(value)
+            return
+        tk, tn = tile_sizes(value.shape)
+        if (tk, tn) == tuple(value.shape[-2:]):
+            self.dense = int64_layout(value)
+        else:  # tiles[j][i]: rows i*tk.., columns j*tn.. (each in the kernel's layout)
+            k, n = value.shape[-2:]
+            self.tiles = (tk, tn, tuple(tuple(int64_layout(value[r:r + tk, c:c + tn]) for r in range(0, k, tk))
+                                        for c in range(0, n, tn)))
 
     @property
     def value(self) -> torch.Tensor:
         """The int64 operand, l0 + l1 2^22 + l2 2^44 mod 2^64 (exact: the limbs are integers)."""
         if self.dense is not None:
             return self.dense.contiguous()
+        if self.tiles is not None:
+            return torch.cat([torch.cat(col, dim=-2) for col in self.tiles[2]], dim=-1).contiguous()
         parts = [(l0.to(torch.int64) + (l1.to(torch.int64) << _LIMB_BITS) + (l2.to(torch.int64) << (2 * _LIMB_BITS)))
                  for l0, l1, l2, _ in self.chunks]
         return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+
+def tile_sizes(shape: torch.Size | tuple) -> tuple[int, int]:
+    """(tk, tn): the tile an int64 kernel's `SplitOperand` of this shape is kept in. Only a
+    plain matrix is tiled, and only along a dim over 768 (a batched operand stays whole)."""
+    k, n = shape[-2], shape[-1]
+    if len(shape) != 2:
+        return k, n
+    return (_TILE if k > _TILE_ABOVE else k), (_TILE if n > _TILE_ABOVE else n)
+
+
+def _matmul_tiles(a: torch.Tensor, split: SplitOperand) -> torch.Tensor:
+    """a @ b mod 2^64 for a tiled b: one int64 product per tile, summed over K per column
+    block (wrapping int64 sums are exact mod 2^64)."""
+    tk, tn, tiles = split.tiles
+    k, n = split.shape[-2:]
+    if a.shape[-1] != k:
+        raise RuntimeError(f"ring_matmul: shapes {tuple(a.shape)} and {tuple(split.shape)} cannot be multiplied")
+    a_parts = [a[..., r:r + tk].contiguous() for r in range(0, k, tk)] if tk < k else [a]
+    out = torch.empty(a.shape[:-1] + (n,), dtype=torch.int64)
+    for j, col in enumerate(tiles):
+        o = out[..., j * tn:(j + 1) * tn]
+        for i, tile in enumerate(col):
+            part = torch.matmul(a_parts[i], tile)
+            o.copy_(part) if i == 0 else o.add_(part)
+    return out
 
 
 def ring_matmul(a: torch.Tensor, b: "torch.Tensor | SplitOperand") -> torch.Tensor:
@@ -219,6 +274,8 @@ def ring_matmul(a: torch.Tensor, b: "torch.Tensor | SplitOperand") -> torch.Tens
     if split is not None:
         if split.dense is not None:
             return torch.matmul(a, split.dense)
+        if split.tiles is not None:
+            return _matmul_tiles(a, split)
         return _matmul_limbs(a, split.chunks)
     if matmul_kernel() != "limbs":
         return torch.matmul(a, int64_layout(b))

@@ -131,7 +131,7 @@ class FixedOperand:
     """A secret operand whose mask B is fixed: F = W - B is public, B_i is this party's share."""
 
     key: str
-    masked: torch.Tensor  # F = W - B (public)
+    masked: torch.Tensor | SplitOperand  # F = W - B (public; as ring.public_operand keeps it)
     # this party's share of W re-based on the mask: B_i, plus F at P0. None once `split`
     # holds it (a matmul operand keeps only its prepared form: `share_value` rebuilds it)
     share: torch.Tensor | None
@@ -157,8 +157,9 @@ def fix_operand(ctx: Context, w: torch.Tensor, key: str) -> Protocol:
     """Open W - B once for a secret weight W (loading phase). One round."""
     (b,) = ctx.corr.correlated([(w.shape, RING)], keep=key)
     (f,) = yield from open_add(w - b)
+    share = ctx.add_public(b, f)
     f = ctx.corr.publish(key, f)  # kept in the matmul kernel's layout (one copy of F in all)
-    operand = FixedOperand(key, f, ctx.add_public(b, f))
+    operand = FixedOperand(key, f, share)
     # by key, so that a party's prepare phase can split its share ahead (engine.Role.prepare)
     ctx.state.setdefault(FIXED_OPERANDS, {})[key] = operand
     return operand

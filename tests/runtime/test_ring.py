@@ -57,10 +57,55 @@ def test_split_operand_gives_the_same_product(shapes, kernel):
     assert split.shape == b.shape
     assert torch.equal(split.value, b)  # the limbs (or the int64 operand) rebuild it exactly
     assert (split.chunks is None) == (kernel != "limbs")
+    kept = split.dense if split.tiles is None else split.tiles[2][0][0]
     if kernel == "int64-colmajor":
-        assert split.dense.transpose(-1, -2).is_contiguous()
+        assert kept.transpose(-1, -2).is_contiguous()
     elif kernel == "int64":
-        assert split.dense.is_contiguous()
+        assert kept.is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(1000, 300), (300, 1800), (1000, 1800), (769, 769)])
+def test_int64_kernels_tile_a_large_operand_exactly(shape, kernel):
+    """Under an int64 kernel a matrix with a dim over 768 is kept as 256 x 256 tiles (the
+    last ones smaller when 256 does not divide it); the tiled product is exact, with batch
+    dims on the left operand, and `value` rebuilds the operand."""
+    g = PRG()
+    b = g.ring(shape)
+    split = SplitOperand(b)
+    if kernel == "limbs":
+        assert split.tiles is None
+        return
+    tk, tn, tiles = split.tiles
+    assert (tk, tn) == ring.tile_sizes(shape) == tuple(256 if d > 768 else d for d in shape)
+    assert len(tiles) == -(-shape[1] // tn) and all(len(col) == -(-shape[0] // tk) for col in tiles)
+    for a in (g.ring((7, shape[0])), g.ring((2, 5, shape[0]))):
+        assert torch.equal(ring_matmul(a, split), torch.matmul(a, b))
+    assert torch.equal(split.value, b)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        ring_matmul(g.ring((3, shape[0] + 1)), split)
+
+
+def test_small_and_batched_operands_stay_whole(kernel):
+    assert ring.tile_sizes((768, 768)) == (768, 768)
+    assert ring.tile_sizes((4, 1000, 1000)) == (1000, 1000)  # batched: never tiled
+    if kernel != "limbs":
+        assert SplitOperand(PRG().ring((768, 768))).tiles is None
+
+
+def test_public_operand_keeps_no_more_memory_than_the_matrix(kernel):
+    """F = W - B is kept once: as a SplitOperand (int64 layout or tiles, 8 bytes an element)
+    under an int64 kernel, as a plain tensor under the limbs kernel; vectors stay tensors."""
+    g = PRG()
+    b, v = g.ring((900, 40)), g.ring((40,))
+    kept = ring.public_operand(b)
+    assert ring.public_operand(v) is v
+    if kernel == "limbs":
+        assert isinstance(kept, torch.Tensor) and torch.equal(kept, b)
+    else:
+        assert isinstance(kept, SplitOperand) and torch.equal(kept.value, b)
+        assert sum(t.numel() for col in kept.tiles[2] for t in col) == b.numel()
+    a = g.ring((3, 900))
+    assert torch.equal(ring_matmul(a, kept), torch.matmul(a, b))
 
 
 def test_kernel_choice_measured_or_fixed_by_environment(monkeypatch):
