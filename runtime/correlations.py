@@ -19,10 +19,11 @@ party's fixed-point arithmetic, which is what the simulator does.
 
 from __future__ import annotations
 
+import types
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
@@ -77,6 +78,61 @@ def _meta(shape: Sequence[int]) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=torch.int64, device="meta")
 
 
+# Shapes of a derive function's values, run once on meta tensors per (code, input shapes,
+# captured values) and then looked up: an elementwise op on meta tensors runs torch's Python
+# reference kernels (about 100 us each, measured), and every role paid that for every
+# correlated request of every request (about 900 per BERT-base inference per party).
+_SHAPES: dict[tuple, list[Shape]] = {}
+_SHAPES_MAX = 4096
+
+
+def _fn_key(fn: Any, depth: int = 0) -> Hashable | None:
+    """What `fn`'s result shapes can depend on besides its inputs' shapes: its code and what
+    it captured (tensors by shape and dtype, plain values by value, nested functions the same
+    way). None when something captured is none of those: such a function is not cached."""
+    if depth > 4:
+        return None
+    if isinstance(fn, types.BuiltinFunctionType):  # torch.mul and the like: itself
+        return fn
+    if not isinstance(fn, types.FunctionType):  # bound methods, partials: not cached
+        return None
+    code = fn.__code__
+    parts: list[Hashable] = [code]
+    for v in list(fn.__closure__ or ()) + list(fn.__defaults__ or ()):
+        if not isinstance(v, torch.Tensor) and hasattr(v, "cell_contents"):
+            try:
+                v = v.cell_contents
+            except ValueError:  # an empty cell
+                return None
+        if isinstance(v, torch.Tensor):
+            parts.append(("t", tuple(v.shape), v.dtype))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            parts.append(("v", type(v), v))
+        elif callable(v):
+            sub = _fn_key(v, depth + 1)
+            if sub is None:
+                return None
+            parts.append(sub)
+        else:
+            return None
+    return tuple(parts)
+
+
+def derived_shapes(fn: Callable[..., Sequence[torch.Tensor]], shapes: Sequence[Sequence[int]]) -> list[Shape]:
+    """The shapes of fn(*values) for values of `shapes`, without computing them (meta tensors,
+    cached: `_fn_key`)."""
+    fkey = _fn_key(fn)
+    key = None if fkey is None else (fkey, tuple(tuple(int(d) for d in s) for s in shapes))
+    if key is not None and key in _SHAPES:
+        return _SHAPES[key]
+    out = [tuple(t.shape) for t in fn(*[_meta(s) for s in shapes])]
+    if key is not None:
+        if len(_SHAPES) >= _SHAPES_MAX:
+            _SHAPES.clear()
+        _SHAPES[key] = out
+    return out
+
+
 class Correlations(ABC):
     """Interface shared by the party, dealer and clear implementations."""
 
@@ -112,8 +168,7 @@ class Correlations(ABC):
         if out_shapes is not None:
             out_shapes = [tuple(s) for s in out_shapes]
         elif derive is not None:
-            metas = [_meta(s) for s, _ in sources]
-            out_shapes = [tuple(t.shape) for t in derive(*metas)]
+            out_shapes = derived_shapes(derive, [s for s, _ in sources])
         else:
             out_shapes = []
         if derive is not None:
@@ -147,7 +202,7 @@ class Correlations(ABC):
 
     def _product_shape(self, shape: Sequence[int], key: str, op: Op) -> Shape:
         fixed = self._fixed_shapes[key][0]
-        return tuple(op(_meta(shape), _meta(fixed)).shape)
+        return derived_shapes(lambda a, b: [op(a, b)], [shape, fixed])[0]
 
     @abstractmethod
     def fixed_product(self, shape: Sequence[int], key: str, op: Op) -> list[torch.Tensor]:

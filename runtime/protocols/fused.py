@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..context import P0, Context
-from ..correlations import RING, Dom, mod_dom
+from ..correlations import RING, Dom, derived_shapes, mod_dom
 from ..messages import ADD, SWAP, Msg, Protocol, parallel
 from ..packing import packed_nbytes
 from .arith import numel
@@ -60,10 +60,6 @@ class Round:
     mons: list[torch.Tensor]  # shares of the masks (in `opened` order), then of `derive`'s values
     cross: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # AB_v m_j shares
     which: list[int] = field(default_factory=list)  # value index of each opened entry
-
-
-def _meta(shape) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.int64, device="meta")
 
 
 def as_pending(v: Pending | torch.Tensor) -> Pending:
@@ -104,8 +100,7 @@ def fused_round(ctx: Context, values: Sequence[Pending | torch.Tensor], opened: 
         doms += [mod_dom(pend[i].k)] * 3
     # the derived values' shapes, without running `dealer` on meta tensors in every role
     mask_shapes = [tuple(pend[i].shape) for i in opened]
-    extra_shapes = ([tuple(t.shape) for t in derive(*[_meta(sh) for sh in mask_shapes])]
-                    if derive is not None else [])
+    extra_shapes = derived_shapes(derive, mask_shapes) if derive is not None else []
     mon_shapes = mask_shapes + extra_shapes
     shapes = extra_shapes + [tuple(pend[i].shape) for i in live]
     for i, j in cross:
