@@ -353,6 +353,15 @@ def not_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
 
 # --- bits times arithmetic values -----------------------------------------------------
 
+def signed_by_bit(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(1 - 2c) v for public bits c (0 / 1, broadcasting): v where c = 0, -v where c = 1, as
+    (v ^ s) - s with s = -c (0 or all ones: two's-complement negation). A fresh tensor. Why
+    not the product: int64 products are the slow part of these elementwise formulas (the
+    exact truncation's and_share took 40% less time this way, trunc.py)."""
+    s = -c
+    return (v ^ s).sub_(s)
+
+
 def b2a(ctx: Context, bit: torch.Tensor) -> Protocol:
     """XOR-shared bit -> additive share of the integer 0/1. One round, 1 bit per element.
 
@@ -361,7 +370,7 @@ def b2a(ctx: Context, bit: torch.Tensor) -> Protocol:
     """
     r, r_add = ctx.corr.correlated([(bit.shape, Dom("xor", 1))], lambda r: [r], [RING])
     (c,) = yield from open_xor(bit ^ r, bits=1)
-    return ctx.add_public(r_add * (1 - 2 * c), c)
+    return ctx.add_public(signed_by_bit(r_add, c), c)
 
 
 def b2a_cost(shape) -> Cost:
@@ -386,7 +395,7 @@ def bit_mul(ctx: Context, bits_list: Sequence[torch.Tensor], z: torch.Tensor) ->
     res = []
     for c, rj, raj in zip(cs, r_add, ra):
         rz = rj * e + raj
-        res.append(c * z + (1 - 2 * c) * rz)
+        res.append(signed_by_bit(rz, c).add_(z & -c))  # c z + (1 - 2c) r z
     return res
 
 
