@@ -34,10 +34,10 @@ additions and elementwise products of shares are native. Two things are not:
   right operand it slows per multiply-add as the operand grows. A `SplitOperand` for an
   int64 kernel therefore keeps a larger matrix as 256 x 256 tiles (only along a dim over
   768) and multiplies tile by tile (`_matmul_tiles`). Measured here (2026-11-27, AMD family
-  25, one thread, best of 5): (128 x 768) @ (768 x 3072) 25.5-37.6 ms plain, 20.8 tiled;
-  (128 x 3072) @ (3072 x 768) 27.0-33.7 against 21.0; BERT-large's (1024 x 4096) 54.4
-  against 37.9 and (4096 x 1024) 47.1 against 37.5; (768 x 768) is as fast plain (4.6 ms)
-  and stays whole (`benchmarks/gemm_peak.py` records both).
+  25, one thread, median of 9, `benchmarks/results/gemm_peak.json`): (128 x 768) @
+  (768 x 2304) 24.3 ms whole, 15.7 tiled; @ (768 x 3072) 24.6 against 20.9; (128 x 3072) @
+  (3072 x 768) 29.1 against 20.9; BERT-large's (1024 x 4096) 51.1 against 39.5 and
+  (4096 x 1024) 49.7 against 39.1. (768 x 768) gains nothing from tiles and stays whole.
 """
 
 from __future__ import annotations
