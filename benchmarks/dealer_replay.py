@@ -29,6 +29,7 @@ import secformer_compiler as sc  # noqa: E402
 from secformer_compiler.mpc_interp import infer_program, load_program  # noqa: E402
 from secformer_compiler.runtime.context import DEALER, DEALER_MODE, Context  # noqa: E402
 from secformer_compiler.runtime.correlations import DealerCorrelations  # noqa: E402
+from secformer_compiler.runtime import memory  # noqa: E402
 from secformer_compiler.runtime.engine import Engine  # noqa: E402
 from secformer_compiler.runtime.prg import PRG, new_seed  # noqa: E402
 from secformer_compiler.runtime.ring import FixedPoint  # noqa: E402
@@ -44,6 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    memory.configure_for_requests()  # as a serving dealer process is (runtime/launch.py)
     cfg = BertConfig(**dict(CONFIGS[args.model], num_hidden_layers=args.layers), attn_implementation="eager")
     x = torch.randn(1, args.seq, cfg.hidden_size)
     graph = sc.compile(Encoder(cfg).eval(), (x,), preset="secformer", calibration=[(x,)]).graph
