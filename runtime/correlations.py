@@ -123,8 +123,9 @@ def derived_shapes(fn: Callable[..., Sequence[torch.Tensor]], shapes: Sequence[S
     cached: `_fn_key`)."""
     fkey = _fn_key(fn)
     key = None if fkey is None else (fkey, tuple(tuple(int(d) for d in s) for s in shapes))
-    if key is not None and key in _SHAPES:
-        return _SHAPES[key]
+    hit = None if key is None else _SHAPES.get(key)  # one lookup: roles may be threads
+    if hit is not None:
+        return hit
     out = [tuple(t.shape) for t in fn(*[_meta(s) for s in shapes])]
     if key is not None:
         if len(_SHAPES) >= _SHAPES_MAX:
