@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _write(folder: Path, name: str, rec: dict) -> None:
@@ -21,8 +11,8 @@ def _write(folder: Path, name: str, rec: dict) -> None:
     (folder / name).write_text(json.dumps([rec]))
 
 
-def test_pairs_in_measured_order_with_counts(tmp_path, monkeypatch):
-    run = _module()
+def test_pairs_in_measured_order_with_counts(tmp_path, monkeypatch, bench):
+    run = bench("run")
     monkeypatch.setattr(run, "RES", tmp_path)
     base = {"model": "bert-base", "layers": 12, "seq_len": 128}
     # measured order differs from the folders' names; one folder lacks CrypTen, one is 4 layers

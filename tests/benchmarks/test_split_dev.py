@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "glue"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("split_dev", ROOT / "benchmarks" / "split_dev.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_split_is_disjoint_and_byte_exact(tmp_path):
-    rec = _module().split_dev(DATA, "QNLI", 4, tmp_path)
+def test_split_is_disjoint_and_byte_exact(tmp_path, bench):
+    rec = bench("split_dev").split_dev(DATA, "QNLI", 4, tmp_path)
     src = (DATA / "QNLI" / "dev.tsv").read_bytes().rstrip(b"\n").split(b"\n")
     dev = (tmp_path / "QNLI" / "dev.tsv").read_bytes().rstrip(b"\n").split(b"\n")
     train = (tmp_path / "QNLI" / "train.tsv").read_bytes().rstrip(b"\n").split(b"\n")
@@ -35,12 +27,12 @@ def test_split_is_disjoint_and_byte_exact(tmp_path):
 
 
 @pytest.mark.parametrize("holdout", [0, 13, 100])
-def test_bad_holdout_is_refused(tmp_path, holdout):
+def test_bad_holdout_is_refused(tmp_path, holdout, bench):
     with pytest.raises(SystemExit, match="--holdout must be between 1 and 12"):
-        _module().split_dev(DATA, "QNLI", holdout, tmp_path)
+        bench("split_dev").split_dev(DATA, "QNLI", holdout, tmp_path)
     assert not (tmp_path / "QNLI" / "train.tsv").exists()
 
 
-def test_missing_dev_is_named(tmp_path):
+def test_missing_dev_is_named(tmp_path, bench):
     with pytest.raises(SystemExit, match="not found"):
-        _module().split_dev(tmp_path, "QNLI", 4, tmp_path / "out")
+        bench("split_dev").split_dev(tmp_path, "QNLI", 4, tmp_path / "out")

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("spy_shares", ROOT / "benchmarks" / "spy_shares.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_spy_shares_files_online_samples_by_innermost_own_frame(tmp_path):
+def test_spy_shares_files_online_samples_by_innermost_own_frame(tmp_path, bench):
     """py-spy raw lines: only a request's program counts (not prepare, not setup), each
     sample under the innermost frame in this repository's code, per process."""
-    spy_shares = _module()
+    spy_shares = bench("spy_shares")
     head = 'process 1:"python e2e.py";process 7:"worker";_run_one (runtime/launch.py:9)'
     online = head + ";infer_program (secformer_compiler/mpc_interp.py:1)"
     raw = tmp_path / "spy.txt"
