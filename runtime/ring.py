@@ -85,6 +85,22 @@ class FixedPoint:
         return x.to(torch.float64) / float(1 << f)
 
 
+def signed_by_bit(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(1 - 2c) v mod 2^64 for bits c (0 / 1 int64, broadcasting): v where c = 0, -v where
+    c = 1, as (v ^ s) - s with s = -c (0 or all ones: two's-complement negation). A fresh
+    tensor. Why not the product: int64 products are the slow part of the protocols'
+    elementwise bit formulas (the exact truncation's and_share took 40% less time this way)."""
+    s = -c
+    return (v ^ s).sub_(s)
+
+
+def bit_select(c: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """c z + (1 - 2c) v mod 2^64 for bits c (0 / 1 int64, broadcasting), with no product:
+    c z is z AND the all-ones mask -c (the same mask `signed_by_bit` negates with)."""
+    s = -c
+    return (v ^ s).sub_(s).add_(z & s)
+
+
 def wrap(x: int) -> int:
     """Map a Python int into the signed int64 range (mod 2^64)."""
     x &= (1 << 64) - 1
@@ -230,7 +246,7 @@ class SplitOperand:
         if self.dense is not None:
             return self.dense.contiguous()
         if self.tiles is not None:
-            return torch.cat([torch.cat(col, dim=-2) for col in self.tiles[2]], dim=-1).contiguous()
+            return torch.cat([torch.cat(col, dim=-2) for col in self.tiles[2]], dim=-1)
         parts = [(l0.to(torch.int64) + (l1.to(torch.int64) << _LIMB_BITS) + (l2.to(torch.int64) << (2 * _LIMB_BITS)))
                  for l0, l1, l2, _ in self.chunks]
         return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]

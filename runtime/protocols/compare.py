@@ -67,7 +67,7 @@ from ..context import P0, Context
 from ..correlations import RING, Dom
 from ..messages import Protocol, open_add, open_xor, parallel, swap
 from ..packing import packed_nbytes
-from ..ring import wrap
+from ..ring import bit_select, signed_by_bit, wrap
 from .arith import numel
 from .cost import Cost
 
@@ -353,15 +353,6 @@ def not_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
 
 # --- bits times arithmetic values -----------------------------------------------------
 
-def signed_by_bit(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """(1 - 2c) v for public bits c (0 / 1, broadcasting): v where c = 0, -v where c = 1, as
-    (v ^ s) - s with s = -c (0 or all ones: two's-complement negation). A fresh tensor. Why
-    not the product: int64 products are the slow part of these elementwise formulas (the
-    exact truncation's and_share took 40% less time this way, trunc.py)."""
-    s = -c
-    return (v ^ s).sub_(s)
-
-
 def b2a(ctx: Context, bit: torch.Tensor) -> Protocol:
     """XOR-shared bit -> additive share of the integer 0/1. One round, 1 bit per element.
 
@@ -395,7 +386,7 @@ def bit_mul(ctx: Context, bits_list: Sequence[torch.Tensor], z: torch.Tensor) ->
     res = []
     for c, rj, raj in zip(cs, r_add, ra):
         rz = rj * e + raj
-        res.append(signed_by_bit(rz, c).add_(z & -c))  # c z + (1 - 2c) r z
+        res.append(bit_select(c, z, rz))  # c z + (1 - 2c) r z
     return res
 
 

@@ -40,8 +40,8 @@ import torch
 from ..context import Context
 from ..correlations import RING, Dom
 from ..messages import Protocol, open_add, open_xor
+from ..ring import bit_select
 from .arith import numel
-from .compare import signed_by_bit
 from .cost import Cost, bits_bytes
 
 
@@ -283,7 +283,7 @@ def bits_times_x(ctx: Context, opened: OpenedX, bits_list: Sequence[torch.Tensor
     res = []
     for c, rj, raj in zip(cs, r_add, ra):
         rx = rj * opened.e + raj  # shares of r * x: x = e + a
-        res.append(signed_by_bit(rx, c).add_(opened.x & -c))  # c x + (1 - 2c) r x
+        res.append(bit_select(c, opened.x, rx))  # c x + (1 - 2c) r x
     return res
 
 

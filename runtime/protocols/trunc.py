@@ -25,6 +25,7 @@ import torch
 from ..context import P0, Context
 from ..correlations import Dom, mod_dom
 from ..messages import Protocol, swap
+from ..ring import signed_by_bit
 from .cost import Cost
 
 _OFFSET = 1 << 62
@@ -142,10 +143,7 @@ def and_share(ctx: Context, p: Pending, mine: torch.Tensor, theirs: torch.Tensor
     P0 (knows a, beta) takes beta a + sign uv_0, P1 (knows b, alpha) alpha b - alpha beta
     + sign uv_1: a few bit operations instead of the general product formula.
     """
-    # (1 - 2 (mine ^ theirs)) uv without a product: with s = -(mine ^ theirs) (0 or all
-    # ones), (uv ^ s) - s is uv or its two's-complement negation (40% faster than a where)
-    s = (mine ^ theirs).neg_()
-    share = (uv ^ s).sub_(s).add_(p.own & theirs)
+    share = signed_by_bit(uv, mine ^ theirs).add_(p.own & theirs)  # no product, no where
     return share if ctx.party == P0 else share.sub_(mine & theirs)
 
 

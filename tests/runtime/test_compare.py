@@ -389,12 +389,3 @@ def test_msb_with_the_dealer_stream_in_tiny_chunks(monkeypatch, seed, bits):
     got = _check_2pc_and_clear(cluster, program, x)  # a second program on the same session
     assert torch.equal(got, (x < 0).long())
 
-
-def test_signed_by_bit_is_one_minus_two_c_times_v_at_the_ring_edges():
-    """(1 - 2c) v mod 2^64 by the xor form, for 0 / 1 bits broadcast against v."""
-    from secformer_compiler.runtime.protocols.compare import signed_by_bit
-
-    v = torch.tensor([[-2 ** 63, 2 ** 63 - 1, -1, 0, 1, 12345, -(2 ** 40)]] * 2)
-    c = torch.tensor([[0], [1]])
-    assert torch.equal(signed_by_bit(v, c), (1 - 2 * c) * v)
-    assert torch.equal(signed_by_bit(v, torch.tensor(1)), -v)

@@ -241,3 +241,14 @@ def test_narrow_containers_hold_the_same_bit_patterns(bits, dtype):
     back = unpack(pack(narrow, bits), wide.shape, bits, dtype)
     assert back.dtype == dtype and torch.equal(back, narrow)
     assert torch.equal(unpack(pack(wide, bits), wide.shape, bits), wide)  # int64 as before
+
+
+def test_bit_forms_are_the_products_at_the_ring_edges():
+    """signed_by_bit = (1 - 2c) v and bit_select = c z + (1 - 2c) v mod 2^64, for 0 / 1 bits
+    broadcast against the values."""
+    v = torch.tensor([[-2 ** 63, 2 ** 63 - 1, -1, 0, 1, 12345, -(2 ** 40)]] * 2)
+    z = torch.flip(v, [1])
+    c = torch.tensor([[0], [1]])
+    assert torch.equal(ring.signed_by_bit(v, c), (1 - 2 * c) * v)
+    assert torch.equal(ring.signed_by_bit(v, torch.tensor(1)), -v)
+    assert torch.equal(ring.bit_select(c, z, v), c * z + (1 - 2 * c) * v)
