@@ -71,7 +71,7 @@ def _describe(rank: int, e: BaseException) -> dict:
             "peer": getattr(e, "peer", None), "pid": os.getpid()}
 
 
-def _run_one(role: Role, payload: bytes, offline: str = "stream") -> tuple[Any, dict]:
+def _run_one(role: Role, payload: bytes | memoryview, offline: str = "stream") -> tuple[Any, dict]:
     """Run one program in this role and measure what it cost (deltas over this run)."""
     t = role.transport
     program, args = pickle.loads(payload)
@@ -141,7 +141,8 @@ def _worker(rank: int, host: str, port: int, timeout: float, fxp: FixedPoint, tr
         if msg[:1] == _CLOSE:
             break
         try:
-            reply = pickle.dumps(("ok", *_run_one(role, msg[1:], offline)))
+            # a view, not msg[1:]: no second copy of a payload that may hold weight shares
+            reply = pickle.dumps(("ok", *_run_one(role, memoryview(msg)[1:], offline)))
         except BaseException as e:  # noqa: BLE001 - reported to the launcher
             conn.send_bytes(pickle.dumps(("err", _describe(rank, e))))
             # Exit at once: the closed sockets make the peers fail now rather than at

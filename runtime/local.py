@@ -43,6 +43,34 @@ class RunStats:
     minor_faults: dict[int, int] = field(default_factory=dict)  # per role over the run
 
 
+def combine_stats(runs: Sequence[RunStats]) -> RunStats:
+    """One RunStats for several programs run one after the other (a session's weight loading
+    in groups): bytes, rounds, times and counts add up; peak memory is the largest seen."""
+    if not runs:
+        raise ValueError("combine_stats needs at least one run")
+
+    def add(dicts: list[dict]) -> dict:
+        out: dict = {}
+        for d in dicts:
+            for k, v in d.items():
+                out[k] = add([out[k], v]) if isinstance(v, dict) and k in out else (
+                    (out[k] + v) if k in out else v)
+        return out
+
+    offline = [r.offline_s for r in runs if r.offline_s is not None]
+    return RunStats(
+        bytes_sent=add([r.bytes_sent for r in runs]), rounds=sum(r.rounds for r in runs),
+        dealer_bytes=sum(r.dealer_bytes for r in runs), by_tag=add([r.by_tag for r in runs]),
+        online_s=add([r.online_s for r in runs]), offline_s=sum(offline) if offline else None,
+        prepare_s=add([r.prepare_s for r in runs]), sent_to=add([r.sent_to for r in runs]),
+        peak_rss_mib={k: max(r.peak_rss_mib[k] for r in runs if k in r.peak_rss_mib
+                             and r.peak_rss_mib[k] is not None)
+                      for k in {k for r in runs for k, v in r.peak_rss_mib.items() if v is not None}},
+        replayed={k: all(r.replayed.get(k, False) for r in runs) for k in runs[-1].replayed},
+        cpu_s=add([r.cpu_s for r in runs]), online_cpu_s=add([r.online_cpu_s for r in runs]),
+        minor_faults=add([r.minor_faults for r in runs]))
+
+
 class LocalCluster:
     """P0, P1 and the dealer in threads. `run(program, args0, args1)` returns both outputs."""
 

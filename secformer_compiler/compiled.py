@@ -16,9 +16,10 @@ import torch
 from . import float_interp
 from .frontend import build_ir
 from .ir import Graph
-from .mpc_interp import infer_program, load_program, plan_fixed
+from .mpc_interp import infer_program, load_groups, load_program, plan_fixed
 from .runtime.context import clear_context
 from .runtime.engine import run_clear
+from .runtime.local import combine_stats
 from .runtime.memory import release_free_memory
 from .runtime.prg import PRG
 from .runtime.ring import FixedPoint
@@ -60,8 +61,28 @@ def split_shares(values: Mapping[str, torch.Tensor], prg: PRG | None = None) -> 
     return s0, s1
 
 
-def _load(ctx, graph, weights):
-    return load_program(ctx, graph, weights)
+class RingWeights(Mapping):
+    """The model's weights in the ring, encoded when read (each read is a fresh tensor).
+
+    Not a dict of encoded copies: those were 8 bytes per weight held for the whole life of
+    a compiled model (2.7 GB for BERT-large) beside the float weights, although a session
+    needs one load group's at a time and the simulator each weight once."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], fxp: FixedPoint) -> None:
+        self._weights, self._fxp = weights, fxp
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._fxp.encode(self._weights[name].detach().double())
+
+    def __iter__(self):
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+
+def _load(ctx, graph, weights, keys=None):
+    return load_program(ctx, graph, weights, keys)
 
 
 def _infer(ctx, graph, inputs):
@@ -88,7 +109,7 @@ class CompiledModel:
         self.trunc = trunc
         self.preset = preset
         plan_fixed(graph, self.fxp.frac_bits)
-        self._ring_weights = {k: self.fxp.encode(v.detach().double()) for k, v in graph.weights.items()}
+        self._ring_weights = RingWeights(graph.weights, self.fxp)
 
     @property
     def program(self) -> Graph:
@@ -214,12 +235,32 @@ class Session:
         self.graph = Graph(cm.graph.nodes, weights={}, inputs=cm.graph.inputs,
                            outputs=cm.graph.outputs, meta={"level": "mpc"})
         try:
-            w0, w1 = split_shares(cm._ring_weights)  # the model owner's split
-            _, _, self.load_stats = self.cluster.run(_load, (self.graph, w0), (self.graph, w1))
-            del w0, w1
+            self.load_stats = self._load_weights()
         except BaseException:
             self.close()
             raise
+
+    def _load_weights(self) -> Any:
+        """Share the weights and open W - B, one round-sized group at a time (`load_groups`).
+
+        Why in groups: a whole model's shares sent at once are held several times over in
+        transit (the owner's two splits and their pickles, each party's received bytes and
+        tensors beside the loaded operands): about 40 bytes per weight in each party, which
+        put BERT-large's 335M weights out of reach of a 24 GiB machine. Group by group, only
+        the loaded operands stay. Same rounds and bytes as one `load_program` run."""
+        ring = self.cm._ring_weights
+        plan = plan_fixed(self.cm.graph, self.cm.fxp.frac_bits)
+        groups = load_groups(self.cm.graph, self.cm.fxp.frac_bits) or [[]]
+        fixed = {plan[k][0] for g in groups for k in g}
+        stats = []
+        for i, keys in enumerate(groups):
+            names = {plan[k][0] for k in keys}
+            if i == len(groups) - 1:  # the weights read by value (embeddings, biases, gains)
+                names |= {n for n in ring if n not in fixed}
+            w0, w1 = split_shares({n: ring[n] for n in sorted(names)})  # the model owner's split
+            stats.append(self.cluster.run(_load, (self.graph, w0, keys), (self.graph, w1, keys))[2])
+            del w0, w1
+        return combine_stats(stats)
 
     def infer(self, *args: Any, **kwargs: Any) -> RunResult:
         inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)

@@ -371,26 +371,60 @@ def plan_fixed(graph: Graph, frac_bits: int = 16) -> dict[str, tuple[str, str]]:
     return plan
 
 
-def load_program(ctx: Context, graph: Graph, weight_shares: dict[str, torch.Tensor]) -> Protocol:
-    """Loading phase: open W - B for every fixed operand, all in one round."""
+def load_program(ctx: Context, graph: Graph, weight_shares: dict[str, torch.Tensor],
+                 keys: list[str] | None = None) -> Protocol:
+    """Loading phase: open W - B for every fixed operand, ~16M values per round.
+
+    keys: load only these fixed operands (one round: a group of `load_groups`) and add
+    `weight_shares`, which need hold only their weights and any others to keep, to the
+    weights already loaded. A session loads group by group this way so that neither the
+    model owner nor a party ever holds more than one group's shares in transit
+    (compiled.Session). None: every fixed operand, replacing what was loaded."""
     plan = plan_fixed(graph, ctx.f)
-    ctx.state["weights"] = weight_shares
-    keys = sorted(plan)
-    batch: list = []
-    size = 0
-    for key in keys:  # openings go out in rounds of ~16M values: bounded memory for big models
-        name, layout = plan[key]
-        w = weight_shares[name]
-        batch.append(arith.fix_operand(ctx, w.t().contiguous() if layout == "t" else w, key))
-        size += w.numel()
-        if size >= LOAD_ROUND_VALUES:
+    if keys is None:
+        ctx.state["weights"] = {}
+        groups = load_groups(graph, ctx.f)
+    else:
+        unknown = [k for k in keys if k not in plan]
+        if unknown:
+            raise ValueError(f"load_program: no fixed operand {unknown[0]!r} in this program")
+        groups = [keys]
+    for group in groups:  # openings go out in rounds of ~16M values: bounded memory for big models
+        batch = []
+        for key in group:
+            name, layout = plan[key]
+            w = weight_shares[name]
+            batch.append(arith.fix_operand(ctx, w.t().contiguous() if layout == "t" else w, key))
+        if batch:
             yield from parallel(*batch)
-            batch, size = [], 0
-    if batch:
-        yield from parallel(*batch)
     # each FixedOperand is in ctx.state[arith.FIXED_OPERANDS] under its key (fix_operand)
-    ctx.state["weights"] = _without_fixed_only(graph, weight_shares)
-    return len(keys)
+    ctx.state.setdefault("weights", {}).update(_without_fixed_only(graph, weight_shares))
+    return sum(len(g) for g in groups)
+
+
+def load_groups(graph: Graph, frac_bits: int = 16, round_values: int | None = None) -> list[list[str]]:
+    """The fixed operands' keys (`plan_fixed`) in the groups `load_program` opens together,
+    one round each: in key order, a group closes once it holds `round_values` (default
+    LOAD_ROUND_VALUES) values. Both keys of one weight (layouts "n" and "t") fall in the
+    same group, so that a group's weights are exactly those its keys name."""
+    plan = plan_fixed(graph, frac_bits)
+    limit = LOAD_ROUND_VALUES if round_values is None else round_values
+    shapes = {n.attrs["name"]: n.shape for n in graph if n.op == "weight"}
+    groups: list[list[str]] = []
+    group: list[str] = []
+    size = 0
+    keys = sorted(plan)
+    for i, key in enumerate(keys):
+        name = plan[key][0]
+        group.append(key)
+        size += math.prod(shapes[name])
+        same_weight_next = i + 1 < len(keys) and plan[keys[i + 1]][0] == name
+        if size >= limit and not same_weight_next:
+            groups.append(group)
+            group, size = [], 0
+    if group:
+        groups.append(group)
+    return groups
 
 
 def _without_fixed_only(graph: Graph, weight_shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -413,14 +447,14 @@ def _without_fixed_only(graph: Graph, weight_shares: dict[str, torch.Tensor]) ->
             else:
                 read.add(name)
     read |= {graph[o].attrs["name"] for o in graph.outputs if graph[o].op == "weight"}
-    out = dict(weight_shares)
-    for name in fixed_only - read:
-        if name in out:
-            out[name] = torch.empty(out[name].shape, dtype=out[name].dtype, device="meta")
-    return out
+    shapes = {n.attrs["name"]: tuple(n.shape) for n in graph if n.op == "weight"}
+    dropped = fixed_only - read
+    # a dropped weight is not read here (`weight_shares` may encode on each read: RingWeights)
+    return {name: torch.empty(shapes[name], dtype=torch.int64, device="meta") if name in dropped
+            else weight_shares[name] for name in weight_shares}
 
 
-LOAD_ROUND_VALUES = 16 << 20
+LOAD_ROUND_VALUES = 4 << 20  # 32 MiB of ring values per group: what loading adds to a party's peak
 
 
 def _where(node: Node) -> str:

@@ -77,6 +77,79 @@ def test_a_session_keeps_only_the_weight_shares_it_reads(tiny_bert):
             assert kept["embeddings.word_embeddings.weight"].device.type == "cpu"
 
 
+def test_a_session_loads_in_groups_with_the_rounds_and_bytes_of_one_load(tiny_bert, monkeypatch):
+    """Groups of ~2,000 values (several per model here): the same rounds and bytes as
+    one load_program run with the same round size, every weight kept, same outputs."""
+    from secformer_compiler import mpc_interp
+    from secformer_compiler.compiled import split_shares
+    from secformer_compiler.runtime.local import LocalCluster
+
+    model, x, cal = tiny_bert
+    cm = sc.compile(model, x, preset="secformer", calibration=cal)
+    monkeypatch.setattr(mpc_interp, "LOAD_ROUND_VALUES", 2000)
+    groups = mpc_interp.load_groups(cm.graph)
+    assert len(groups) > 3
+    sim = cm.simulate(**x)[0]
+    with cm.session() as sess:
+        grouped = sess.load_stats
+        assert (sess.infer(**x).outputs[0] - sim).abs().max() < 5e-3
+        kept = [r.ctx.state["weights"] for r in sess.cluster.roles[:2]]
+    assert set(kept[0]) == set(kept[1]) == set(cm.graph.weights)
+    whole = LocalCluster(cm.fxp, cm.trunc)
+    w0, w1 = split_shares(cm._ring_weights)
+    *_, once = whole.run(mpc_interp.load_program, (sess.graph, w0), (sess.graph, w1))
+    assert grouped.rounds == once.rounds == len(groups)
+    assert grouped.bytes_sent == once.bytes_sent
+    # the dealer's stream closes each program with an empty blob (an 8-byte length header)
+    assert grouped.dealer_bytes == once.dealer_bytes + 8 * (len(groups) - 1)
+    assert grouped.by_tag == once.by_tag
+
+
+def test_load_groups_cover_every_fixed_operand_once_with_a_weights_keys_together(tiny_bert):
+    from secformer_compiler.mpc_interp import load_groups, plan_fixed
+
+    model, x, cal = tiny_bert
+    cm = sc.compile(model, x, preset="secformer", calibration=cal)
+    plan = plan_fixed(cm.graph)
+    for limit in (1, 1000, 5000, 10 ** 9):
+        groups = load_groups(cm.graph, round_values=limit)
+        assert sorted(k for g in groups for k in g) == sorted(plan)
+        where = {}
+        for i, g in enumerate(groups):
+            for k in g:
+                assert where.setdefault(plan[k][0], i) == i  # a weight's keys share a group
+        sizes = [sum(cm.graph.weights[plan[k][0]].numel() for k in g) for g in groups]
+        assert all(s >= limit for s in sizes[:-1])
+    assert len(load_groups(cm.graph, round_values=10 ** 9)) == 1
+
+
+def test_load_program_refuses_a_key_it_does_not_have(tiny_bert):
+    from secformer_compiler.mpc_interp import load_program
+    from secformer_compiler.runtime.local import LocalCluster
+
+    model, x, cal = tiny_bert
+    cm = sc.compile(model, x, preset="secformer", calibration=cal)
+    with pytest.raises(Exception, match="no fixed operand 'nope:t'"):
+        LocalCluster(cm.fxp, cm.trunc, timeout=10).run(load_program, (cm.graph, {}, ["nope:t"]))
+
+
+def test_combine_stats_adds_costs_and_keeps_the_largest_peak():
+    from secformer_compiler.runtime.local import RunStats, combine_stats
+
+    a = RunStats({0: 10, 1: 10}, 1, 5, {"w": {"bytes_sent": 10, "rounds": 1}}, online_s={0: 1.0, 1: 2.0},
+                 sent_to={0: {1: 10}, 2: {1: 5}}, peak_rss_mib={0: 100.0, 1: 50.0, 2: None})
+    b = RunStats({0: 4, 1: 4}, 1, 3, {"w": {"bytes_sent": 4, "rounds": 1}, "v": {"bytes_sent": 1, "rounds": 0}},
+                 online_s={0: 0.5, 1: 0.5}, sent_to={0: {1: 4}, 2: {1: 3}}, peak_rss_mib={0: 90.0, 1: 70.0})
+    c = combine_stats([a, b])
+    assert (c.bytes_sent, c.rounds, c.dealer_bytes) == ({0: 14, 1: 14}, 2, 8)
+    assert c.by_tag == {"w": {"bytes_sent": 14, "rounds": 2}, "v": {"bytes_sent": 1, "rounds": 0}}
+    assert c.sent_to == {0: {1: 14}, 2: {1: 8}} and c.online_s == {0: 1.5, 1: 2.5}
+    assert c.peak_rss_mib == {0: 100.0, 1: 70.0}
+    assert a.by_tag == {"w": {"bytes_sent": 10, "rounds": 1}}  # the inputs are not changed
+    with pytest.raises(ValueError):
+        combine_stats([])
+
+
 def test_report_lists_approximations(tiny_bert):
     model, x, cal = tiny_bert
     cm = sc.compile(model, x, calibration=cal)
