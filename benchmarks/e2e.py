@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import platform
 import statistics
 import sys
@@ -149,6 +150,8 @@ def main() -> None:
         "cpu_s_runs": cpus,
         "offline_s": st.offline_s, "rounds": st.rounds, "bytes_sent_per_party": st.bytes_sent[0],
         "dealer_bytes": st.dealer_bytes, "peak_rss_mib": st.peak_rss_mib,
+        # this process: it compiles, simulates and splits the weights (Linux: KiB)
+        "parent_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_wall_s": torch_s, "compile_s": compile_s,
         "max_abs_err": float((res.outputs[0] - ref).abs().max()),
         "max_abs_err_vs": "float program with the same approximations" if approx_float is not None else "simulator",

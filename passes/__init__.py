@@ -10,12 +10,14 @@ The default pipeline, from an imported `aten`-level graph to the approximated MP
 5. `recognize_gelu`, `recognize_layernorm`, `recognize_softmax_mask`: written-out forms ->
    one op each, masks -> softmax's multiplicative 0/1 mask;
 6. `lower_to_mpc`: remaining public selections -> arithmetic; only MPC ops remain;
-7. `approximate`: each nonlinearity's method and parameters from the preset.
+7. `approximate`: each nonlinearity's method and parameters from the preset;
+8. `fuse_sibling_linears`: linear layers reading the same secret input (attention's query,
+   key and value) become one, so their input is opened once.
 
 The `PassManager` verifies the graph after every pass and names the pass that broke it.
 """
 
-from . import approximate, decompose, lower, patterns, secrecy, support  # noqa: F401  (register passes)
+from . import approximate, decompose, fuse, lower, patterns, secrecy, support  # noqa: F401  (register passes)
 from .registry import (
     ENTRY_POINT_GROUP,
     PASSES,
@@ -37,6 +39,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "recognize_softmax_mask",
     "lower_to_mpc",
     "approximate",
+    "fuse_sibling_linears",
 )
 
 __all__ = [

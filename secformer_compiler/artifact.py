@@ -180,6 +180,7 @@ def save_artifact(cm: Any, out: str | Path, *, tokenizer: Any = None, task: str 
             "calibration": calibration,
             "assumptions": list(graph.meta.get("assumptions", [])),
             "approximation_notes": list(graph.meta.get("approximation_notes", [])),
+            "fused_weights": graph.meta.get("fused_weights", {}),  # passes/fuse.py
             "source": source or {},
             "files": files,
         }
@@ -346,6 +347,7 @@ def load_artifact(path: str | Path, *, weights: bool = True) -> Artifact:
     if not weights:
         graph.weights = {}
     graph.meta["approximations"] = _specs(manifest.get("approximations") or {})
+    graph.meta["fused_weights"] = manifest.get("fused_weights") or {}
     return Artifact(path, manifest, graph, digest, has_weights and weights)
 
 

@@ -149,27 +149,41 @@ class TrainingView(torch.nn.Module):
         self._buffer_names: dict[str, str] = {}
         own = params is None
         self.params = torch.nn.ParameterDict() if own else params
+        self._fused = fused_parts(graph)  # fused weight -> [(model weight, rows)] (passes/fuse.py)
         for name, value in graph.weights.items():
             value = given.get(name, value)
+            if name in self._fused:  # the model's own parameters, concatenated when read
+                rows = 0
+                for part, n in self._fused[name]:
+                    pv = given.get(part, value[rows:rows + n])
+                    rows += n
+                    self._add_param(part, pv, dtype)
+                continue
             key = _key(name)
             if name.startswith(FOLDED_PREFIX) and not train_folded:
                 bkey = "buf__" + key
                 self.register_buffer(bkey, value.detach().to(dtype).clone(), persistent=False)
                 self._buffer_names[name] = bkey
                 continue
-            if key not in self.params:
-                self.params[key] = torch.nn.Parameter(value.detach().to(dtype).clone())
-            elif tuple(self.params[key].shape) != tuple(value.shape):
-                raise ValueError(f"shared parameter {name}: shape {tuple(self.params[key].shape)} "
-                                 f"!= graph weight shape {tuple(value.shape)}")
-            self._param_names[name] = key
+            self._add_param(name, value, dtype)
         self.softmax_nodes = [n.name for n in graph if n.op == "softmax"]
         self.hidden_state_nodes = list(hidden_state_nodes if hidden_state_nodes is not None
                                        else default_hidden_state_nodes(graph))
 
     # -- weights --------------------------------------------------------------------------
 
+    def _add_param(self, name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+        key = _key(name)
+        if key not in self.params:
+            self.params[key] = torch.nn.Parameter(value.detach().to(dtype).clone())
+        elif tuple(self.params[key].shape) != tuple(value.shape):
+            raise ValueError(f"shared parameter {name}: shape {tuple(self.params[key].shape)} "
+                             f"!= graph weight shape {tuple(value.shape)}")
+        self._param_names[name] = key
+
     def weight(self, name: str) -> torch.Tensor:
+        if name in self._fused:
+            return torch.cat([self.params[self._param_names[p]] for p, _ in self._fused[name]], dim=0)
         if name in self._param_names:
             return self.params[self._param_names[name]]
         return getattr(self, self._buffer_names[name])
@@ -295,6 +309,11 @@ def training_module(cm_or_graph: Any, **kwargs: Any) -> TrainingView:
     return approximated_module(_graph_of(cm_or_graph), **kwargs)
 
 
+def fused_parts(graph: Graph) -> dict[str, list[tuple[str, int]]]:
+    """{fused weight: [(model weight, rows), ...]} of `fuse_sibling_linears` (passes/fuse.py)."""
+    return {k: [(p, int(n)) for p, n in v] for k, v in graph.meta.get("fused_weights", {}).items()}
+
+
 def with_weights(graph: Graph, weights: Mapping[str, torch.Tensor] | TrainingView) -> Graph:
     """A copy of `graph` whose weights are replaced by name (a view's trained values or a state
     dict); names the graph does not use are ignored. `CompiledModel(with_weights(cm.graph, view),
@@ -303,6 +322,9 @@ def with_weights(graph: Graph, weights: Mapping[str, torch.Tensor] | TrainingVie
         values = {name: weights.weight(name).detach() for name in graph.weights}
     else:
         values = dict(weights)
+        for name, parts in fused_parts(graph).items():  # a state dict names the model's weights
+            if name not in values and all(p in values for p, _ in parts):
+                values[name] = torch.cat([values[p].detach().float() for p, _ in parts], dim=0)
     g = graph.copy()
     g.weights = {k: (values[k].detach().float().clone() if k in values else v) for k, v in graph.weights.items()}
     for k, v in g.weights.items():
@@ -381,6 +403,7 @@ __all__ = [
     "default_hidden_state_nodes",
     "float_approx",
     "float_approx_view",
+    "fused_parts",
     "training_module",
     "with_weights",
 ]
