@@ -8,6 +8,7 @@ openings and correlated randomness.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -18,6 +19,7 @@ from .frontend import build_ir
 from .ir import Graph
 from .mpc_interp import infer_program, load_groups, load_program, plan_fixed
 from .runtime.context import clear_context
+from .runtime.domain import DomainViolation, violations
 from .runtime.engine import run_clear
 from .runtime.local import combine_stats
 from .runtime.memory import release_free_memory
@@ -59,6 +61,20 @@ def split_shares(values: Mapping[str, torch.Tensor], prg: PRG | None = None) -> 
         r = prg.ring(v.shape)
         s0[k], s1[k] = v - r, r
     return s0, s1
+
+
+class DomainWarning(UserWarning):
+    """Inputs the simulator saw outside a protocol's declared range: a 2PC run of the same
+    inputs is likely wrong there (runtime/domain.py). `.violations` lists them."""
+
+    def __init__(self, found: Sequence[DomainViolation]) -> None:
+        self.violations = list(found)
+        lines = "\n".join(f"  - {v}" for v in self.violations)
+        super().__init__(
+            f"{len(self.violations)} value range(s) outside what the protocols were set up for; the "
+            f"simulator's result may still look right, but a 2PC run of these inputs is likely wrong "
+            f"there:\n{lines}\nCompile with calibration inputs like these "
+            f"(sc.compile(model, x, calibration=[...])) so each approximation's pre-scale fits them.")
 
 
 class RingWeights(Mapping):
@@ -110,6 +126,8 @@ class CompiledModel:
         self.preset = preset
         plan_fixed(graph, self.fxp.frac_bits)
         self._ring_weights = RingWeights(graph.weights, self.fxp)
+        # what the last `simulate` saw outside a protocol's declared range (runtime/domain.py)
+        self.last_domain_violations: list[DomainViolation] = []
 
     @property
     def program(self) -> Graph:
@@ -123,12 +141,19 @@ class CompiledModel:
         return {**s0, **public}, {**s1, **public}
 
     def simulate(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        """Run the approximated fixed-point program in the clear (the parties' exact arithmetic)."""
+        """Run the approximated fixed-point program in the clear (the parties' exact arithmetic).
+
+        Warns (`DomainWarning`, also kept in `last_domain_violations`) where a value left the
+        range its protocol was set up for: there a 2PC run is likely wrong even when this
+        result looks right (runtime/domain.py)."""
         inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args)
         ctx = clear_context(self.fxp, self.trunc)
         run_clear(_load, self.graph, self._ring_weights, ctx=ctx)
         outs, counter = run_clear(_infer, self.graph, client_encode(self.graph, self.fxp, inputs), ctx=ctx)
         self.last_simulation_counter = counter
+        self.last_domain_violations = violations(ctx)
+        if self.last_domain_violations:
+            warnings.warn(DomainWarning(self.last_domain_violations), stacklevel=2)
         del ctx
         release_free_memory()  # the simulator's limb products and weight copies are dead
         return tuple(self.fxp.decode(o).float() for o in outs)

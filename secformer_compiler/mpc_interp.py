@@ -28,6 +28,7 @@ from .dataflow import execute
 from .deferral import plan_deferred
 from .ir import Graph, Node
 from .runtime.context import P0, Context
+from .runtime.domain import NODE
 from .runtime.messages import Protocol, parallel
 from .runtime.protocols import arith, compare, trunc as T
 from .runtime.protocols import nonlinear as nl
@@ -461,12 +462,17 @@ def _where(node: Node) -> str:
     return f"while executing %{node.name} = {node.op}(...)  # {node.module_path or '?'}"
 
 
-def _contextual(gen: Protocol, node: Node) -> Protocol:
-    """Adds "while executing <node>" to any error raised inside a node's protocol."""
+def _contextual(gen: Protocol, node: Node, ctx: Context) -> Protocol:
+    """Adds "while executing <node>" to any error raised inside a node's protocol, and names
+    the node whose protocol runs (runtime.domain: the simulator's range checks say where)."""
+    state = ctx.state
     try:
+        state[NODE] = node
         msgs = next(gen)
         while True:
-            msgs = gen.send((yield msgs))
+            reply = yield msgs
+            state[NODE] = node
+            msgs = gen.send(reply)
     except StopIteration as stop:
         return stop.value
     except Exception as e:
@@ -497,12 +503,13 @@ def infer_program(ctx: Context, graph: Graph, inputs: dict[str, Any],
         if fn is None:
             raise NotImplementedError(f"no 2PC rule for IR op {node.op!r} (node %{node.name})")
         try:
+            ctx.state[NODE] = node
             out = fn(ctx, node, ins)
         except Exception as e:
             e.add_note(_where(node))
             raise
         if hasattr(out, "send"):
-            return finished(_contextual(out, node), node)
+            return finished(_contextual(out, node, ctx), node)
         if node.op not in ("input", "weight", "constant"):
             notify(node)
         return out

@@ -61,6 +61,7 @@ import torch
 
 from ..context import Context
 from ..correlations import RING
+from ..domain import check_range
 from ..messages import Protocol
 from . import fused
 from .cost import Cost
@@ -178,6 +179,7 @@ def reciprocal_core(ctx: Context, y0: Pending | torch.Tensor, mult: int, shift: 
     fy = fys[0]
     g = _gamma_int(gamma) << (fy - 6)  # gamma at fy_0 bits
     Y = fused.as_pending(y0)
+    check_range(ctx, "Goldschmidt 1/y's pre-scaled input p y", Y, fy, *RECIPROCAL_DOMAIN)
     if iters == 1:  # x_1 = p (gamma - y_0) from x_0 = p (public) is local
         y0 = yield from finish(ctx, Y)
         return begin_rescale(ctx, mult * ctx.add_public(-y0, g), fy + shift, out_frac)
@@ -304,6 +306,7 @@ def rsqrt_core(ctx: Context, x0: Pending | torch.Tensor, mult: int, shift: int, 
     """
     f, fx = ctx.f, rsqrt_frac(ctx.f)
     X = fused.as_pending(x0)
+    check_range(ctx, "Goldschmidt 1/sqrt(y)'s pre-scaled input p y", X, fx, *RSQRT_DOMAIN)
     yf = fx + shift + 1
     g = _gamma_int(gamma)
     if iters == 1:  # y_1 = c (gamma - x_0)/2 from y_0 = c (public) is local, at fx + shift + 1 bits

@@ -22,6 +22,7 @@ import torch
 
 from ..context import Context
 from ..correlations import RING
+from ..domain import check_range
 from ..messages import Protocol, parallel
 from . import arith, fused
 from .arith import FixedOperand
@@ -86,6 +87,8 @@ def gelu_secformer(ctx: Context, x: torch.Tensor | Pending, coeffs: Sequence[flo
     half = [b / 2 for b in coeffs]  # G = 1/2 + sum (beta_k / 2) sin(.)
 
     X = fused.as_pending(x)
+    check_range(ctx, "GeLU's input |x| (its comparisons' range)", X, f, 0.0,
+                ((1 << (bits - 1)) - (1 << drop)) / 2.0 ** f - threshold, magnitude=True)
     if X.pending and bits > 64 - X.k:
         X = Pending((yield from finish(ctx, X)))
 
@@ -537,6 +540,8 @@ def softmax_2quad_matmul(ctx: Context, rows: QuadRows, v: torch.Tensor) -> Proto
         raise ValueError(f"2Quad @ V needs the softmax over the last dim (got dim {rows.dim}): "
                          "its row sums must be the rows of q @ V")
     r_frac = attend_r_frac(rows.shift, f)
+    check_range(ctx, "|V| under 2Quad's normalized product", v, f, 0.0, attend_out_bound(rows.shift, f),
+                magnitude=True)
 
     def qv() -> Protocol:
         q = yield from trunc(ctx, rows.q2, f)

@@ -53,11 +53,17 @@ def test_default_margin_converges_past_the_sample_range():
 
 def test_a_narrow_margin_diverges_there():
     """What the default prevents: with x1.25 (the margin before STS-B), the same input leaves
-    the convergence interval and the fixed-point result is garbage, silently."""
+    the convergence interval and the fixed-point result is garbage; the simulator says where
+    (runtime/domain.py), a 2PC run could not."""
+    from secformer_compiler.compiled import DomainWarning
+
     cal, big = _scores()
     cm = sc.compile(_Softmax(), (cal,), calibration=[(cal,)], range_margin=1.25)
     ref = _two_quad(big)
-    assert (cm.simulate(big)[0] - ref).abs().max().item() > 1.0
+    with pytest.warns(DomainWarning, match="1/y's pre-scaled input"):
+        out = cm.simulate(big)[0]
+    assert (out - ref).abs().max().item() > 1.0
+    assert cm.last_domain_violations[0].observed[1] > 2.0  # past the reciprocal's domain (0, 2)
 
 
 def test_wider_margin_costs_iterations_not_accuracy():
