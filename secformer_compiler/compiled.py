@@ -271,7 +271,7 @@ class Session:
         Why in groups: a whole model's shares sent at once are held several times over in
         transit (the owner's two splits and their pickles, each party's received bytes and
         tensors beside the loaded operands): about 40 bytes per weight in each party, which
-        put BERT-large's 335M weights out of reach of a 24 GiB machine. Group by group, only
+        put BERT-large's 302M encoder weights out of reach of a 24 GiB machine. Group by group, only
         the loaded operands stay. Same rounds and bytes as one `load_program` run."""
         ring = self.cm._ring_weights
         plan = plan_fixed(self.cm.graph, self.cm.fxp.frac_bits)

@@ -374,7 +374,7 @@ def plan_fixed(graph: Graph, frac_bits: int = 16) -> dict[str, tuple[str, str]]:
 
 def load_program(ctx: Context, graph: Graph, weight_shares: dict[str, torch.Tensor],
                  keys: list[str] | None = None) -> Protocol:
-    """Loading phase: open W - B for every fixed operand, ~16M values per round.
+    """Loading phase: open W - B for every fixed operand, ~4M values per round.
 
     keys: load only these fixed operands (one round: a group of `load_groups`) and add
     `weight_shares`, which need hold only their weights and any others to keep, to the
@@ -390,7 +390,7 @@ def load_program(ctx: Context, graph: Graph, weight_shares: dict[str, torch.Tens
         if unknown:
             raise ValueError(f"load_program: no fixed operand {unknown[0]!r} in this program")
         groups = [keys]
-    for group in groups:  # openings go out in rounds of ~16M values: bounded memory for big models
+    for group in groups:  # openings go out in rounds of ~4M values: bounded memory for big models
         batch = []
         for key in group:
             name, layout = plan[key]
