@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from transformers import BertConfig, BertModel
 
 import secformer_compiler as sc
 from secformer_compiler import float_interp, passes
@@ -68,13 +67,8 @@ def test_a_graph_without_siblings_is_returned_as_is():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=100, max_position_embeddings=64)
-    model = BertModel(cfg, add_pooling_layer=False).eval()
-    x = {"input_ids": torch.randint(0, 100, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
-    return model, x
+def tiny(make_tiny_bert):
+    return make_tiny_bert(layers=2)
 
 
 def test_bert_attention_opens_its_input_once_per_layer_with_the_same_result(tiny, monkeypatch):

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
 
 import secformer_compiler as sc
 from secformer_compiler.compiled import DomainWarning
@@ -59,13 +58,8 @@ def test_goldschmidt_reciprocal_reports_an_input_below_its_domain():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=100, max_position_embeddings=64)
-    model = BertModel(cfg, add_pooling_layer=False).eval()
-    x = {"input_ids": torch.randint(0, 100, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
-    return model, x
+def tiny(make_tiny_bert):
+    return make_tiny_bert(layers=1)
 
 
 def test_simulate_warns_where_uncalibrated_defaults_miss_the_inputs(tiny):
