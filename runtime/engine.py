@@ -113,6 +113,9 @@ def meta_like(x: Any) -> Any:
     """Replace every tensor in a nested argument structure by a meta tensor of its shape."""
     if isinstance(x, torch.Tensor):
         return torch.empty(x.shape, dtype=x.dtype, device="meta")
+    as_meta = getattr(x, "as_meta", None)  # a lazily read mapping of tensors (artifact.ShareFile)
+    if callable(as_meta) and not isinstance(x, type):
+        return as_meta()
     if isinstance(x, (list, tuple)):
         return type(x)(meta_like(v) for v in x)
     if isinstance(x, dict):

@@ -33,6 +33,7 @@ import os
 import secrets
 import shutil
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -391,8 +392,11 @@ def make_shares(art: Artifact, out: str | Path, force: bool = False) -> Path:
     return Path(out)
 
 
-def load_share(path: str | Path, role: str, art: Artifact) -> dict[str, torch.Tensor]:
-    """One party's weight share, checked against its role and the artifact."""
+def load_share(path: str | Path, role: str, art: Artifact) -> "ShareFile":
+    """One party's weight share, checked against its role and the artifact (its header:
+    every weight present with the artifact's shape, as int64). The tensors are read when
+    used (`ShareFile`): a party loading BERT-large holds one load group's shares at a time,
+    not all 2.4 GB of them beside the operands it builds."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -401,7 +405,7 @@ def load_share(path: str | Path, role: str, art: Artifact) -> dict[str, torch.Te
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path}: corrupt share file: {e}") from e
     if meta.get("format") != SHARES_FORMAT:
@@ -416,8 +420,39 @@ def load_share(path: str | Path, role: str, art: Artifact) -> dict[str, torch.Te
         raise ArtifactError(f"{path} was made from artifact {str(meta.get('artifact_sha256'))[:12]} but the "
                             f"artifact at {art.path} is {art.short}: re-run `secformer share`")
     shapes = art.weight_shapes()
-    bad = [k for k, s in shapes.items() if k not in tensors or tuple(tensors[k].shape) != s
-           or tensors[k].dtype != torch.int64]
+    bad = [k for k, s in shapes.items() if found.get(k) != (s, "I64")]
     if bad:
         raise ArtifactError(f"{path}: {len(bad)} weight share(s) missing or of the wrong shape/dtype: {bad[:5]}")
-    return tensors
+    return ShareFile(path, shapes)
+
+
+class ShareFile(Mapping):
+    """A checked share file (`load_share`) whose tensors are read on access, each read a
+    fresh int64 tensor. A file changed or damaged after the check fails the read with an
+    ArtifactError naming it."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.path, self._shapes = path, dict(shapes)
+        self._names = list(self._shapes)
+
+    def as_meta(self) -> dict[str, torch.Tensor]:
+        """Meta tensors of the shares' shapes, read from nothing (engine.meta_like: the dealer's
+        and a party's offline passes see shapes only)."""
+        return {k: torch.empty(s, dtype=torch.int64, device="meta") for k, s in self._shapes.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self._shapes:
+            raise KeyError(name)
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(f"{self.path}: reading the share of {name} failed: {e}") from e
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -178,3 +178,34 @@ def test_share_of_another_artifact_is_refused(artifact, cls_artifact, tmp_path):
     make_shares(other, tmp_path / "sh")
     with pytest.raises(ArtifactError, match="was made from artifact"):
         load_share(tmp_path / "sh" / "p0.safetensors", "p0", art)
+
+
+def test_a_share_file_is_checked_from_its_header_and_read_when_used(artifact, tmp_path):
+    """load_share checks every weight's shape and dtype from the header, reads each tensor
+    when asked (a party holds one load group's shares at a time), and a file damaged after
+    the check fails the read with an error naming it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    art = load_artifact(artifact)
+    make_shares(art, tmp_path / "sh")
+    path = tmp_path / "sh" / "p0.safetensors"
+    share = load_share(path, "p0", art)
+    meta = share.as_meta()
+    assert set(meta) == set(art.weight_shapes()) == set(share)
+    assert all(m.device.type == "meta" and tuple(m.shape) == art.weight_shapes()[k] for k, m in meta.items())
+    name = next(iter(share))
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert torch.equal(share[name], tensors[name])
+    # a share of the wrong shape is refused at the check, naming it
+    bad = dict(tensors)
+    bad[name] = bad[name].flatten()[:1].clone()
+    save_file(bad, str(tmp_path / "bad.safetensors"), metadata=header)
+    with pytest.raises(ArtifactError, match="wrong shape/dtype"):
+        load_share(tmp_path / "bad.safetensors", "p0", art)
+    # damaged after the check: the read fails cleanly
+    path.write_bytes(path.read_bytes()[:64])
+    with pytest.raises(ArtifactError, match="reading the share of"):
+        share[name]
