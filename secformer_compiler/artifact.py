@@ -41,6 +41,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .passes.fuse import FUSED_WEIGHTS
+
 FORMAT = "secformer-artifact"
 FORMAT_VERSION = 1
 SHARES_FORMAT = "secformer-shares"
@@ -181,7 +183,7 @@ def save_artifact(cm: Any, out: str | Path, *, tokenizer: Any = None, task: str 
             "calibration": calibration,
             "assumptions": list(graph.meta.get("assumptions", [])),
             "approximation_notes": list(graph.meta.get("approximation_notes", [])),
-            "fused_weights": graph.meta.get("fused_weights", {}),  # passes/fuse.py
+            FUSED_WEIGHTS: graph.meta.get(FUSED_WEIGHTS, {}),
             "source": source or {},
             "files": files,
         }
@@ -348,7 +350,7 @@ def load_artifact(path: str | Path, *, weights: bool = True) -> Artifact:
     if not weights:
         graph.weights = {}
     graph.meta["approximations"] = _specs(manifest.get("approximations") or {})
-    graph.meta["fused_weights"] = manifest.get("fused_weights") or {}
+    graph.meta[FUSED_WEIGHTS] = manifest.get(FUSED_WEIGHTS) or {}
     return Artifact(path, manifest, graph, digest, has_weights and weights)
 
 
@@ -433,7 +435,6 @@ class ShareFile(Mapping):
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
         self.path, self._shapes = path, dict(shapes)
-        self._names = list(self._shapes)
 
     def as_meta(self) -> dict[str, torch.Tensor]:
         """Meta tensors of the shares' shapes, read from nothing (engine.meta_like: the dealer's
@@ -452,7 +453,7 @@ class ShareFile(Mapping):
             raise ArtifactError(f"{self.path}: reading the share of {name} failed: {e}") from e
 
     def __iter__(self):
-        return iter(self._names)
+        return iter(self._shapes)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._shapes)

@@ -47,6 +47,7 @@ import torch
 
 from . import float_interp
 from .ir import Graph, Node
+from .passes.fuse import FUSED_WEIGHTS
 
 NONLINEAR_OPS = ("gelu", "tanh", "layernorm", "softmax")
 FOLDED_PREFIX = "folded."
@@ -311,7 +312,7 @@ def training_module(cm_or_graph: Any, **kwargs: Any) -> TrainingView:
 
 def fused_parts(graph: Graph) -> dict[str, list[tuple[str, int]]]:
     """{fused weight: [(model weight, rows), ...]} of `fuse_sibling_linears` (passes/fuse.py)."""
-    return {k: [(p, int(n)) for p, n in v] for k, v in graph.meta.get("fused_weights", {}).items()}
+    return {k: [(p, int(n)) for p, n in v] for k, v in graph.meta.get(FUSED_WEIGHTS, {}).items()}
 
 
 def with_weights(graph: Graph, weights: Mapping[str, torch.Tensor] | TrainingView) -> Graph:
