@@ -106,7 +106,8 @@ def _mul(node, ins, mode, f):
 
 @cost_rule("linear")
 def _linear(node, ins, mode, f):
-    c = arith.beaver_fixed_cost(ins[0].shape)
+    # a LayerNorm that commuted its scaling past this linear computed the product (deferral.py)
+    c = Cost() if node.meta.get("commuted") else arith.beaver_fixed_cost(ins[0].shape)
     deferred = "defer" in node.meta or node.meta.get("defer_raw")  # deferral.py
     return c if deferred else c + trunc_cost(node.shape, mode)
 
@@ -174,6 +175,8 @@ def _ln_secformer(node, ins, mode, f):
     shape, prescale = _ln_shape(node, ins), float(_p(node)["prescale"])
     return nl.layernorm_goldschmidt_cost(shape, prescale, int(_p(node)["iterations"]), weight=weight, f=f, mode=mode,
                                          raw="raw" in node.meta,
+                                         commute=[w for _, w in node.meta.get("commute", {}).values()],
+                                         bias=len(ins) > 2,
                                          center_first=nl.layernorm_needs_center_first(
                                              shape[-1], prescale, f, float(_p(node).get("gamma", 3.0))),
                                          x_k=_pending_k(node, mode, f))

@@ -134,6 +134,7 @@ _DT = {"f32": torch.float32, "i64": torch.int64, "bool": torch.bool}
 @rule("add", "sub")
 def _add(ctx, node, ins):
     if node.meta.get("raw_add"):  # a raw linear product + a raw LayerNorm output (deferral.py)
+        ins = [v.raw if isinstance(v, nl.Commuted) else v for v in ins]
         frac = max(v.frac for v in ins)
         a, b = (v.value << (frac - v.frac) for v in ins)
         return T.begin(ctx, a + b if node.op == "add" else a - b, frac - ctx.f)
@@ -205,8 +206,11 @@ def _matmul(ctx, node, ins):
 
 @rule("linear")
 def _linear(ctx, node, ins):
-    x, in_frac = (ins[0].value, ins[0].frac) if isinstance(ins[0], T.Raw) else (ins[0], ctx.f)
-    z = yield from arith.matmul_fixed(ctx, x, ctx.state[arith.FIXED_OPERANDS][_fixed_key(node, 1)])
+    if isinstance(ins[0], nl.Commuted):  # the LayerNorm before it computed x W (deferral.py)
+        z, in_frac = ins[0].products[node.name], ins[0].frac
+    else:
+        x, in_frac = (ins[0].value, ins[0].frac) if isinstance(ins[0], T.Raw) else (ins[0], ctx.f)
+        z = yield from arith.matmul_fixed(ctx, x, ctx.state[arith.FIXED_OPERANDS][_fixed_key(node, 1)])
     # z carries f + in_frac bits: a raw LayerNorm output's extra bits are truncated here too
     if node.meta.get("defer_raw"):  # the residual add truncates the sum (deferral.py)
         return T.Raw(z + (ins[2] << in_frac) if len(ins) == 3 else z, ctx.f + in_frac)

@@ -80,10 +80,14 @@ def _layernorm_secformer(ctx, node, ins, p) -> Protocol:
         raise NotImplementedError("layernorm over several trailing dims with a gain")
     b = ins[2] if len(ins) > 2 else None
     prescale, gamma = float(p["prescale"]), float(p.get("gamma", 3.0))
+    fixed = ctx.state[arith.FIXED_OPERANDS]
+    commute = {name: fixed[key] for name, (key, _) in node.meta.get("commute", {}).items()}
     out = yield from nl.layernorm_goldschmidt(ctx, x, w, b, float(node.attrs["eps"]), prescale, int(p["iterations"]),
                                               center_first=nl.layernorm_needs_center_first(x.shape[-1], prescale,
                                                                                            ctx.f, gamma),
-                                              gamma=gamma, raw="raw" in node.meta)
+                                              gamma=gamma, raw="raw" in node.meta, commute=commute or None)
+    if isinstance(out, nl.Commuted):  # it computed the linear layers' products (deferral.py)
+        return out  # LayerNorm over the last dim only: shapes are the graph's already
     if isinstance(out, Raw):  # the linear layers after it truncate it (deferral.py)
         return Raw(out.value.reshape(ins[0].shape), out.frac)
     return out.reshape(ins[0].shape)

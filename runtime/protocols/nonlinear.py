@@ -248,11 +248,41 @@ def layernorm_effective_prescale(n: int, prescale: float, f: int = 16,
     return _ln_plan(n, prescale, f, center_first)["p_eff"]
 
 
+# A LayerNorm whose row scaling moves past the linear layers after it (`commute` below,
+# deferral.py) keeps their product M = Z W at f + COMMUTE_EXTRA bits before 1/sigma scales it:
+# M's truncation error 2^-(f + 8) times 1/sigma stays below 2^-f for sigma >= 2^-8.
+COMMUTE_EXTRA = 8
+
+
+def layernorm_commute_frac(f: int) -> int:
+    """Fractional bits above f of a commuted linear layer's product r (Z W) (`Commuted`)."""
+    return COMMUTE_EXTRA + f + RAW_EXTRA
+
+
+def layernorm_commutes(iters: int) -> bool:
+    """Whether a LayerNorm with `iters` rsqrt iterations gains from commuting: Z is finished
+    in round 3, so Z W opens in round 4, which must come before the final round (iters + 2)."""
+    return iters >= 3
+
+
+@dataclass
+class Commuted:
+    """A raw LayerNorm output (`raw`, for the residual add) and, per linear layer after it,
+    LN(x) W at f + `frac` bits (`products`, by the linear's node name) computed as
+    r (Z W) + beta W: the row scaling r = 1/sigma commutes with a product on the right, so
+    Z W runs beside the rsqrt iterations (`layernorm_goldschmidt(commute=...)`)."""
+
+    raw: Raw
+    products: dict[str, torch.Tensor]
+    frac: int
+
+
 def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
                           weight: torch.Tensor | FixedOperand | None,
                           bias: torch.Tensor | None, eps: float, prescale: float, iters: int,
                           center_first: bool = False, gamma: float = 3.0,
-                          raw: bool = False) -> Protocol:
+                          raw: bool = False,
+                          commute: dict[str, FixedOperand] | None = None) -> Protocol:
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
 
     x: a share, or a pending truncation (`trunc.Pending`: the linear layer before it left
@@ -277,6 +307,15 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
                on the next round's product);
       round iters + 2: Z * r (Beaver, r broadcast; r's last truncation rides on it);
       round iters + 3: its truncation; + bias (local).
+    commute (raw only, iters >= 3): {name: W} of the linear layers that read the output.
+    Their products come back with the raw output (`Commuted`) one round sooner: with
+    LN(x) = Z r + beta (r per row), LN(x) W = r (Z W) + beta W, so [Z; beta] W (beta as one
+    more row of the same Beaver product, which opens only [Z; beta] - a) runs in round 4,
+    beside the rsqrt, and r (Z W) shares the final round with Z r (Beaver, r broadcast; Z W's
+    truncation to f + COMMUTE_EXTRA bits and r's last one ride on it). It opens Z W, the
+    linear's output width, where the linear would open LN(x): more bytes, one round fewer.
+    Overflow: |Z W| < 2^30 as Z's own product (n d w), and LN(x) W at 3f + RAW_EXTRA +
+    COMMUTE_EXTRA - f = 44 bits needs |LN(x) W| < 2^18.
     Overflow: the ring is exact mod 2^64, so the terms of V may wrap freely; only the
     truncated values must be below 2^62: V p'/n^2 at 2f + var_shift bits is x0 2^59 at
     most (x0 < 3: fine), n d w 2^(2f) needs |d w| < 2^30 / n, and the final product
@@ -330,8 +369,24 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
     # x0's truncation round is the rsqrt's first opening (fused.py)
     x0 = begin(ctx, vs, 2 * f + plan["var_shift"] - fx)
     r_frac = _ln_r_frac(plan, prescale, f, raw)
+    if commute:
+        if not raw or not layernorm_commutes(iters):
+            raise ValueError("a LayerNorm commutes its scaling past linear layers only with a raw "
+                             f"output and 3 or more rsqrt iterations (raw={raw}, iters={iters})")
+        zpath = _commuted_products(ctx, zpath, bias, commute)
     z, r = yield from parallel(zpath, rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"],
                                                  iters, r_frac, gamma))
+    if commute:
+        z, products = z
+        names = list(products)
+        # r's pending rescale is finished in this round by each product that reads it
+        out, *scaled = yield from parallel(fused.mul(ctx, z, r),
+                                           *(fused.mul(ctx, products[k][0], r) for k in names))
+        up = COMMUTE_EXTRA + r_frac - f  # beta W (2f bits) to the products' f + E + r_frac
+        res = {k: v if products[k][1] is None else v + (products[k][1] << up)
+               for k, v in zip(names, scaled)}
+        return Commuted(Raw(out if bias is None else out + (bias << r_frac), f + r_frac), res,
+                        COMMUTE_EXTRA + r_frac)
     out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
     if raw:  # Z (f bits) times r (r_frac bits), for the consumer to truncate
         return Raw(out if bias is None else out + (bias << r_frac), f + r_frac)
@@ -346,6 +401,21 @@ def _ln_r_frac(plan: dict, prescale: float, f: int, raw: bool) -> int:
         raise ValueError(f"a raw LayerNorm output needs f <= 16 and a prescale >= {RAW_MIN_PRESCALE:g} "
                          f"(got f = {f}, prescale {prescale:g})")
     return f + RAW_EXTRA
+
+
+def _commuted_products(ctx: Context, zpath: Protocol, bias: torch.Tensor | None,
+                       commute: dict[str, FixedOperand]) -> Protocol:
+    """Z (finished by `zpath`), then [Z; beta] W for each W in one round: {name: (M, beta W)}
+    with M = Z W pending its truncation to f + COMMUTE_EXTRA bits and beta W at 2f bits."""
+    z = yield from zpath
+    rows = z.shape[-2]
+    zb = z if bias is None else torch.cat([z, bias.expand(*z.shape[:-2], 1, z.shape[-1])], dim=-2)
+    ms = yield from parallel(*(arith.matmul_fixed(ctx, zb, w) for w in commute.values()))
+    out = {}
+    for name, m in zip(commute, ms):
+        mz = begin(ctx, m[..., :rows, :], ctx.f - COMMUTE_EXTRA)
+        out[name] = (mz, None if bias is None else m[..., rows:, :])
+    return z, out
 
 
 def _ln_weighted(ctx: Context, d: torch.Tensor, weight) -> Protocol:
@@ -386,10 +456,13 @@ def _variance_round(ctx: Context, X: Pending) -> Protocol:
 
 def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str = "fixed",
                                center_first: bool = False, f: int = 16,
-                               mode: str = "exact", x_k: int = 0, raw: bool = False) -> Cost:
+                               mode: str = "exact", x_k: int = 0, raw: bool = False,
+                               commute: Sequence[int] = (), bias: bool = True) -> Cost:
     """weight: "fixed" (FixedOperand), "secret" (a share of shape (n,)) or "none";
     x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share);
-    raw: a `trunc.Raw` output (no final truncation)."""
+    raw: a `trunc.Raw` output (no final truncation); commute: the output widths of the
+    linear layers it computes (`layernorm_goldschmidt(commute=...)`); bias: whether it has one
+    (a commuted product then carries one more row)."""
     n = shape[-1]
     rows = tuple(shape[:-1]) + (1,)
     plan = _ln_plan(n, prescale, f, center_first)
@@ -419,7 +492,16 @@ def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str =
         zpath = wc + (trunc_cost(shape, mode) if z_k and iters >= 2 else Cost())
         if iters >= 2:
             z_k = 0
-    return pre + (zpath | rsqrt) + fused.mul_cost(shape, z_k, rows, r_k) + (Cost() if raw else t)
+    last = fused.mul_cost(shape, z_k, rows, r_k)
+    if commute:
+        zb = tuple(shape[:-2]) + (shape[-2] + (1 if bias else 0), n)
+        m_k = pending_k(f - COMMUTE_EXTRA, mode)
+        products = Cost()
+        for width in commute:  # the products of [Z; beta] W, in one round after Z's
+            products = products | arith.beaver_fixed_cost(zb)
+            last = last | fused.mul_cost(tuple(shape[:-1]) + (width,), m_k, rows, r_k)
+        zpath = zpath + products
+    return pre + (zpath | rsqrt) + last + (Cost() if raw else t)
 
 
 # --- 2Quad softmax ----------------------------------------------------------------------------
