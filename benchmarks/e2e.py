@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--override", action="append", default=[], metavar="OP=METHOD",
                     help="per-op approximation override, e.g. gelu=gelu.secformer_erf (the paper's "
                          "erf-series GeLU; repeatable)")
+    ap.add_argument("--fewer-rounds", action="store_true",
+                    help="compile(fewer_rounds=True): LayerNorms compute the linear layers after them, "
+                         "one round fewer each for more bytes (passes/rounds.py)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     try:
@@ -97,7 +100,7 @@ def main() -> None:
     cal = [torch.randn(1, args.seq, cfg.hidden_size) for _ in range(2)]
     t0 = time.perf_counter()
     cm = sc.compile(model, (x,), preset=args.preset, calibration=[(c,) for c in cal], trunc=args.trunc,
-                    overrides=overrides or None)
+                    overrides=overrides or None, fewer_rounds=args.fewer_rounds)
     compile_s = time.perf_counter() - t0
     with torch.no_grad():
         ts = []
@@ -139,7 +142,7 @@ def main() -> None:
     rec = {
         "model": f"bert-{args.model}", "seq_len": args.seq, "layers": cfg.num_hidden_layers,
         "preset": args.preset, "overrides": overrides, "batch": 1, "runs": args.runs, "offline_mode": args.offline,
-        "trunc": args.trunc,
+        "trunc": args.trunc, "fewer_rounds": args.fewer_rounds,
         "wall_s": statistics.median(walls), "wall_s_runs": walls,
         # each party's own input-independent phase (A_i @ F of every linear layer), run before
         # the online clock starts; `secformer party` runs it between requests

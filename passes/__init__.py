@@ -14,10 +14,13 @@ The default pipeline, from an imported `aten`-level graph to the approximated MP
 8. `fuse_sibling_linears`: linear layers reading the same secret input (attention's query,
    key and value) become one, so their input is opened once.
 
+Not in the default pipeline: `commute_layernorm_scaling` (compile(fewer_rounds=True)) marks
+LayerNorms to compute the linear layers after them, one round sooner for more bytes.
+
 The `PassManager` verifies the graph after every pass and names the pass that broke it.
 """
 
-from . import approximate, decompose, fuse, lower, patterns, secrecy, support  # noqa: F401  (register passes)
+from . import approximate, decompose, fuse, lower, patterns, rounds, secrecy, support  # noqa: F401  (register passes)
 from .registry import (
     ENTRY_POINT_GROUP,
     PASSES,

@@ -214,7 +214,7 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
                        batch: int = 1, calibrate: Path | None = None, samples: int = 16, frac_bits: int = 16,
                        trunc: str = "exact", force: bool = False, range_margin: float | None = None,
                        goldschmidt_target: float | None = None, overrides: list[str] | None = None,
-                       log: Callable[[str], None] = _note) -> Any:
+                       fewer_rounds: bool = False, log: Callable[[str], None] = _note) -> Any:
     """Checkpoint -> compiled program -> artifact folder at `out` (written atomically).
 
     overrides: "OP=METHOD" strings (e.g. "gelu=gelu.secformer_erf", "softmax=puma"): per-op
@@ -247,7 +247,8 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
     log(f"compiling ({task}, preset {preset}, batch {batch} x seq {seq_len}; calibrating on {len(texts)} "
         f"text(s) from {calibrate or 'built-in sentences'})")
     cm = sf_compile(model, chunks[0], preset=preset, calibration=chunks, frac_bits=frac_bits, trunc=trunc,
-                    range_margin=margin, goldschmidt_target=goldschmidt_target, overrides=per_op or None)
+                    range_margin=margin, goldschmidt_target=goldschmidt_target, overrides=per_op or None,
+                    fewer_rounds=fewer_rounds)
     calib = {"source": str(calibrate) if calibrate else "built-in sentences", "texts": len(texts),
              "range_margin": margin, "goldschmidt_target": cm.graph.meta.get("goldschmidt_target")}
     save_artifact(cm, out, tokenizer=tok, task=task, seq_len=seq_len, batch=batch, labels=labels,
@@ -283,12 +284,17 @@ def compile_cmd(
     override: Optional[list[str]] = typer.Option(None, help="Per-op approximation over the preset's, OP=METHOD; "
                                                             "repeatable. E.g. gelu=gelu.secformer_erf (the "
                                                             "paper's erf series), softmax=puma."),
+    fewer_rounds: bool = typer.Option(False, help="Trade bytes for rounds: LayerNorms compute the linear layers "
+                                                  "after them (one round fewer each; BERT-base: 347 rounds instead "
+                                                  "of 370, 384 MiB per party instead of 323). For high-latency, "
+                                                  "high-bandwidth links."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Compile a checkpoint into an artifact folder (program.onnx, weights, tokenizer, manifest)."""
     compile_checkpoint(checkpoint, out, task=task.value, preset=preset, seq_len=seq_len, batch=batch,
                        calibrate=calibrate, samples=samples, frac_bits=frac_bits, trunc=trunc, force=force,
-                       range_margin=range_margin, goldschmidt_target=goldschmidt_target, overrides=override)
+                       range_margin=range_margin, goldschmidt_target=goldschmidt_target, overrides=override,
+                       fewer_rounds=fewer_rounds)
 
 
 @app.command()

@@ -175,7 +175,7 @@ def _ln_secformer(node, ins, mode, f):
     shape, prescale = _ln_shape(node, ins), float(_p(node)["prescale"])
     return nl.layernorm_goldschmidt_cost(shape, prescale, int(_p(node)["iterations"]), weight=weight, f=f, mode=mode,
                                          raw="raw" in node.meta,
-                                         commute=[w for _, w in node.meta.get("commute", {}).values()],
+                                         commute=[w for _, w in node.meta.get("commute_into", {}).values()],
                                          bias=len(ins) > 2,
                                          center_first=nl.layernorm_needs_center_first(
                                              shape[-1], prescale, f, float(_p(node).get("gamma", 3.0))),

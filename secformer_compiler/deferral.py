@@ -34,16 +34,16 @@ done, so the 2PC interpreter and the static cost model agree:
   `nonlinear.layernorm_raw_frac` allows it (f <= 16, prescale >= 2^-6); saves one round per
   LayerNorm. Marks: layernorm "raw", linear "raw_in", add "raw_add", and the
   pending_shift of the consumers grows by the raw bits.
-* ... and where its rsqrt takes 3 or more iterations, the LayerNorm computes those linear
+* ... and where it is marked commute (passes/rounds.py: compile(fewer_rounds=True), which
+  trades bytes for rounds) and its rsqrt takes 3 or more iterations, it computes those linear
   layers' products itself, with its row scaling 1/sigma moved after them:
   LN(x) W = r (Z W) + beta W (`nonlinear.layernorm_goldschmidt(commute=...)`), so Z W runs
   beside the rsqrt and each linear's output is ready with the LayerNorm's own, one round
   sooner (it opens Z W, the linear's output width, instead of LN(x)). The linear only adds
-  its bias and truncates (or defers that) by f + the commuted bits. Saves one round per
+  its bias and truncates (or defers that) as after a raw output. Saves one round per
   such LayerNorm (two per Transformer layer: FFN1 and the next layer's Q/K/V). Marks:
-  layernorm "commute" = {linear: (its fixed operand key, its output width)}, linear
-  "commuted" = the bits
-  above f its input product carries.
+  layernorm "commute_into" = {linear: (its fixed operand key, its output width)}, linear
+  "commuted".
 
 Only chains whose every intermediate value has that single user and is not a graph output
 qualify: nothing else ever sees a pending value. Marks (node.meta, not saved in artifacts:
@@ -59,10 +59,8 @@ import math
 from .ir import Graph, Node
 
 _KEYS = ("defer", "pending_in", "pending_shift", "folded", "unnormalized", "normalizes",
-         "raw", "raw_in", "raw_add", "defer_raw", "commute", "commuted")
-# Whether LayerNorms may commute their scaling past the linear layers after them (above);
-# a switch for comparing both programs (tests, benchmarks), not a user option.
-COMMUTE = True
+         "raw", "raw_in", "raw_add", "defer_raw", "commute_into", "commuted")
+
 
 
 def _power_of_two_shift(factor: float) -> int | None:
@@ -141,7 +139,7 @@ def plan_deferred(graph: Graph, frac_bits: int = 16) -> list[str]:
 
 
 def _plan_raw_layernorms(graph: Graph, users: dict, outputs: set, nodes: dict, f: int) -> None:
-    from .runtime.protocols.nonlinear import layernorm_commute_frac, layernorm_commutes, layernorm_raw_frac
+    from .runtime.protocols.nonlinear import layernorm_commutes, layernorm_raw_frac
 
     for n in graph:
         if n.op != "layernorm" or n.attrs.get("method") != "layernorm.secformer" \
@@ -166,16 +164,16 @@ def _plan_raw_layernorms(graph: Graph, users: dict, outputs: set, nodes: dict, f
         else:
             if not linears:
                 continue
-            commute = COMMUTE and layernorm_commutes(int((n.attrs.get("params") or {}).get("iterations", 0)))
-            in_frac = layernorm_commute_frac(f) if commute else raw_frac
-            extra = in_frac - f  # bits above f
+            commute = bool(n.attrs.get("commute")) and \
+                layernorm_commutes(int((n.attrs.get("params") or {}).get("iterations", 0)))
+            extra = raw_frac - f  # bits above f (a commuted product carries as many)
             n.meta["raw"] = raw_frac
             if commute:
-                n.meta["commute"] = {u.name: (u.meta["fixed"][1], u.shape[-1]) for u in linears}
+                n.meta["commute_into"] = {u.name: (u.meta["fixed"][1], u.shape[-1]) for u in linears}
             for u in linears:
                 u.meta["raw_in"] = raw_frac
                 if commute:
-                    u.meta["commuted"] = in_frac
+                    u.meta["commuted"] = True
                 if "defer" in u.meta:  # its consumer (GeLU) finishes a truncation by more
                     for c in users.get(u.name, []):
                         if c.meta.get("pending_in") == 0:

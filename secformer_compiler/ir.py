@@ -266,9 +266,10 @@ defop("gelu", ("x",), attrs=("approximate",), optional_attrs=_METHOD, check=_che
       doc="GeLU of the model (approximate='none': erf form, 'tanh': tanh form), evaluated by method.")
 defop("tanh", ("x",), optional_attrs=_METHOD, check=_check_method, infer=_via_torch(lambda a, x: x))
 defop("relu", ("x",), check=_secret_x, infer=_via_torch(lambda a, x: x), doc="max(x, 0): one comparison.")
-defop("layernorm", ("x", "w?", "b?"), attrs=("eps", "dims"), optional_attrs=_METHOD, check=_check_layernorm,
-      infer=_via_torch(lambda a, x, *wb: x),
-      doc="(x - mean) / sqrt(var + eps) * w + b over the last `dims` dims (biased variance).")
+defop("layernorm", ("x", "w?", "b?"), attrs=("eps", "dims"), optional_attrs=_METHOD + ("commute",),
+      check=_check_layernorm, infer=_via_torch(lambda a, x, *wb: x),
+      doc="(x - mean) / sqrt(var + eps) * w + b over the last `dims` dims (biased variance). "
+          "commute=1: compute the linear layers after it in 2PC (passes/rounds.py).")
 defop("softmax", ("x", "mask?"), attrs=("dim",), optional_attrs=_METHOD, check=_check_softmax,
       infer=_via_torch(lambda a, x, m=None: x),
       doc="softmax over dim; mask: public 0/1 f32 broadcastable to x, 0 = position excluded.")

@@ -81,7 +81,7 @@ def _layernorm_secformer(ctx, node, ins, p) -> Protocol:
     b = ins[2] if len(ins) > 2 else None
     prescale, gamma = float(p["prescale"]), float(p.get("gamma", 3.0))
     fixed = ctx.state[arith.FIXED_OPERANDS]
-    commute = {name: fixed[key] for name, (key, _) in node.meta.get("commute", {}).items()}
+    commute = {name: fixed[key] for name, (key, _) in node.meta.get("commute_into", {}).items()}
     out = yield from nl.layernorm_goldschmidt(ctx, x, w, b, float(node.attrs["eps"]), prescale, int(p["iterations"]),
                                               center_first=nl.layernorm_needs_center_first(x.shape[-1], prescale,
                                                                                            ctx.f, gamma),

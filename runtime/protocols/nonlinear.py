@@ -248,17 +248,6 @@ def layernorm_effective_prescale(n: int, prescale: float, f: int = 16,
     return _ln_plan(n, prescale, f, center_first)["p_eff"]
 
 
-# A LayerNorm whose row scaling moves past the linear layers after it (`commute` below,
-# deferral.py) keeps their product M = Z W at f + COMMUTE_EXTRA bits before 1/sigma scales it:
-# M's truncation error 2^-(f + 8) times 1/sigma stays below 2^-f for sigma >= 2^-8.
-COMMUTE_EXTRA = 8
-
-
-def layernorm_commute_frac(f: int) -> int:
-    """Fractional bits above f of a commuted linear layer's product r (Z W) (`Commuted`)."""
-    return COMMUTE_EXTRA + f + RAW_EXTRA
-
-
 def layernorm_commutes(iters: int) -> bool:
     """Whether a LayerNorm with `iters` rsqrt iterations gains from commuting: Z is finished
     in round 3, so Z W opens in round 4, which must come before the final round (iters + 2)."""
@@ -309,13 +298,15 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
       round iters + 3: its truncation; + bias (local).
     commute (raw only, iters >= 3): {name: W} of the linear layers that read the output.
     Their products come back with the raw output (`Commuted`) one round sooner: with
-    LN(x) = Z r + beta (r per row), LN(x) W = r (Z W) + beta W, so [Z; beta] W (beta as one
-    more row of the same Beaver product, which opens only [Z; beta] - a) runs in round 4,
-    beside the rsqrt, and r (Z W) shares the final round with Z r (Beaver, r broadcast; Z W's
-    truncation to f + COMMUTE_EXTRA bits and r's last one ride on it). It opens Z W, the
-    linear's output width, where the linear would open LN(x): more bytes, one round fewer.
-    Overflow: |Z W| < 2^30 as Z's own product (n d w), and LN(x) W at 3f + RAW_EXTRA +
-    COMMUTE_EXTRA - f = 44 bits needs |LN(x) W| < 2^18.
+    LN(x) = Z r + beta (r per row), LN(x) W = r (Z W) + beta W, so Z W (and beta W
+    beside them, a one-row product: each opens only its input minus a mask) runs in round 4,
+    beside the rsqrt, and r (Z W) shares the final round with Z r (Beaver, r broadcast; r's
+    last truncation rides on it). Z W stays untruncated (2f bits: no truncation to pay for
+    and no error), so r (Z W) lands at 3f + RAW_EXTRA bits, where a linear by the raw output
+    would: the consumers truncate the same. It opens Z W, the linear's output width, where
+    the linear would open LN(x): more bytes, one round fewer. Overflow: |Z W| 2^(2f) < 2^62
+    as Z's own product (n d w), and LN(x) W at 3f + RAW_EXTRA = 52 bits needs
+    |LN(x) W| < 2^10, the raw path's bound.
     Overflow: the ring is exact mod 2^64, so the terms of V may wrap freely; only the
     truncated values must be below 2^62: V p'/n^2 at 2f + var_shift bits is x0 2^59 at
     most (x0 < 3: fine), n d w 2^(2f) needs |d w| < 2^30 / n, and the final product
@@ -382,11 +373,11 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
         # r's pending rescale is finished in this round by each product that reads it
         out, *scaled = yield from parallel(fused.mul(ctx, z, r),
                                            *(fused.mul(ctx, products[k][0], r) for k in names))
-        up = COMMUTE_EXTRA + r_frac - f  # beta W (2f bits) to the products' f + E + r_frac
-        res = {k: v if products[k][1] is None else v + (products[k][1] << up)
+        # beta W (2f bits) to the products' 2f + r_frac
+        res = {k: v if products[k][1] is None else v + (products[k][1] << r_frac)
                for k, v in zip(names, scaled)}
         return Commuted(Raw(out if bias is None else out + (bias << r_frac), f + r_frac), res,
-                        COMMUTE_EXTRA + r_frac)
+                        f + r_frac)
     out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
     if raw:  # Z (f bits) times r (r_frac bits), for the consumer to truncate
         return Raw(out if bias is None else out + (bias << r_frac), f + r_frac)
@@ -405,17 +396,16 @@ def _ln_r_frac(plan: dict, prescale: float, f: int, raw: bool) -> int:
 
 def _commuted_products(ctx: Context, zpath: Protocol, bias: torch.Tensor | None,
                        commute: dict[str, FixedOperand]) -> Protocol:
-    """Z (finished by `zpath`), then [Z; beta] W for each W in one round: {name: (M, beta W)}
-    with M = Z W pending its truncation to f + COMMUTE_EXTRA bits and beta W at 2f bits."""
+    """Z (finished by `zpath`), then Z W and beta W for each W in one round:
+    {name: (M, beta W)} with M = Z W and beta W at 2f bits (untruncated)."""
     z = yield from zpath
-    rows = z.shape[-2]
-    zb = z if bias is None else torch.cat([z, bias.expand(*z.shape[:-2], 1, z.shape[-1])], dim=-2)
-    ms = yield from parallel(*(arith.matmul_fixed(ctx, zb, w) for w in commute.values()))
-    out = {}
-    for name, m in zip(commute, ms):
-        mz = begin(ctx, m[..., :rows, :], ctx.f - COMMUTE_EXTRA)
-        out[name] = (mz, None if bias is None else m[..., rows:, :])
-    return z, out
+    ws = list(commute.values())
+    # beta W as its own one-row product: a row appended to Z would take the int64 kernel off
+    # its 128-row tiles (129 x 768 @ 768 x 3072: 29 ms against 26)
+    ms = yield from parallel(*(arith.matmul_fixed(ctx, z, w) for w in ws),
+                             *(arith.matmul_fixed(ctx, bias.reshape(1, -1), w) for w in ws if bias is not None))
+    bw = ms[len(ws):] if bias is not None else [None] * len(ws)
+    return z, {name: (m, b) for name, m, b in zip(commute, ms[:len(ws)], bw)}
 
 
 def _ln_weighted(ctx: Context, d: torch.Tensor, weight) -> Protocol:
@@ -462,7 +452,7 @@ def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str =
     x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share);
     raw: a `trunc.Raw` output (no final truncation); commute: the output widths of the
     linear layers it computes (`layernorm_goldschmidt(commute=...)`); bias: whether it has one
-    (a commuted product then carries one more row)."""
+    (a commuted linear then also multiplies beta)."""
     n = shape[-1]
     rows = tuple(shape[:-1]) + (1,)
     plan = _ln_plan(n, prescale, f, center_first)
@@ -494,12 +484,12 @@ def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str =
             z_k = 0
     last = fused.mul_cost(shape, z_k, rows, r_k)
     if commute:
-        zb = tuple(shape[:-2]) + (shape[-2] + (1 if bias else 0), n)
-        m_k = pending_k(f - COMMUTE_EXTRA, mode)
         products = Cost()
-        for width in commute:  # the products of [Z; beta] W, in one round after Z's
-            products = products | arith.beaver_fixed_cost(zb)
-            last = last | fused.mul_cost(tuple(shape[:-1]) + (width,), m_k, rows, r_k)
+        for width in commute:  # Z W and beta W, in one round after Z's
+            products = products | arith.beaver_fixed_cost(shape)
+            if bias:
+                products = products | arith.beaver_fixed_cost((1, n))
+            last = last | fused.mul_cost(tuple(shape[:-1]) + (width,), 0, rows, r_k)
         zpath = zpath + products
     return pre + (zpath | rsqrt) + last + (Cost() if raw else t)
 

@@ -85,6 +85,29 @@ def test_compile_override_picks_the_erf_gelu(ckpt_dir, tmp_path):
     assert all(n.attrs["method"] == "softmax.2quad" for n in graph if n.op == "softmax")
 
 
+def test_compile_fewer_rounds_is_kept_in_the_artifact(compiled, ckpt_dir, tmp_path):
+    """--fewer-rounds marks the LayerNorms (passes/rounds.py); the loaded artifact's 2PC run
+    takes the fewer rounds its cost model says, for more bytes, with the same outputs."""
+    from secformer_compiler.artifact import load_artifact
+    from secformer_compiler.cost import program_cost
+    from secformer_compiler.demo import encode_texts
+
+    out = tmp_path / "fewer.sfa"
+    r = invoke("compile", ckpt_dir, "-o", out, "--seq-len", SEQ, "--samples", 4, "--fewer-rounds")
+    assert r.exit_code == 0, r.output
+    art, (_, plain) = load_artifact(out), compiled
+    assert all(n.attrs.get("commute") == 1 for n in art.graph if n.op == "layernorm")
+    cm = art.compiled()
+    fewer, base = program_cost(cm.graph), program_cost(plain.graph)
+    # the embeddings' LayerNorm (into Q/K/V), and per layer the one into FFN1; the next
+    # layer's Q/K/V, but not after the last layer (a graph output)
+    assert fewer.rounds == base.rounds - 4 and fewer.bytes_per_party > base.bytes_per_party
+    x = encode_texts(art, ["the man is playing guitar"])
+    res = cm.run(x)
+    assert res.stats.rounds == fewer.rounds and res.stats.bytes_sent[0] == fewer.bytes_per_party
+    assert (res.outputs[0] - plain.run(x).outputs[0]).abs().max() < 0.01
+
+
 def test_calibration_file_formats(tmp_path):
     from secformer_compiler.cli import read_texts
 
