@@ -11,6 +11,8 @@ The default pipeline, from an imported `aten`-level graph to the approximated MP
    one op each, masks -> softmax's multiplicative 0/1 mask;
 6. `lower_to_mpc`: remaining public selections -> arithmetic; only MPC ops remain;
 7. `approximate`: each nonlinearity's method and parameters from the preset;
+   `bound_gelu_inputs`: each SecFormer GeLU's comparison range from the LayerNorm and linear
+   layer before it (fewer bits, and fewer rounds below ~28);
 8. `fuse_sibling_linears`: linear layers reading the same secret input (attention's query,
    key and value) become one, so their input is opened once.
 
@@ -20,7 +22,7 @@ LayerNorms to compute the linear layers after them, one round sooner for more by
 The `PassManager` verifies the graph after every pass and names the pass that broke it.
 """
 
-from . import approximate, decompose, fuse, lower, patterns, rounds, secrecy, support  # noqa: F401  (register passes)
+from . import approximate, bounds, decompose, fuse, lower, patterns, rounds, secrecy, support  # noqa: F401  (register passes)
 from .registry import (
     ENTRY_POINT_GROUP,
     PASSES,
@@ -42,6 +44,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "recognize_softmax_mask",
     "lower_to_mpc",
     "approximate",
+    "bound_gelu_inputs",
     "fuse_sibling_linears",
 )
 

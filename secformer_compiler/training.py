@@ -331,7 +331,8 @@ def with_weights(graph: Graph, weights: Mapping[str, torch.Tensor] | TrainingVie
     for k, v in g.weights.items():
         if tuple(v.shape) != tuple(graph.weights[k].shape):
             raise ValueError(f"weight {k}: shape {tuple(v.shape)} != {tuple(graph.weights[k].shape)}")
-    return g
+    from .passes.bounds import bound_gelu_inputs
+    return bound_gelu_inputs(g)  # GeLU's comparison range follows the weights before it
 
 
 # -- calibration on the approximated program ---------------------------------------------------

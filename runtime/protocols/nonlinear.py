@@ -115,7 +115,9 @@ def gelu_secformer(ctx: Context, x: torch.Tensor | Pending, coeffs: Sequence[flo
 # How far GeLU's segment thresholds may move (in value) so that its comparisons can drop
 # low bits: 2^-5 makes them 17-bit carry trees at f = 16 and the shipped bound (4 rounds
 # and 6.25 bytes per element instead of 5 and 12.25), for an extra error of at most
-# |x| Phi(-|x|) ~ 1.5e-4 next to +-T (`gelu_secformer`).
+# |x| Phi(-|x|) ~ 1.5e-4 next to +-T (`gelu_secformer`). The default for programs whose
+# approximation names no "window"; gelu.secformer's even form declares 2^-3 with its
+# threshold at 4.125 (approx/gelu.py), so that a bound below ~28 gives 8-bit trees.
 GELU_CMP_WINDOW = 2.0 ** -5
 
 
@@ -158,12 +160,15 @@ def gelu_cmp_from_params(params, f: int) -> tuple[int, int]:
     """(bits, drop) a compiled gelu.secformer node runs with (2PC rule and cost model).
 
     An explicit "bits" wins (with "drop", default 0); else "input_bound" (the
-    approximation's declared comparison range) gives `gelu_cmp_plan`; programs compiled
-    before that parameter existed keep the full 64 bits they were compiled with."""
+    approximation's declared comparison range) gives `gelu_cmp_plan` with the
+    approximation's "window" (GELU_CMP_WINDOW for programs compiled before it existed);
+    programs compiled before input_bound existed keep the full 64 bits they were compiled
+    with."""
     if "bits" in params:
         return int(params["bits"]), int(params.get("drop", 0))
     if "input_bound" in params:
-        return gelu_cmp_plan(f, float(params["threshold"]), float(params["input_bound"]))
+        return gelu_cmp_plan(f, float(params["threshold"]), float(params["input_bound"]),
+                             float(params.get("window", GELU_CMP_WINDOW)))
     return 64, 0
 
 

@@ -29,11 +29,18 @@ a product by x, which the fused one-round protocol (`sine.x_sine_series`) pays f
 dealt shares of a S_k and a C_k: 4K ring values per element from the dealer. The even form
 needs no product by x (`sine.x_cos_series`): 2K values, half the dealer's correlated
 randomness and its CPU, and half the parties' series arithmetic, in the same one round
-and with the same 8-byte opening. gamma (`fit_gelu_even_cos_series(16, 4.0, 7)`, least
-squares on 8001 points of [-4, 4]) is within 8.2e-5 of h on the segment; the GeLU error
-over all x is 1.27e-4, set by the segment ends (|x| Phi(-|x|) at T = 4) as before.
-sum |gamma_k| = 15.3 (alternating signs), so the protocol encodes the dealt sines and the
-public factors with f + 4 fractional bits each (rounding adds < 1.5e-5).
+and with the same 8-byte opening. Its segment is T = 4.125 (`GELU_EVEN_THRESHOLD`): the 2PC
+comparisons may move a threshold towards zero by their window, 2^-3 here, so x is taken for
+GeLU(x) down to 4 at worst, within |x| Phi(-|x|) = 1.27e-4 as at T = 4 with no window; a
+window that wide lets the comparisons run 8-bit carry trees (3 rounds, not 4) wherever the
+input bound is below about 28 (`passes/bounds.py` derives it from the LayerNorm and linear
+layer before the GeLU). gamma (`fit_gelu_even_cos_series(16, 4.125, 7)`, least squares on
+8001 points of [-4.125, 4.125]) is within 1.08e-4 of h on the segment (8.2e-5 on [-4, 4]);
+the GeLU error over all x is 1.27e-4, set by the window's end. sum |gamma_k| = 9.2
+(alternating signs), so the protocol encodes the dealt sines and the public factors with
+f + 4 fractional bits each (rounding adds < 1e-5). Until 2026-11-27 17:45 UTC it was fitted
+on [-4, 4] with a 2^-5 window (the erf form keeps those: its series fits [-4.125, 4.125]
+only to 1.9e-4).
 """
 
 from __future__ import annotations
@@ -56,6 +63,14 @@ ERF_SINE_PERIOD = 16  # int: the runtime checks it is a power of two
 # a threshold may move by 2^-5 towards zero, which changes the output by at most ~1.5e-4).
 GELU_CMP_INPUT_BOUND = 1024.0
 ERF_SINE_THRESHOLD = 4.0
+# How far (towards zero) the 2PC segment comparisons may move a threshold so that they can
+# drop low bits (`nonlinear.gelu_cmp_plan`): there x is taken for GeLU(x) (or 0 for x < -T),
+# an error of |x| Phi(-|x|). The erf form keeps 2^-5 (1.5e-4 at T - 2^-5); the even form's
+# segment reaches T = 4 + 2^-3 so that a window of 2^-3 stops at 4 (1.27e-4): that lets an
+# input bound below ~28 (`passes/bounds.py`) run 8-bit carry trees, 3 rounds instead of 4.
+ERF_CMP_WINDOW = 2.0 ** -5
+GELU_EVEN_THRESHOLD = 4.125
+GELU_EVEN_WINDOW = 2.0 ** -3
 # fit_erf_sine_series(16, 4.0, 7, 8001); tests/compiler/test_approximations.py refits.
 ERF_SINE_COEFFS = (
     1.3258256851832724,
@@ -67,17 +82,17 @@ ERF_SINE_COEFFS = (
     0.010418461005737479,
 )
 
-# fit_gelu_even_cos_series(16, 4.0, 7, 8001): gamma_0, then gamma_1..gamma_7 (the module
+# fit_gelu_even_cos_series(16, 4.125, 7, 8001): gamma_0, then gamma_1..gamma_7 (the module
 # docstring; tests/compiler/test_approximations.py refits).
-GELU_EVEN_CONST = 3.9009572330194144
+GELU_EVEN_CONST = 3.446777978889845
 GELU_EVEN_COEFFS = (
-    -5.226668447457212,
-    2.703656717792097,
-    -1.9559181540429202,
-    0.9124868774652981,
-    -0.41928452211122996,
-    0.10983215829386458,
-    -0.02503698382433586,
+    -4.398254275410558,
+    2.0779100616033905,
+    -1.5697356976396186,
+    0.7229350877178822,
+    -0.34890897449160485,
+    0.09197356761870205,
+    -0.02266420901701746,
 )
 
 # PUMA GeLU pieces, lowest degree first (BASELINES.md; SPU/PUMA source).
@@ -146,16 +161,18 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
     op="gelu",
     method="fourier_even",
     domain=(-32.0, 32.0),
-    params={"period": ERF_SINE_PERIOD, "threshold": ERF_SINE_THRESHOLD, "coeffs": GELU_EVEN_COEFFS,
-            "const": GELU_EVEN_CONST, "form": "even", "input_bound": GELU_CMP_INPUT_BOUND},
+    params={"period": ERF_SINE_PERIOD, "threshold": GELU_EVEN_THRESHOLD, "coeffs": GELU_EVEN_COEFFS,
+            "const": GELU_EVEN_CONST, "form": "even", "input_bound": GELU_CMP_INPUT_BOUND,
+            "window": GELU_EVEN_WINDOW},
     declared_max_abs_err=1.5e-4,
     source="SecFormer (Luo et al., Findings of ACL 2024), segmented Fourier-series GeLU with "
     "the secure sine; the series is of GeLU's even part (x/2) erf(x/sqrt 2), in cosines of a "
     "power-of-two period, so no product by x is needed (this module's docstring)",
     notes="same segments and comparisons as gelu.secformer_erf (the paper's erf form), half "
     "its dealt randomness; the error is the same for every |x| > T, so it holds beyond the "
-    "swept domain up to input_bound (the 2PC comparisons' range; each threshold may move by "
-    "up to 2^-5 towards zero there, about 1.5e-4 more error)",
+    "swept domain up to input_bound (the 2PC comparisons' range, tightened per GeLU from the "
+    "LayerNorm and linear layer before it by passes/bounds.py); each threshold (4.125) may move "
+    "by up to the window 2^-3 towards zero there, where GeLU(x) = x is off by at most 1.27e-4",
 )
 @approximation(
     "gelu.secformer_erf",
@@ -163,7 +180,7 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
     method="fourier_erf",
     domain=(-32.0, 32.0),
     params={"period": ERF_SINE_PERIOD, "threshold": ERF_SINE_THRESHOLD, "coeffs": ERF_SINE_COEFFS,
-            "form": "erf", "input_bound": GELU_CMP_INPUT_BOUND},
+            "form": "erf", "input_bound": GELU_CMP_INPUT_BOUND, "window": ERF_CMP_WINDOW},
     declared_max_abs_err=1.5e-4,
     source="SecFormer (Luo et al., Findings of ACL 2024), erf by a segmented Fourier series; "
     "refit for a power-of-two period (this module's docstring)",
@@ -175,13 +192,14 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
 def gelu_fourier(
     x: torch.Tensor, *, period: float, threshold: float, coeffs: tuple[float, ...],
     input_bound: float = GELU_CMP_INPUT_BOUND, form: str = "erf", const: float = 0.0,
+    window: float = ERF_CMP_WINDOW,
 ) -> torch.Tensor:
     """SecFormer's segmented Fourier GeLU: 0 for x < -T, x for x > T, and in between
     form "erf": x/2 (1 + sum beta_k sin(2 pi k x / P)) (the paper's erf series), or
     form "even": x/2 + const + sum gamma_k cos(2 pi k x / P) (the even part's series).
 
-    input_bound is a runtime parameter (the comparison width); the float reference has
-    no range limit and ignores it. Programs compiled before `form` existed hold erf
+    input_bound and window are runtime parameters (the comparisons' width and how far they
+    may move a threshold); the float reference has no range limit and ignores both. Programs compiled before `form` existed hold erf
     coefficients and no form: the default reads them as such."""
     series = torch.zeros_like(x)
     if form == "erf":

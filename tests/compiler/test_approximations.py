@@ -331,7 +331,7 @@ def test_spec_validation_and_param_access():
             declared_max_abs_err=0,
         )
     spec = get_approx("gelu.secformer")
-    assert spec.period == 16 and spec.threshold == 4.0
+    assert spec.period == 16 and spec.threshold == 4.125  # the even form: window 2^-3 stops at 4
     with pytest.raises(AttributeError, match="no field or param 'nope'"):
         _ = spec.nope
     with pytest.raises(TypeError):

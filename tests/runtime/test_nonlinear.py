@@ -58,15 +58,18 @@ def _gelu_program(shape, bits, drop=0, pending=False, form="erf"):
     (64, 0, False, "erf"), (33, 0, False, "erf"), (32, 0, False, "erf"), (28, 11, False, "erf"),
     (23, 6, False, "erf"), (28, 11, True, "erf"), (64, 0, True, "erf"),
     (64, 0, False, "even"), (33, 0, False, "even"), (28, 11, False, "even"), (23, 6, False, "even"),
-    (28, 11, True, "even"), (64, 0, True, "even")])
+    (28, 11, True, "even"), (64, 0, True, "even"),
+    # the even form's 2^-3 window at a bound below ~28 (passes/bounds.py): 8-bit carry trees
+    (22, 13, False, "even"), (22, 13, True, "even")])
 def test_gelu_secformer(cluster, seed, bits, drop, pending, form):
     """x ~ N(0, 3^2), a sweep of [-20, 20] with both thresholds' neighbourhoods (inside the
     dropped bits' window too), and, below 64 bits, a sweep out to the comparison width's
     limit (|x| + T) 2^f + 2^drop <= 2^(bits - 1). pending: x is a pending truncation
     (deferral.py): the comparisons read its base (28 bits), or it is finished first (64).
     form: the paper's erf series (x G(x)) or the even part's cosine series (the default
-    gelu.secformer), which must give the same error and the same rounds and bytes."""
-    t = ERF_SINE_THRESHOLD
+    gelu.secformer, its segment at 4.125), which must give the same error and the same
+    rounds and bytes."""
+    t = get_approx("gelu.secformer" if form == "even" else "gelu.secformer_erf").threshold
     u = 2.0 ** -16
     w = 2.0 ** (drop - 16)  # how far a threshold may move
     edges = torch.tensor([t, -t, t + u, -t - u, t - u, -t + u, 0.0, 20.0, -20.0],
@@ -96,13 +99,15 @@ def test_gelu_secformer(cluster, seed, bits, drop, pending, form):
     n = x.numel()
     print(f"gelu bits={bits} drop={drop}: {cost.rounds} rounds, {cost.bytes / n:.2f} bytes/element/party")
     # a pending x costs a round only where the comparisons need all 64 bits
-    assert cost.rounds == {64: 7, 33: 6, 32: 6, 28: 5, 23: 5}[bits] + (pending and bits == 64)
+    assert cost.rounds == {64: 7, 33: 6, 32: 6, 28: 5, 23: 5, 22: 4}[bits] + (pending and bits == 64)
 
 
 @pytest.mark.parametrize("f, bound, window, plan", [
     (16, 1024.0, None, (28, 11)), (12, 1024.0, None, (24, 7)), (20, 4000.0, None, (33, 0)),
     (16, 2.0 ** 16, None, (34, 1)), (24, 1024.0, None, (36, 19)), (16, 8.0, None, (21, 4)),
     (4, 8.0, None, (9, 0)), (16, 32.0, None, (23, 6)),
+    # the even form's window (approx/gelu.py): 8-bit trees up to a bound of ~28
+    (16, 17.0, 2.0 ** -3, (22, 13)), (16, 28.0, 2.0 ** -3, (23, 6)), (16, 1024.0, 2.0 ** -3, (28, 11)),
     # window 0: the exact widths (no dropped bits)
     (16, 1024.0, 0.0, (33, 0)), (20, 4000.0, 0.0, (33, 0)), (16, 2.0 ** 16, 0.0, (64, 0)),
     (24, 1024.0, 0.0, (64, 0)), (16, 8.0, 0.0, (33, 0))])
@@ -125,6 +130,10 @@ def test_gelu_cmp_plan_covers_the_bound(f, bound, window, plan):
 def test_gelu_cmp_from_params():
     spec = get_approx("gelu.secformer")
     assert gelu_cmp_from_params(spec.params, 16) == (28, 11)  # the shipped bound, 1024
+    # the window the approximation declares (2^-3 for the even form) at a tightened bound
+    assert gelu_cmp_from_params({**spec.params, "input_bound": 17.0}, 16) == (22, 13)
+    old_window = {k: v for k, v in spec.params.items() if k != "window"}  # compiled before "window"
+    assert gelu_cmp_from_params({**old_window, "input_bound": 17.0}, 16) == (22, 5)
     assert gelu_cmp_from_params({**spec.params, "bits": 64}, 16) == (64, 0)  # explicit width wins
     assert gelu_cmp_from_params({**spec.params, "bits": 28, "drop": 11}, 16) == (28, 11)
     old = {k: v for k, v in spec.params.items() if k != "input_bound"}
