@@ -7,11 +7,11 @@ commutes with a product on the right: LN(x) W = r (Z W) + beta W
 (runtime/protocols/nonlinear.py, `layernorm_goldschmidt(commute=...)`). The linear's
 output is then ready with the LayerNorm's own, one round sooner: two rounds per
 Transformer layer (FFN1 and the next layer's query/key/value), BERT-base at seq 128:
-347 rounds instead of 370.
+335 rounds instead of 358.
 
 The price is bytes and CPU: r (Z W) opens Z W, the linear's output width (2304 for the
-fused Q/K/V, 3072 for FFN1), where the linear would open LN(x) (768): 384 MiB per party
-instead of 323, and about 0.6 s more per BERT-base inference on 2 cores. Each saved round
+fused Q/K/V, 3072 for FFN1), where the linear would open LN(x) (768): 357 MiB per party
+instead of 296, and about 0.6 s more per BERT-base inference on 2 cores. Each saved round
 is worth RTT, each extra byte 8 / bandwidth, so it pays off only where RTT x bandwidth
 exceeds about 22 Mbit (61 MiB / 23 rounds): e.g. 40 ms at 1 Gbit/s, not a LAN (0.5 ms at
 1 Gbit/s) or a 100 Mbit/s WAN. Hence a compile option (`compile(fewer_rounds=True)`,

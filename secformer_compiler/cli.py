@@ -285,8 +285,8 @@ def compile_cmd(
                                                             "repeatable. E.g. gelu=gelu.secformer_erf (the "
                                                             "paper's erf series), softmax=puma."),
     fewer_rounds: bool = typer.Option(False, help="Trade bytes for rounds: LayerNorms compute the linear layers "
-                                                  "after them (one round fewer each; BERT-base: 347 rounds instead "
-                                                  "of 370, 384 MiB per party instead of 323). For high-latency, "
+                                                  "after them (one round fewer each; BERT-base: 335 rounds instead "
+                                                  "of 358, 357 MiB per party instead of 296). For high-latency, "
                                                   "high-bandwidth links."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:

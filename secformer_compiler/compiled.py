@@ -222,8 +222,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             LayerNorm, for less margin outside the calibrated range (see that constant).
         fewer_rounds: LayerNorms compute the linear layers after them with their 1/sigma
             applied after the product (passes/rounds.py): one round fewer per LayerNorm
-            followed by a linear (BERT-base, seq 128: 347 rounds instead of 370) for more
-            bytes (384 MiB per party instead of 323) and CPU. Worth it only where the
+            followed by a linear (BERT-base, seq 128: 335 rounds instead of 358) for more
+            bytes (357 MiB per party instead of 296) and CPU. Worth it only where the
             round trip times the bandwidth exceeds about 22 Mbit (40 ms at 1 Gbit/s).
         per_op / overrides: per-op methods, e.g. softmax="puma".
     """
