@@ -327,6 +327,19 @@ def gelu_records(cluster: ProcessCluster, quick: bool, runs: int, gen: torch.Gen
                           declared=nonlinear.gelu_secformer_cost(shape, bits=64), reference=ref,
                           runs=runs, config={**cfg, "comparison_bits": 64, "comparison_dropped_low_bits": 0},
                           note=note64))
+    # The width at a bound derived from the weights (passes/bounds.py: 17 for BERT-base with
+    # random weights): x is drawn within it, since outside it the comparisons wrap.
+    b17, d17 = nonlinear.gelu_cmp_from_params({**spec.params, "input_bound": 17.0}, FX.frac_bits)
+    x17 = x.clamp(-17.0, 17.0)
+    note17 = (note.split("; " + f"{bits}-bit")[0] + f"; {b17}-bit comparisons of the shares' top {b17 - d17} bits "
+              f"(8-bit carry trees), the plan for the input bound 17 that passes/bounds.py derives for BERT-base's "
+              f"FFN1 from its LayerNorm and weights (thresholds moved by at most 2^{d17 - FX.frac_bits} towards zero).")
+    out.append(run_record(cluster, op="gelu", record="gelu[input bound 17]", inputs_f=[x17], owners=[P0],
+                          params={**params, "bits": b17, "drop": d17},
+                          declared=nonlinear.gelu_secformer_cost(shape, bits=b17, drop=d17),
+                          reference=torch.nn.functional.gelu(x17), runs=runs,
+                          config={**cfg, "comparison_bits": b17, "comparison_dropped_low_bits": d17,
+                                  "input_bound": 17.0}, note=note17))
     return out
 
 
