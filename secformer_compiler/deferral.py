@@ -62,7 +62,6 @@ _KEYS = ("defer", "pending_in", "pending_shift", "folded", "unnormalized", "norm
          "raw", "raw_in", "raw_add", "defer_raw", "commute_into", "commuted")
 
 
-
 def _power_of_two_shift(factor: float) -> int | None:
     """s with factor = 2^-s, s >= 0; None otherwise."""
     if not factor > 0:

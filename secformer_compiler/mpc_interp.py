@@ -207,7 +207,7 @@ def _matmul(ctx, node, ins):
 @rule("linear")
 def _linear(ctx, node, ins):
     if isinstance(ins[0], nl.Commuted):  # the LayerNorm before it computed x W (deferral.py)
-        z, in_frac = ins[0].products[node.name], ins[0].frac
+        z, in_frac = ins[0].products[node.name], ins[0].raw.frac
     else:
         x, in_frac = (ins[0].value, ins[0].frac) if isinstance(ins[0], T.Raw) else (ins[0], ctx.f)
         z = yield from arith.matmul_fixed(ctx, x, ctx.state[arith.FIXED_OPERANDS][_fixed_key(node, 1)])

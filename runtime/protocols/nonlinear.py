@@ -262,13 +262,13 @@ def layernorm_commutes(iters: int) -> bool:
 @dataclass
 class Commuted:
     """A raw LayerNorm output (`raw`, for the residual add) and, per linear layer after it,
-    LN(x) W at f + `frac` bits (`products`, by the linear's node name) computed as
-    r (Z W) + beta W: the row scaling r = 1/sigma commutes with a product on the right, so
-    Z W runs beside the rsqrt iterations (`layernorm_goldschmidt(commute=...)`)."""
+    LN(x) W at f + raw.frac bits (`products`, by the linear's node name: as a linear by the
+    raw output would carry) computed as r (Z W) + beta W: the row scaling r = 1/sigma
+    commutes with a product on the right, so Z W runs beside the rsqrt iterations
+    (`layernorm_goldschmidt(commute=...)`)."""
 
     raw: Raw
     products: dict[str, torch.Tensor]
-    frac: int
 
 
 def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
@@ -381,8 +381,7 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
         # beta W (2f bits) to the products' 2f + r_frac
         res = {k: v if products[k][1] is None else v + (products[k][1] << r_frac)
                for k, v in zip(names, scaled)}
-        return Commuted(Raw(out if bias is None else out + (bias << r_frac), f + r_frac), res,
-                        f + r_frac)
+        return Commuted(Raw(out if bias is None else out + (bias << r_frac), f + r_frac), res)
     out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
     if raw:  # Z (f bits) times r (r_frac bits), for the consumer to truncate
         return Raw(out if bias is None else out + (bias << r_frac), f + r_frac)
