@@ -118,12 +118,14 @@ def check_override(op: str, method: str) -> None:
 @register_pass("approximate")
 def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str, str] | None = None,
                 calibration: Mapping[str, Any] | None = None,
-                target_rel_err: float | None = None) -> Graph:
+                target_rel_err: float | None = None, table_seeds: bool = True) -> Graph:
     """Attach method and params to every gelu / layernorm / softmax / tanh node.
 
     calibration: {node: (lo, hi)} input ranges of the Goldschmidt steps; each calibrated step
     gets the prescale and fewest iterations that meet `target_rel_err` there (None:
-    `approx.CALIBRATION_TARGET_REL_ERR`, 1e-4 relative)."""
+    `approx.CALIBRATION_TARGET_REL_ERR`, 1e-4 relative). table_seeds: a calibrated 2Quad
+    division may be a table seed and Newton steps where that takes fewer rounds
+    (approx/table_seed.py)."""
     approx = _registry()
     target = approx.CALIBRATION_TARGET_REL_ERR if target_rel_err is None else float(target_rel_err)
     if not 0 < target < 0.5:
@@ -158,7 +160,7 @@ def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str,
         if rng is not None and "prescale" in spec.params and "iterations" in spec.params:
             lo, hi = rng
             spec = approx.calibrate_goldschmidt(spec, float(lo), float(hi), target,
-                                                applied=_applied_prescale(n))
+                                                applied=_applied_prescale(n), table_seed=table_seeds)
         n.attrs.update(method=name, params=dict(spec.params))
         chosen[n.name] = spec
     if problems:
@@ -167,4 +169,5 @@ def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str,
     graph.meta = {**graph.meta, "approximations": chosen, "preset": preset, "approximation_notes": notes}
     if calibration:
         graph.meta["goldschmidt_target"] = target
+        graph.meta["table_seeds"] = bool(table_seeds)
     return graph

@@ -199,7 +199,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             calibration: Sequence[Any] | None = None, frac_bits: int = 16, trunc: str = "exact",
             overrides: Mapping[str, str] | None = None, range_margin: float | None = None,
             goldschmidt_target: float | None = None, fewer_rounds: bool = False,
-            **per_op: str) -> CompiledModel:
+            table_seeds: bool = True, **per_op: str) -> CompiledModel:
     """Compile `model` for 2PC inference.
 
     Args:
@@ -225,6 +225,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             followed by a linear (BERT-base, seq 128: 335 rounds instead of 358) for more
             bytes (357 MiB per party instead of 296) and CPU. Worth it only where the
             round trip times the bandwidth exceeds about 22 Mbit (40 ms at 1 Gbit/s).
+        table_seeds: a calibrated 2Quad division starts from a dealer's lookup table (one
+            round) and takes one Newton step where that meets the target, instead of
+            Goldschmidt's iterations (approx/table_seed.py; BERT-base, seq 128: 5 rounds
+            fewer per layer). False keeps Goldschmidt everywhere.
         per_op / overrides: per-op methods, e.g. softmax="puma".
     """
     from .calibrate import resolve_margin
@@ -244,7 +248,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
         from .training import measure_ranges
         ranges = measure_ranges(graph, calibration, hi_margin=range_margin)
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
-                         calibration=ranges, goldschmidt_target=goldschmidt_target, **per_op)
+                         calibration=ranges, goldschmidt_target=goldschmidt_target,
+                         table_seeds=table_seeds, **per_op)
     if fewer_rounds:
         from .passes import run_passes
         graph = run_passes(graph, ["commute_layernorm_scaling"])

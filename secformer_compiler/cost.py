@@ -100,7 +100,8 @@ def _mul(node, ins, mode, f):
     if node.meta.get("normalizes"):  # 2Quad(x) @ V after 2Quad's first round (deferral.py)
         p = _p(ins[0])
         return nl.softmax_2quad_matmul_cost(ins[0].shape, ins[1].shape, float(p["prescale"]),
-                                            int(p["iterations"]), f, mode, float(p.get("gamma", 2.0)))
+                                            int(p["iterations"]), f, mode, float(p.get("gamma", 2.0)),
+                                            int(p.get("table_bits", 0)))
     return _product(node, ins, mode)
 
 
@@ -202,7 +203,8 @@ def _sm_2quad(node, ins, mode, f):
     if node.meta.get("unnormalized"):  # its first round only; the matmul after it normalizes
         return nl.softmax_2quad_rows_cost(node.shape, _pending_k(node, mode, f))
     return nl.softmax_2quad_cost(node.shape, float(p["prescale"]), int(p["iterations"]), node.attrs["dim"], f, mode,
-                                 x_k=_pending_k(node, mode, f), gamma=float(p.get("gamma", 2.0)))
+                                 x_k=_pending_k(node, mode, f), gamma=float(p.get("gamma", 2.0)),
+                                 table_bits=int(p.get("table_bits", 0)))
 
 
 @nonlinear_cost("softmax", "softmax.crypten")

@@ -120,10 +120,10 @@ def _softmax_2quad(ctx, node, ins, p) -> Protocol:
     if node.meta.get("unnormalized"):  # its matmul normalizes (deferral.py)
         return nl.softmax_2quad_rows(ctx, ins[0], node.attrs["dim"], float(p["c"]), _mask(node, ins),
                                      prescale=float(p["prescale"]), iters=int(p["iterations"]),
-                                     gamma=float(p.get("gamma", 2.0)))
+                                     gamma=float(p.get("gamma", 2.0)), table_bits=int(p.get("table_bits", 0)))
     return nl.softmax_2quad(ctx, ins[0], node.attrs["dim"], float(p["c"]), _mask(node, ins),
                             prescale=float(p["prescale"]), iters=int(p["iterations"]),
-                            gamma=float(p.get("gamma", 2.0)))
+                            gamma=float(p.get("gamma", 2.0)), table_bits=int(p.get("table_bits", 0)))
 
 
 @nonlinear("softmax", "softmax.crypten")

@@ -29,6 +29,7 @@ from .arith import FixedOperand
 from .compare import bit_mul, bit_mul_cost, gt_public, lt_public, msb_cost, not_bit
 from .cost import Cost
 from .fused import pending_k
+from .lookup import reciprocal_table_core, reciprocal_table_core_cost, reciprocal_table_out_k, table_u_frac
 from .goldschmidt import (SEED_ROBUST, fixed_const, prescale_const, recip_fracs, reciprocal_core,
                           reciprocal_core_cost, reciprocal_core_out_k,
                           rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
@@ -522,11 +523,33 @@ class QuadRows:
     iters: int
     dim: int  # the softmax dim of the caller's layout (q2 has it moved last)
     gamma: float = 2.0  # the reciprocal's first-step constant (reciprocal_core)
+    table_bits: int = 0  # > 0: the reciprocal is table-seeded Newton (lookup.py), iters its steps
+    s: torch.Tensor | None = None  # p' sum at 2f + shift bits (the table's index reads it)
+
+
+def _row_reciprocal(ctx: Context, rows: QuadRows, r_frac: int) -> Protocol:
+    """1/sum at r_frac bits, pending: Goldschmidt (goldschmidt.reciprocal_core) or, with
+    table_bits, a table seed and rows.iters Newton steps (lookup.reciprocal_table_core)."""
+    if rows.table_bits:
+        return (yield from reciprocal_table_core(ctx, rows.s, 2 * ctx.f + rows.shift, rows.y0, rows.mult,
+                                                 rows.shift, rows.table_bits, rows.iters, r_frac))
+    return (yield from reciprocal_core(ctx, rows.y0, rows.mult, rows.shift, rows.iters, r_frac, rows.gamma))
+
+
+def _row_reciprocal_cost(rows, mult: int, shift: int, iters: int, r_frac: int, f: int, mode: str,
+                         gamma: float, table_bits: int) -> tuple[Cost, int]:
+    """(cost up to the pending result, the result's pending shift) of `_row_reciprocal`."""
+    if table_bits:
+        u0_k = pending_k(2 * f + shift - table_u_frac(table_bits), mode)
+        return (reciprocal_table_core_cost(rows, table_bits, iters, mode, u0_k),
+                reciprocal_table_out_k(table_bits, shift, r_frac, mode))
+    y0_k, r_k = _recip_pending_ks(mult, shift, iters, r_frac, f, mode, gamma)
+    return reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k, gamma), r_k
 
 
 def softmax_2quad_rows(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: float = 5.0,
                        mask: torch.Tensor | None = None, *, prescale: float,
-                       iters: int, gamma: float = 2.0) -> Protocol:
+                       iters: int, gamma: float = 2.0, table_bits: int = 0) -> Protocol:
     """Round 1 of 2Quad: (x + c)^2 (Beaver square at 2f bits; it finishes a pending x), masked
     by a local product, and the pre-scaled row sum ready for the reciprocal (`QuadRows`)."""
     f = ctx.f
@@ -540,13 +563,16 @@ def softmax_2quad_rows(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c
         q2 = q2 * ctx.pub(torch.as_tensor(mask).to(torch.int64).expand(shape).movedim(dim, -1))
     s = q2.sum(-1, keepdim=True) * mult  # p' sum at 2f + shift bits
     # y0's truncation round is the reciprocal's first opening (fused.py)
+    if table_bits:
+        y0 = begin_rescale(ctx, s, 2 * f + shift, table_u_frac(table_bits))
+        return QuadRows(q2, y0, mult, shift, iters, dim, gamma, table_bits, s)
     y0 = begin_rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters, gamma)[0])
     return QuadRows(q2, y0, mult, shift, iters, dim, gamma)
 
 
 def softmax_2quad(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: float = 5.0,
                   mask: torch.Tensor | None = None, *, prescale: float, iters: int,
-                  gamma: float = 2.0) -> Protocol:
+                  gamma: float = 2.0, table_bits: int = 0) -> Protocol:
     """2Quad: q / sum(q) with q = (x + c)^2 * mask; mask is a public 0/1 tensor (broadcast).
 
     x may be a pending truncation (the scores' product left its truncation to round 1).
@@ -568,11 +594,9 @@ def softmax_2quad(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c: flo
     """
     f = ctx.f
     rows = yield from softmax_2quad_rows(ctx, x, dim, c, mask, prescale=prescale, iters=iters,
-                                         gamma=gamma)
+                                         gamma=gamma, table_bits=table_bits)
     r_frac = _softmax_plan(prescale, f)[2]
-    q, r = yield from parallel(trunc(ctx, rows.q2, f),
-                               reciprocal_core(ctx, rows.y0, rows.mult, rows.shift, iters, r_frac,
-                                               gamma))
+    q, r = yield from parallel(trunc(ctx, rows.q2, f), _row_reciprocal(ctx, rows, r_frac))
     out = yield from fused.mul(ctx, q, r)  # finishes r's pending rescale in the same round
     out = yield from trunc(ctx, out, r_frac)
     return out.movedim(-1, dim)
@@ -624,8 +648,7 @@ def softmax_2quad_matmul(ctx: Context, rows: QuadRows, v: torch.Tensor) -> Proto
         d = yield from arith.matmul(ctx, q.movedim(-1, rows.dim), v)
         return begin(ctx, d, f)
 
-    d, r = yield from parallel(qv(), reciprocal_core(ctx, rows.y0, rows.mult, rows.shift,
-                                                     rows.iters, r_frac, rows.gamma))
+    d, r = yield from parallel(qv(), _row_reciprocal(ctx, rows, r_frac))
     out = yield from fused.mul(ctx, d, r)  # finishes both pending truncations
     return (yield from trunc(ctx, out, r_frac))
 
@@ -644,21 +667,20 @@ def softmax_2quad_rows_cost(shape, x_k: int = 0) -> Cost:
 
 
 def softmax_2quad_cost(shape, prescale: float, iters: int, dim: int = -1, f: int = 16,
-                       mode: str = "exact", x_k: int = 0, gamma: float = 2.0) -> Cost:
+                       mode: str = "exact", x_k: int = 0, gamma: float = 2.0,
+                       table_bits: int = 0) -> Cost:
     """x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share)."""
     shape = list(shape)
     n = shape.pop(dim if dim >= 0 else len(shape) + dim)
     full, rows = tuple(shape) + (n,), tuple(shape) + (1,)
     mult, shift, r_frac = _softmax_plan(prescale, f)
     t = trunc_cost(full, mode)
-    y0_k, r_k = _recip_pending_ks(mult, shift, iters, r_frac, f, mode, gamma)
-    return (softmax_2quad_rows_cost(full, x_k)
-            + (t | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k, gamma))
-            + fused.mul_cost(full, 0, rows, r_k) + t)
+    recip, r_k = _row_reciprocal_cost(rows, mult, shift, iters, r_frac, f, mode, gamma, table_bits)
+    return softmax_2quad_rows_cost(full, x_k) + (t | recip) + fused.mul_cost(full, 0, rows, r_k) + t
 
 
 def softmax_2quad_matmul_cost(q_shape, v_shape, prescale: float, iters: int, f: int = 16,
-                              mode: str = "exact", gamma: float = 2.0) -> Cost:
+                              mode: str = "exact", gamma: float = 2.0, table_bits: int = 0) -> Cost:
     """Cost of `softmax_2quad_matmul` after `softmax_2quad_rows` (q_shape: 2Quad's output,
     normalized dim last; v_shape: V's)."""
     q_shape, v_shape = tuple(q_shape), tuple(v_shape)
@@ -666,7 +688,6 @@ def softmax_2quad_matmul_cost(q_shape, v_shape, prescale: float, iters: int, f: 
     out = tuple(torch.broadcast_shapes(q_shape[:-2], v_shape[:-2])) + (q_shape[-2], v_shape[-1])
     mult, shift, _ = _softmax_plan(prescale, f)
     r_frac = attend_r_frac(shift, f)
-    y0_k, r_k = _recip_pending_ks(mult, shift, iters, r_frac, f, mode, gamma)
+    recip, r_k = _row_reciprocal_cost(rows, mult, shift, iters, r_frac, f, mode, gamma, table_bits)
     qv = trunc_cost(q_shape, mode) + arith.beaver_cost(q_shape, v_shape)
-    return ((qv | reciprocal_core_cost(rows, mult, shift, iters, r_frac, f, mode, y0_k, gamma))
-            + fused.mul_cost(out, pending_k(f, mode), rows, r_k) + trunc_cost(out, mode))
+    return (qv | recip) + fused.mul_cost(out, pending_k(f, mode), rows, r_k) + trunc_cost(out, mode)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .goldschmidt import GOLDSCHMIDT_DEFAULTS, reciprocal_goldschmidt
+from .table_seed import reciprocal_table
 from .goldschmidt import SOURCE as GOLDSCHMIDT_SOURCE
 from .iterative import (
     CRYPTEN,
@@ -78,7 +79,7 @@ def _quad2_target(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int = 
     method="2quad",
     domain=(-4.0, 3.0),
     params={"c": 5.0, "prescale": _SUM.choice.prescale, "iterations": _SUM.choice.iterations,
-            "gamma": 2.0},
+            "gamma": 2.0, "table_bits": 0},
     declared_max_abs_err=1.2e-7,
     target=_quad2_target,
     replacement=True,
@@ -97,12 +98,17 @@ def softmax_2quad(
     prescale: float,
     iterations: int,
     gamma: float = 2.0,
+    table_bits: int = 0,
 ) -> torch.Tensor:
     """(x + c)^2 mask * Goldschmidt(1 / sum((x + c)^2 mask)): no exp, no max.
 
-    gamma: the Goldschmidt first step's constant (goldschmidt.choose_seeded_goldschmidt)."""
+    gamma: the Goldschmidt first step's constant (goldschmidt.choose_seeded_goldschmidt).
+    table_bits > 0: the division is a table seed and `iterations` Newton steps instead
+    (table_seed.py; calibrate_goldschmidt picks it where it takes fewer rounds)."""
     num = _apply_mask((x + c) ** 2, mask)
     den = num.sum(dim, keepdim=True)
+    if table_bits:
+        return num * reciprocal_table(den, prescale=prescale, table_bits=table_bits, iterations=iterations)
     # An all-masked row has den = 0: Goldschmidt then returns 2^n * s, finite, times num = 0.
     return num * reciprocal_goldschmidt(den, prescale=prescale, iterations=iterations, gamma=gamma)
 

@@ -281,13 +281,32 @@ def test_seeded_goldschmidt_choice():
 
 def test_calibrate_goldschmidt_seeds_specs_that_take_gamma():
     quad = get_approx("softmax.2quad")
-    tuned = calibrate_goldschmidt(quad, 2457.0, 8363.0)
-    assert tuned.params["gamma"] != 2.0 and tuned.iterations == 4
+    tuned = calibrate_goldschmidt(quad, 2457.0, 8363.0, table_seed=False)
+    assert tuned.params["gamma"] != 2.0 and tuned.iterations == 4 and tuned.params["table_bits"] == 0
     ln = calibrate_goldschmidt(get_approx("layernorm.secformer"), 1.0, 4.0)
     assert ln.params["gamma"] != 3.0 and ln.iterations == 4  # plain: 5
     assert measure_error(ln).max_rel <= ln.declared_max_rel_err
     plain = get_approx("reciprocal.goldschmidt")  # declares no gamma: the plain step
     assert "gamma" not in calibrate_goldschmidt(plain, 2457.0, 8363.0).params
+
+
+def test_calibrate_goldschmidt_seeds_2quad_from_a_table_where_it_saves_rounds():
+    """2Quad's division becomes a table seed and one Newton step (2 rounds) where that meets
+    the target; the derived spec declares the error it achieves and meets it; a range too
+    wide for a cheaper table keeps Goldschmidt; specs without table_bits never change."""
+    quad = get_approx("softmax.2quad")
+    tuned = calibrate_goldschmidt(quad, 2457.0, 8363.0)
+    assert tuned.params["table_bits"] > 0 and tuned.iterations == 1
+    assert tuned.declared_max_abs_err <= 1e-4 * 1.01
+    x = torch.rand(64, 4, 128, dtype=torch.float64) * 7 - 4  # row sums of (x + 5)^2 in [1, 8192]
+    x = x.clamp(-0.62, 3)  # ... here, sums above 128 * 4.38^2 = 2457: inside the range
+    got = tuned.fn(x, **tuned.params)
+    want = ((x + 5) ** 2) / ((x + 5) ** 2).sum(-1, keepdim=True)
+    assert (got - want).abs().max().item() <= tuned.declared_max_abs_err
+    wide = calibrate_goldschmidt(quad, 1.0, 8192.0)  # no table within 11 bits and 3 steps pays
+    assert wide.params["table_bits"] == 0
+    ln = calibrate_goldschmidt(get_approx("layernorm.secformer"), 1.0, 4.0)
+    assert "table_bits" not in ln.params
 
 
 # --- registry and spec data ----------------------------------------------------------------

@@ -12,7 +12,8 @@ from secformer_compiler.approximations import (
 from secformer_compiler.runtime.engine import run_clear
 from secformer_compiler.runtime.local import LocalCluster
 from secformer_compiler.runtime.protocols import arith
-from secformer_compiler.runtime.protocols.goldschmidt import effective_prescale
+from secformer_compiler.approx.table_seed import choose_table_reciprocal
+from secformer_compiler.runtime.protocols.goldschmidt import effective_prescale, prescale_const
 from secformer_compiler.runtime.protocols.trunc import begin, trunc_cost
 from secformer_compiler.runtime.protocols.nonlinear import (
     gelu_cmp_from_params, gelu_cmp_plan, gelu_secformer, gelu_secformer_cost,
@@ -340,10 +341,22 @@ def _quad_ref(x, mask, c=5.0):
     return q / q.sum(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("dim,pending", [(-1, False), (1, False), (-1, True)])
-def test_softmax_2quad(cluster, seed, dim, pending):
+def _choose_division(lo, hi, table):
+    """(prescale, iterations, table_bits) for row sums in [lo, hi]: Goldschmidt, or a table
+    seed and Newton steps (approx/table_seed.py)."""
+    if table:
+        c = choose_table_reciprocal(lo, hi, 1e-4, headroom=1.0)
+        return c.prescale, c.iterations, c.table_bits
+    p, iters, _ = choose_goldschmidt(lo, hi, 1e-4, "reciprocal", headroom=1.0)
+    return effective_prescale(p), iters, 0
+
+
+@pytest.mark.parametrize("dim,pending,table", [(-1, False, False), (1, False, False), (-1, True, False),
+                                               (-1, False, True), (1, True, True)])
+def test_softmax_2quad(cluster, seed, dim, pending, table):
     """pending: x comes as the scores' product at 2f bits times 4, its truncation (by f + 2,
-    a 1/4 scale folded in) deferred to 2Quad's first round (deferral.py)."""
+    a 1/4 scale folded in) deferred to 2Quad's first round (deferral.py). table: the division
+    is a table seed and Newton steps (lookup.py) instead of Goldschmidt."""
     shape = (2, 16, 16)
     x = torch.randn(shape, dtype=torch.float64) * 3
     mask = torch.ones(2, 1, 16, dtype=torch.float64)
@@ -354,14 +367,13 @@ def test_softmax_2quad(cluster, seed, dim, pending):
     calib = torch.randn(64, 2, 16, 16, dtype=torch.float64) * 3
     sums = ((calib + 5) ** 2).sum(-1)
     lo, hi = sums.min().item() * 11 / 16 / 2, sums.max().item() * 2
-    p, iters, _ = choose_goldschmidt(lo, hi, 1e-4, "reciprocal", headroom=1.0)
-    p = effective_prescale(p)
+    p, iters, bits = _choose_division(lo, hi, table)
 
     def program(ctx, xv, m):
         s = yield from arith.share(ctx, xv, 0, shape)
         if pending:
             s = begin(ctx, s, 18)
-        y = yield from softmax_2quad(ctx, s, dim, 5.0, m, prescale=p, iters=iters)
+        y = yield from softmax_2quad(ctx, s, dim, 5.0, m, prescale=p, iters=iters, table_bits=bits)
         return (yield from arith.reveal(ctx, y))
 
     args = (FixedPoint(34).encode(x) if pending else FX.encode(x), mask)
@@ -376,14 +388,17 @@ def test_softmax_2quad(cluster, seed, dim, pending):
     assert err < 1e-4 and err_clear < 1e-4  # measured 3e-5; the brief's budget is 0.005
     out = FX.decode(o0).movedim(dim, -1)
     assert (out[1, :, 11:].abs() <= 2 ** -16).all()  # masked keys: 0 up to the truncation's ulp
-    cost = softmax_2quad_cost(shape, p, iters, dim, x_k=18 if pending else 0)
+    cost = softmax_2quad_cost(shape, p, iters, dim, x_k=18 if pending else 0, table_bits=bits)
     _check_cost(stats, counter, [shape], shape, cost)
-    assert cost.rounds == 3 + iters  # the reciprocal's truncations share its openings
+    # the reciprocal's truncations share its openings; a table takes a round before the steps
+    assert cost.rounds == 3 + iters + (1 if bits else 0)
     print(f"  {cost.rounds} rounds, {cost.bytes / x.numel():.2f} bytes/element/party")
 
 
-@pytest.mark.parametrize("pending,v_scale", [(False, 1.0), (True, 1.0), (False, "bound")])
-def test_softmax_2quad_matmul(cluster, seed, pending, v_scale):
+@pytest.mark.parametrize("pending,v_scale,table", [(False, 1.0, False), (True, 1.0, False),
+                                                   (False, "bound", False), (True, 1.0, True),
+                                                   (False, "bound", True)])
+def test_softmax_2quad_matmul(cluster, seed, pending, v_scale, table):
     """2Quad(x) @ V normalized after the product (deferral.py's attention fusion) against
     the float reference, in 2PC and the simulator, with padding and a pending x, for V up
     to its declared bound (`attend_out_bound`); and two rounds fewer than 2Quad, then the
@@ -395,9 +410,8 @@ def test_softmax_2quad_matmul(cluster, seed, pending, v_scale):
     calib = torch.randn(64, *shape, dtype=torch.float64) * 3
     sums = ((calib + 5) ** 2).sum(-1)
     lo, hi = sums.min().item() * 11 / 16 / 2, sums.max().item() * 2
-    p, iters, _ = choose_goldschmidt(lo, hi, 1e-4, "reciprocal", headroom=1.0)
-    p = effective_prescale(p)
-    shift = round(-math.log2(p))
+    p, iters, bits = _choose_division(lo, hi, table)
+    shift = prescale_const(p)[1]
     v = torch.randn(v_shape, dtype=torch.float64)
     if v_scale == "bound":  # every sign and size up to 0.9 of the bound, one entry at it
         bound = attend_out_bound(shift, 16)
@@ -410,7 +424,7 @@ def test_softmax_2quad_matmul(cluster, seed, pending, v_scale):
         vs = yield from arith.share(ctx, vv, 0, v_shape)
         if pending:
             s = begin(ctx, s, 18)
-        rows = yield from softmax_2quad_rows(ctx, s, -1, 5.0, m, prescale=p, iters=iters)
+        rows = yield from softmax_2quad_rows(ctx, s, -1, 5.0, m, prescale=p, iters=iters, table_bits=bits)
         y = yield from softmax_2quad_matmul(ctx, rows, vs)
         return (yield from arith.reveal(ctx, y))
 
@@ -426,11 +440,12 @@ def test_softmax_2quad_matmul(cluster, seed, pending, v_scale):
           f"max err / (1 + max|V|) 2PC {err:.2e}, simulator {err_clear:.2e}")
     assert err < 1e-4 and err_clear < 1e-4
     cost = (softmax_2quad_rows_cost(shape, 18 if pending else 0)
-            + softmax_2quad_matmul_cost(shape, v_shape, p, iters))
+            + softmax_2quad_matmul_cost(shape, v_shape, p, iters, table_bits=bits))
     _check_cost(stats, counter, [shape, v_shape], v_shape, cost)
-    unfused = (softmax_2quad_cost(shape, p, iters, x_k=18 if pending else 0)
+    unfused = (softmax_2quad_cost(shape, p, iters, x_k=18 if pending else 0, table_bits=bits)
                + arith.beaver_cost(shape, v_shape) + trunc_cost(v_shape))
-    assert cost.rounds == unfused.rounds - 2 == 1 + max(iters, 2) + 2
+    steps = iters + (1 if bits else 0)  # the division's rounds
+    assert cost.rounds == unfused.rounds - 2 == 1 + max(steps, 2) + 2
     assert cost.bytes < unfused.bytes  # the scaling is on (16 x 8) per head, not (16 x 16)
 
 

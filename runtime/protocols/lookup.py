@@ -1,0 +1,166 @@
+"""A one-round table lookup of a shared value's high bits, and the table-seeded reciprocal.
+
+Why: Goldschmidt from a public start (goldschmidt.py) needs as many rounds as iterations,
+five for BERT-base's 2Quad row sums, because its first iterate is only as good as the
+input range is narrow. A seed good to 1% lets one Newton step reach 1e-4 (the relative
+error squares), and a lookup table gives that seed in one round. 2Quad's reciprocal then
+takes 2 rounds instead of 5, on a few values per attention row.
+
+Lookup (a dealer's one-time truth table, as in Ishai et al., "On the Power of Correlated
+Randomness in Secure Computation", TCC 2013): x is shared additively mod 2^64. Each party
+shifts its own share, idx_i = (x_i >> k) mod 2^b; their sum is floor(x / 2^k) - c mod 2^b
+with c in {0, 1} (the carry of the dropped low parts; the 2^64 wrap of the shares is
+2^(64-k), which vanishes mod 2^b for k <= 64 - b). The dealer draws r uniform mod 2^b
+(shared) and shares of the rotated table T_r[z] = table[(z - r) mod 2^b] for every z.
+The parties open z = idx + r mod 2^b, b bits each way, and each outputs its share of
+T_r[z] = table[idx]. So a table entry must suit both floor(x / 2^k) and the one above it.
+
+Security: z is uniform and independent of x (r is fresh and uniform mod 2^b, used once);
+each party's table share is uniform (P0's is drawn from its seed, P1's is the table minus
+it). Nothing else is sent. Cost: one round, b bits per element each way (int16 on the
+wire); the dealer sends P1 2^b ring values per element, so it is for small counts (one
+per attention row).
+
+Reciprocal: u = p sum in (0, 2), p the 2Quad pre-scale. The table indexed by
+j = floor(u 2^(b-1)) (or one below) holds the seed t_j = 2^(b-1) / (j + 1), the minimax
+constant on [j h, (j + 2) h) for h = 2^-(b-1): |1 - u t_j| <= 1 / (j + 1). Each Newton
+step y <- y (2 - u y) squares that error and never overshoots 1/u, as Goldschmidt. One
+step is one round that opens u and y against fresh masks: u y^2 from the masks' products
+(dealer: c^2, a c, a c^2).
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from ..context import Context
+from ..correlations import RING, mod_dom
+from ..domain import check_range
+from ..messages import ADD, Msg, Protocol
+from ..packing import packed_nbytes
+from . import fused
+from .arith import numel
+from .cost import Cost
+from .fused import pending_k
+from .trunc import Pending, begin, begin_rescale
+
+TABLE_SEED_FRAC = 12  # fractional bits of the seed t (Newton is insensitive to it at first order)
+MIN_TABLE_BITS, MAX_TABLE_BITS = 4, 12
+
+
+def lookup(ctx: Context, x: torch.Tensor, shift: int, bits: int, table: torch.Tensor) -> Protocol:
+    """Shares of table[(floor(x / 2^shift) - c) mod 2^bits], c in {0, 1}, for a share x: one round.
+
+    table: 2^bits public int64 ring values (the dealer's); see the module docstring."""
+    if not MIN_TABLE_BITS <= bits <= 16 or not 0 <= shift <= 64 - bits:
+        raise ValueError(f"lookup: need {MIN_TABLE_BITS} <= bits <= 16 and 0 <= shift <= 64 - bits, "
+                         f"got bits={bits}, shift={shift}")
+    if tuple(table.shape) != (1 << bits,):
+        raise ValueError(f"lookup: a {bits}-bit index needs a table of {1 << bits} entries")
+    size, mask = 1 << bits, (1 << bits) - 1
+    shape = tuple(x.shape)
+
+    def dealer(r: torch.Tensor) -> list[torch.Tensor]:
+        z = torch.arange(size, dtype=torch.int64)
+        return [table[(z - r.to(torch.int64).unsqueeze(-1)) & mask]]  # T_r[z] = table[z - r]
+
+    r, rotated = ctx.corr.correlated([(shape, mod_dom(bits))], dealer, [RING],
+                                     out_shapes=[shape + (size,)])
+    idx = ((x >> shift) + r) & mask  # this party's share of idx + r mod 2^bits
+    (z,) = (yield [Msg([idx], ADD, bits)])[0]
+    return rotated.gather(-1, (z.to(torch.int64) & mask).unsqueeze(-1)).squeeze(-1)
+
+
+def lookup_cost(shape, bits: int) -> Cost:
+    return Cost(1, packed_nbytes(numel(shape), bits))
+
+
+def lookup_dealer_bytes(shape, bits: int) -> int:
+    """What the dealer sends P1 for one lookup: a rotated table share per element."""
+    return 8 * numel(shape) << bits
+
+
+# --- reciprocal from a table seed --------------------------------------------------------------
+
+def table_fracs(bits: int) -> tuple[int, int]:
+    """(fy, ft): fractional bits of u (the pre-scaled input) and of the iterate y.
+
+    Bound: u y^2 and mult y (mult < 2^4, the pre-scale's mantissa) reach 2^(bits + 4) at
+    fy + 2 ft bits (y <= 2 t_0 = 2^bits where u is below the first cell), below 2^61 for
+    fy = 57 - bits - 2 ft; u's resolution 2^-fy is the relative error it adds at u."""
+    ft = TABLE_SEED_FRAC
+    return min(26, 57 - bits - 2 * ft), ft
+
+
+def reciprocal_seeds(bits: int, frac: int = TABLE_SEED_FRAC) -> torch.Tensor:
+    """t_j = 2^(bits-1) / (j + 1) at `frac` bits, j = 0 .. 2^bits - 1 (module docstring)."""
+    j = torch.arange(1 << bits, dtype=torch.float64)
+    return torch.round(2.0 ** (bits - 1 + frac) / (j + 1)).to(torch.int64)
+
+
+def _newton_round(ctx: Context, u: Pending | torch.Tensor, y: Pending | torch.Tensor,
+                  fu: int, fy: int) -> Protocol:
+    """(finished u, y (2 - u y) at fu + 2 fy bits) for u at fu bits and y at fy bits: one round.
+
+    u y^2 with u = e_u + a, y = e_y + c (e includes a pending truncation's correction,
+    fused.py; at most one of u, y pending):
+    e_u e_y^2 + 2 e_u e_y c + e_u c^2 + a e_y^2 + 2 a c e_y + a c^2 (dealer: c^2, a c, a c^2)."""
+    U, Y = fused.as_pending(u), fused.as_pending(y)
+    if U.pending and Y.pending:
+        raise ValueError("_newton_round: finish u or y first")
+    cross = [(0, 1), (0, 2)] if U.pending else [(1, 0), (1, 1), (1, 3)]
+    rnd = yield from fused.fused_round(ctx, [U, Y], [0, 1], lambda a, c: [c * c, a * c, a * c * c],
+                                       [RING] * 3, cross=cross)
+    C2, AC, AC2 = 2, 3, 4
+    if U.pending:  # e_y is public
+        ey = rnd.opened[1].e
+        uy2 = (ey * ey * fused.power_times(ctx, rnd, 0, 1)
+               + 2 * ey * fused.power_times(ctx, rnd, 0, 1, 1)
+               + fused.power_times(ctx, rnd, 0, 1, C2)
+               + ey * ey * rnd.mons[0] + 2 * ey * rnd.mons[AC] + rnd.mons[AC2])
+    else:  # e_u is public
+        eu = rnd.opened[0].e
+        uy2 = (eu * fused.power_times(ctx, rnd, 1, 2) + 2 * eu * fused.power_times(ctx, rnd, 1, 1, 1)
+               + eu * rnd.mons[C2] + fused.power_times(ctx, rnd, 1, 2, 0)
+               + 2 * fused.power_times(ctx, rnd, 1, 1, AC) + rnd.mons[AC2])
+    u_done, y_done = rnd.values
+    return u_done, (y_done << (fu + fy + 1)) - uy2  # 2 y - u y^2
+
+
+def reciprocal_table_core(ctx: Context, s: torch.Tensor, s_frac: int, u0: Pending, mult: int,
+                          shift: int, bits: int, steps: int, out_frac: int) -> Protocol:
+    """(mult 2^-shift) / u at out_frac bits, as a pending truncation (the caller's product
+    finishes it); u = s / 2^s_frac in (0, 2), and u0 the same value on its way to
+    `table_fracs(bits)[0]` bits (a pending truncation, finished by the first Newton round).
+
+    Rounds: the lookup, then one per Newton step."""
+    fu, ft = table_fracs(bits)
+    if steps < 1:
+        raise ValueError("a table-seeded reciprocal needs at least one Newton step")
+    U = fused.as_pending(u0)
+    check_range(ctx, "the table-seeded 1/y's pre-scaled input p y", U, fu, 0.0, 2.0)
+    t = yield from lookup(ctx, s, s_frac - (bits - 1), bits, reciprocal_seeds(bits, ft))
+    u, y = yield from _newton_round(ctx, U, t, fu, ft)
+    for _ in range(steps - 1):
+        _, y = yield from _newton_round(ctx, u, begin(ctx, y, fu + ft), fu, ft)
+    return begin_rescale(ctx, y * mult, fu + 2 * ft + shift, out_frac)
+
+
+def reciprocal_table_core_cost(shape, bits: int, steps: int, mode: str, u0_k: int) -> Cost:
+    """Cost of `reciprocal_table_core` up to its pending result; u0_k: u0's pending shift."""
+    fu, ft = table_fracs(bits)
+    total = lookup_cost(shape, bits) + fused.fused_round_cost([shape, shape], [shape] if u0_k else [])
+    k = pending_k(fu + ft, mode)
+    for _ in range(steps - 1):
+        total = total + fused.fused_round_cost([shape, shape], [shape] if k else [])
+    return total
+
+
+def reciprocal_table_out_k(bits: int, shift: int, out_frac: int, mode: str) -> int:
+    fu, ft = table_fracs(bits)
+    return pending_k(fu + 2 * ft + shift - out_frac, mode)
+
+
+def table_u_frac(bits: int) -> int:
+    return table_fracs(bits)[0]
