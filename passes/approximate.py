@@ -64,6 +64,14 @@ PRESETS: dict[str, dict[str, str]] = {
 FALLBACK = {"tanh.crypten": "tanh.exact"}  # ops the approximation registry may not cover yet
 
 
+def _ln_features(node) -> int | None:
+    """The width a LayerNorm normalizes over, where a table-seeded 1/sqrt may serve it (one
+    trailing dim); None elsewhere."""
+    if node.op != "layernorm" or node.attrs.get("dims", 1) != 1:
+        return None
+    return int(node.shape[-1])
+
+
 def _applied_prescale(node):
     """The prescale a node's 2PC protocol applies for a requested one where that differs
     (LayerNorm: `nonlinear.layernorm_seeded_prescale`; the default 16 fractional bits); None
@@ -160,7 +168,8 @@ def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str,
         if rng is not None and "prescale" in spec.params and "iterations" in spec.params:
             lo, hi = rng
             spec = approx.calibrate_goldschmidt(spec, float(lo), float(hi), target,
-                                                applied=_applied_prescale(n), table_seed=table_seeds)
+                                                applied=_applied_prescale(n), table_seed=table_seeds,
+                                                features=_ln_features(n))
         n.attrs.update(method=name, params=dict(spec.params))
         chosen[n.name] = spec
     if problems:

@@ -174,13 +174,15 @@ def _ln_shape(node, ins):
 def _ln_secformer(node, ins, mode, f):
     weight = "fixed" if len(ins) > 1 else "none"
     shape, prescale = _ln_shape(node, ins), float(_p(node)["prescale"])
+    table_bits = int(_p(node).get("table_bits", 0))
     return nl.layernorm_goldschmidt_cost(shape, prescale, int(_p(node)["iterations"]), weight=weight, f=f, mode=mode,
                                          raw="raw" in node.meta,
                                          commute=[w for _, w in node.meta.get("commute_into", {}).values()],
                                          bias=len(ins) > 2,
-                                         center_first=nl.layernorm_needs_center_first(
+                                         center_first=not table_bits and nl.layernorm_needs_center_first(
                                              shape[-1], prescale, f, float(_p(node).get("gamma", 3.0))),
-                                         x_k=_pending_k(node, mode, f))
+                                         x_k=_pending_k(node, mode, f), table_bits=table_bits,
+                                         table_exp=int(_p(node).get("table_exp", 0)))
 
 
 @nonlinear_cost("layernorm", "layernorm.crypten")

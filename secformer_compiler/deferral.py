@@ -35,7 +35,8 @@ done, so the 2PC interpreter and the static cost model agree:
   LayerNorm. Marks: layernorm "raw", linear "raw_in", add "raw_add", and the
   pending_shift of the consumers grows by the raw bits.
 * ... and where it is marked commute (passes/rounds.py: compile(fewer_rounds=True), which
-  trades bytes for rounds) and its rsqrt takes 3 or more iterations, it computes those linear
+  trades bytes for rounds) and its rsqrt takes 3 or more Goldschmidt iterations (not a
+  table seed's one or two Newton steps), it computes those linear
   layers' products itself, with its row scaling 1/sigma moved after them:
   LN(x) W = r (Z W) + beta W (`nonlinear.layernorm_goldschmidt(commute=...)`), so Z W runs
   beside the rsqrt and each linear's output is ready with the LayerNorm's own, one round
@@ -163,8 +164,10 @@ def _plan_raw_layernorms(graph: Graph, users: dict, outputs: set, nodes: dict, f
         else:
             if not linears:
                 continue
-            commute = bool(n.attrs.get("commute")) and \
-                layernorm_commutes(int((n.attrs.get("params") or {}).get("iterations", 0)))
+            params = n.attrs.get("params") or {}
+            # a table-seeded 1/sqrt (2 rounds) finishes before Z W could open: nothing to gain
+            commute = bool(n.attrs.get("commute")) and not params.get("table_bits") and \
+                layernorm_commutes(int(params.get("iterations", 0)))
             extra = raw_frac - f  # bits above f (a commuted product carries as many)
             n.meta["raw"] = raw_frac
             if commute:

@@ -82,10 +82,15 @@ def _layernorm_secformer(ctx, node, ins, p) -> Protocol:
     prescale, gamma = float(p["prescale"]), float(p.get("gamma", 3.0))
     fixed = ctx.state[arith.FIXED_OPERANDS]
     commute = {name: fixed[key] for name, (key, _) in node.meta.get("commute_into", {}).items()}
+    table_bits = int(p.get("table_bits", 0))  # a table-seeded 1/sqrt runs one pass
+    if table_bits and int(p.get("table_width", 0)) != x.shape[-1]:
+        raise ValueError(f"{node.name}: its 1/sqrt table was calibrated for width {p.get('table_width')}, "
+                         f"not {x.shape[-1]}: recompile")
     out = yield from nl.layernorm_goldschmidt(ctx, x, w, b, float(node.attrs["eps"]), prescale, int(p["iterations"]),
-                                              center_first=nl.layernorm_needs_center_first(x.shape[-1], prescale,
-                                                                                           ctx.f, gamma),
-                                              gamma=gamma, raw="raw" in node.meta, commute=commute or None)
+                                              center_first=not table_bits and nl.layernorm_needs_center_first(
+                                                  x.shape[-1], prescale, ctx.f, gamma),
+                                              gamma=gamma, raw="raw" in node.meta, commute=commute or None,
+                                              table_bits=table_bits, table_exp=int(p.get("table_exp", 0)))
     if isinstance(out, nl.Commuted):  # it computed the linear layers' products (deferral.py)
         return out  # LayerNorm over the last dim only: shapes are the graph's already
     if isinstance(out, Raw):  # the linear layers after it truncate it (deferral.py)

@@ -32,6 +32,8 @@ step is one round that opens u and y against fresh masks: u y^2 from the masks' 
 from __future__ import annotations
 
 
+import math
+
 import torch
 
 from ..context import Context
@@ -99,32 +101,64 @@ def reciprocal_seeds(bits: int, frac: int = TABLE_SEED_FRAC) -> torch.Tensor:
     return torch.round(2.0 ** (bits - 1 + frac) / (j + 1)).to(torch.int64)
 
 
-def _newton_round(ctx: Context, u: Pending | torch.Tensor, y: Pending | torch.Tensor,
-                  fu: int, fy: int) -> Protocol:
-    """(finished u, y (2 - u y) at fu + 2 fy bits) for u at fu bits and y at fy bits: one round.
+def _power_round(ctx: Context, u: Pending | torch.Tensor, y: Pending | torch.Tensor, m: int) -> Protocol:
+    """(finished u, finished y, u y^m) in one round, for u and y of which at most one is a
+    pending truncation.
 
-    u y^2 with u = e_u + a, y = e_y + c (e includes a pending truncation's correction,
-    fused.py; at most one of u, y pending):
-    e_u e_y^2 + 2 e_u e_y c + e_u c^2 + a e_y^2 + 2 a c e_y + a c^2 (dealer: c^2, a c, a c^2)."""
+    With u = e_u + a and y = e_y + c opened against fresh masks (e includes a pending
+    truncation's correction, fused.py):
+      u y^m = sum_i C(m, i) (e_u + a) e_y^(m-i) c^i;
+    the dealer deals c^2 .. c^m and a c .. a c^m. The ring products may wrap; only the
+    sum's value must fit (the callers' bounds)."""
     U, Y = fused.as_pending(u), fused.as_pending(y)
     if U.pending and Y.pending:
-        raise ValueError("_newton_round: finish u or y first")
-    cross = [(0, 1), (0, 2)] if U.pending else [(1, 0), (1, 1), (1, 3)]
-    rnd = yield from fused.fused_round(ctx, [U, Y], [0, 1], lambda a, c: [c * c, a * c, a * c * c],
-                                       [RING] * 3, cross=cross)
-    C2, AC, AC2 = 2, 3, 4
-    if U.pending:  # e_y is public
-        ey = rnd.opened[1].e
-        uy2 = (ey * ey * fused.power_times(ctx, rnd, 0, 1)
-               + 2 * ey * fused.power_times(ctx, rnd, 0, 1, 1)
-               + fused.power_times(ctx, rnd, 0, 1, C2)
-               + ey * ey * rnd.mons[0] + 2 * ey * rnd.mons[AC] + rnd.mons[AC2])
-    else:  # e_u is public
-        eu = rnd.opened[0].e
-        uy2 = (eu * fused.power_times(ctx, rnd, 1, 2) + 2 * eu * fused.power_times(ctx, rnd, 1, 1, 1)
-               + eu * rnd.mons[C2] + fused.power_times(ctx, rnd, 1, 2, 0)
-               + 2 * fused.power_times(ctx, rnd, 1, 1, AC) + rnd.mons[AC2])
+        raise ValueError("a Newton round may finish u or y, not both")
+    C = lambda i: None if i == 0 else (1 if i == 1 else i)  # monomial index of c^i
+    AC = lambda i: 0 if i == 0 else m + i  # of a c^i (a is monomial 0)
+
+    def derive(a, c):
+        pw = [c]
+        for _ in range(m - 1):
+            pw.append(pw[-1] * c)
+        return pw[1:] + [a * p for p in pw]
+
+    if U.pending:
+        cross = [(0, C(i)) for i in range(1, m + 1)]
+    else:
+        cross = ([(1, C(i)) for i in range(1, m) if Y.pending]
+                 + [(1, AC(i)) for i in range(0, m) if Y.pending])
+    rnd = yield from fused.fused_round(ctx, [U, Y], [0, 1], derive, [RING] * (2 * m - 1), cross=cross)
+    total = None
+    for i in range(m + 1):
+        coef = math.comb(m, i)
+        if U.pending:  # e_y is public
+            ey = rnd.opened[1].e
+            pub = coef * ey ** (m - i) if m - i else coef
+            eu_part = fused.power_times(ctx, rnd, 0, 1, C(i))
+            a_part = rnd.mons[AC(i)]
+            term = pub * (eu_part + a_part)
+        else:  # e_u is public
+            eu = rnd.opened[0].e
+            yc = _pt(ctx, rnd, 1, m - i, C(i))
+            ya = _pt(ctx, rnd, 1, m - i, AC(i))
+            term = coef * (eu * yc + ya)
+        total = term if total is None else total + term
     u_done, y_done = rnd.values
+    return u_done, y_done, total
+
+
+def _pt(ctx, rnd, o, j, mon):
+    """Shares of e_o^j * mon (mon None: 1), j >= 0."""
+    if j == 0:
+        return rnd.mons[mon] if mon is not None else ctx.add_public(torch.zeros_like(rnd.opened[o].e), 1)
+    return fused.power_times(ctx, rnd, o, j, mon)
+
+
+def _newton_round(ctx: Context, u: Pending | torch.Tensor, y: Pending | torch.Tensor,
+                  fu: int, fy: int) -> Protocol:
+    """(finished u, y (2 - u y) at fu + 2 fy bits) for u at fu bits and y at fy bits: one
+    round (`_power_round` with m = 2; dealer: c^2, a c, a c^2)."""
+    u_done, y_done, uy2 = yield from _power_round(ctx, u, y, 2)
     return u_done, (y_done << (fu + fy + 1)) - uy2  # 2 y - u y^2
 
 
@@ -164,3 +198,67 @@ def reciprocal_table_out_k(bits: int, shift: int, out_frac: int, mode: str) -> i
 
 def table_u_frac(bits: int) -> int:
     return table_fracs(bits)[0]
+
+
+
+# --- inverse square root from a table seed ----------------------------------------------------
+
+RSQRT_SEED_FRAC = 10  # seeds are >= 1 (w < 1): 2^-11 relative, 1e-3 of |1 - w t^2|
+
+
+def rsqrt_table_fracs(bits: int) -> tuple[int, int]:
+    """(fw, ft): fractional bits of w (in (0, 1)) and of the iterate y (<= 2^(bits/2)).
+
+    Bound: 3 y - w y^3 (the step's 2 y') reaches 3 2^(bits/2) at fw + 3 ft bits (y <= t_0 =
+    2^(bits/2) where w is below the first cell), below 2^60 for fw = 58 - 3 ft - bits/2;
+    w's resolution 2^-fw is a relative error of the result of 2^-(fw+1) / w."""
+    ft = RSQRT_SEED_FRAC
+    return min(26, 58 - 3 * ft - (bits + 1) // 2), ft
+
+
+def rsqrt_seeds(bits: int, frac: int = RSQRT_SEED_FRAC) -> torch.Tensor:
+    """t_j = 1 / sqrt((j + 1) 2^-bits) at `frac` bits: |1 - w t_j^2| <= 1/(j + 1) on both
+    cells [j, j + 2) 2^-bits that the lookup may read for w."""
+    j = torch.arange(1 << bits, dtype=torch.float64)
+    return torch.round(2.0 ** frac / torch.sqrt((j + 1) * 2.0 ** -bits)).to(torch.int64)
+
+
+def rsqrt_table_core(ctx: Context, w: torch.Tensor, w_frac: int, bits: int, steps: int,
+                     half_exp: int, out_frac: int) -> Protocol:
+    """2^-half_exp / sqrt(w') at out_frac bits, pending (the caller's product finishes it),
+    for w' = w / 2^w_frac in (0, 1): a table seed, then Newton steps y <- y (3 - w' y^2) / 2
+    (the error e = 1 - w' y^2 becomes 3 e^2 / 4 + e^3 / 4). Rounds: the lookup, then one per
+    step (each opens w' and y: dealer c^2, c^3, a c, a c^2, a c^3)."""
+    fw, ft = rsqrt_table_fracs(bits)
+    if steps < 1:
+        raise ValueError("a table-seeded 1/sqrt needs at least one Newton step")
+    if not 0 <= w_frac - bits <= 64 - bits or w_frac <= fw:
+        raise ValueError(f"a {bits}-bit rsqrt table cannot read w at {w_frac} fractional bits")
+    W = begin(ctx, w, w_frac - fw)
+    check_range(ctx, "the table-seeded 1/sqrt's scaled input w", W, fw, 0.0, 1.0)
+    y = yield from lookup(ctx, w, w_frac - bits, bits, rsqrt_seeds(bits, ft))
+    yf = ft
+    for i in range(steps):
+        wv, y_done, wy3 = yield from _power_round(ctx, W, y, 3)
+        W = wv
+        y = ((3 * y_done) << (fw + 2 * ft)) - wy3  # 2 y' at fw + 3 ft bits
+        yf = fw + 3 * ft + 1
+        if i < steps - 1:
+            y = begin(ctx, y, yf - ft)
+    return begin_rescale(ctx, y, yf + half_exp, out_frac)
+
+
+def rsqrt_table_core_cost(shape, bits: int, steps: int, mode: str, w_frac: int) -> Cost:
+    """Cost of `rsqrt_table_core` up to its pending result."""
+    fw, ft = rsqrt_table_fracs(bits)
+    k0 = pending_k(w_frac - fw, mode)
+    total = lookup_cost(shape, bits) + fused.fused_round_cost([shape, shape], [shape] if k0 else [])
+    k = pending_k(fw + 2 * ft + 1, mode)
+    for _ in range(steps - 1):
+        total = total + fused.fused_round_cost([shape, shape], [shape] if k else [])
+    return total
+
+
+def rsqrt_table_out_k(bits: int, half_exp: int, out_frac: int, mode: str) -> int:
+    fw, ft = rsqrt_table_fracs(bits)
+    return pending_k(fw + 3 * ft + 1 + half_exp - out_frac, mode)

@@ -29,7 +29,8 @@ from .arith import FixedOperand
 from .compare import bit_mul, bit_mul_cost, gt_public, lt_public, msb_cost, not_bit
 from .cost import Cost
 from .fused import pending_k
-from .lookup import reciprocal_table_core, reciprocal_table_core_cost, reciprocal_table_out_k, table_u_frac
+from .lookup import (reciprocal_table_core, reciprocal_table_core_cost, reciprocal_table_out_k,
+                     rsqrt_table_core, rsqrt_table_core_cost, rsqrt_table_out_k, table_u_frac)
 from .goldschmidt import (SEED_ROBUST, fixed_const, prescale_const, recip_fracs, reciprocal_core,
                           reciprocal_core_cost, reciprocal_core_out_k,
                           rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
@@ -277,7 +278,8 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
                           bias: torch.Tensor | None, eps: float, prescale: float, iters: int,
                           center_first: bool = False, gamma: float = 3.0,
                           raw: bool = False,
-                          commute: dict[str, FixedOperand] | None = None) -> Protocol:
+                          commute: dict[str, FixedOperand] | None = None,
+                          table_bits: int = 0, table_exp: int = 0) -> Protocol:
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
 
     x: a share, or a pending truncation (`trunc.Pending`: the linear layer before it left
@@ -323,6 +325,12 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
     use center_first=True (one more round: the mean by a public round(2^k / n) with
     k = 46 - f, then d = x - mean; var < 3 2^27 / n; d^2 and D' * weight in one round; a
     pending x is finished first, in a round of its own).
+
+    table_bits > 0 (one pass only, no commute): 1/sqrt from a table seed and `iters` Newton
+    steps (lookup.rsqrt_table_core) instead of Goldschmidt: w = (var + eps) (n/2^j)^2 /
+    2^table_exp is V + eps n^2 2^(2f) read at 2f + 2j + table_exp bits (no constant to
+    round), and r = 2^(-table_exp/2) / sqrt(w) = (2^j / n) / sqrt(var + eps) as above.
+    Rounds 1 + (1 + iters) + 1 (+ 1 unless raw): the lookup opens in round 2 beside D' w.
     """
     f = ctx.f
     X = fused.as_pending(x)
@@ -334,6 +342,8 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
                          f"(gamma {gamma}) was calibrated for {prescale:g}: calibrate it without a seed "
                          "(gamma 3) or for a larger prescale")
     fx = rsqrt_frac(f)
+    if table_bits and (center_first or commute):
+        raise ValueError("a table-seeded LayerNorm runs one pass and does not commute its scaling")
     if X.pending and (center_first or X.k > 32):  # see _variance_round; the mean needs x
         X = Pending((yield from finish(ctx, X)))
     if center_first:
@@ -358,9 +368,19 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
         def zpath_() -> Protocol:  # beside the rsqrt: its product, then its truncation
             z, z_frac = yield from _ln_weighted(ctx, d, weight)
             Z = begin_rescale(ctx, z, z_frac + plan["j"], f)
-            return (yield from finish(ctx, Z)) if iters >= 2 else Z
+            return (yield from finish(ctx, Z)) if iters >= 2 or table_bits else Z
 
         zpath = zpath_()
+    if table_bits:
+        r_frac = f + (RAW_EXTRA if raw else _R_EXTRA)
+        w = ctx.add_public(v, round(eps * n * n * 2.0 ** (2 * f)))  # n^2 (var + eps) at 2f bits
+        z, r = yield from parallel(zpath, rsqrt_table_core(ctx, w, 2 * f + 2 * plan["j"] + table_exp,
+                                                           table_bits, iters, table_exp // 2, r_frac))
+        out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
+        if raw:
+            return Raw(out if bias is None else out + (bias << r_frac), f + r_frac)
+        out = yield from trunc(ctx, out, r_frac)
+        return out if bias is None else out + bias
     vs = v * plan["var_mult"]  # p' var at 2f + var_shift bits
     vs = ctx.add_public(vs, round(eps * plan["p_eff"] * 2.0 ** (2 * f + plan["var_shift"])))
     # x0's truncation round is the rsqrt's first opening (fused.py)
@@ -452,7 +472,8 @@ def _variance_round(ctx: Context, X: Pending) -> Protocol:
 def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str = "fixed",
                                center_first: bool = False, f: int = 16,
                                mode: str = "exact", x_k: int = 0, raw: bool = False,
-                               commute: Sequence[int] = (), bias: bool = True) -> Cost:
+                               commute: Sequence[int] = (), bias: bool = True,
+                               table_bits: int = 0, table_exp: int = 0) -> Cost:
     """weight: "fixed" (FixedOperand), "secret" (a share of shape (n,)) or "none";
     x_k: the shift left pending on x (fused.pending_k; 0: x is a finished share);
     raw: a `trunc.Raw` output (no final truncation); commute: the output widths of the
@@ -475,17 +496,22 @@ def layernorm_goldschmidt_cost(shape, prescale: float, iters: int, weight: str =
         raise ValueError(f"weight must be 'fixed', 'secret' or 'none', got {weight!r}")
     z_k = pending_k(z_frac + plan["j"] - f, mode)
     x0_k = pending_k(2 * f + plan["var_shift"] - rsqrt_frac(f), mode)
-    r_frac = _ln_r_frac(plan, prescale, f, raw)
-    r_k = rsqrt_core_out_k(plan["y_shift"], iters, r_frac, f, mode)
-    rsqrt = rsqrt_core_cost(rows, plan["y_shift"], iters, r_frac, f, mode, x0_k)
+    if table_bits:
+        r_frac = f + (RAW_EXTRA if raw else _R_EXTRA)
+        r_k = rsqrt_table_out_k(table_bits, table_exp // 2, r_frac, mode)
+        rsqrt = rsqrt_table_core_cost(rows, table_bits, iters, mode, 2 * f + 2 * plan["j"] + table_exp)
+    else:
+        r_frac = _ln_r_frac(plan, prescale, f, raw)
+        r_k = rsqrt_core_out_k(plan["y_shift"], iters, r_frac, f, mode)
+        rsqrt = rsqrt_core_cost(rows, plan["y_shift"], iters, r_frac, f, mode, x0_k)
     if center_first:
         pre = pre + t_rows + (arith.square_cost(shape) | wc)
         zpath = trunc_cost(shape, mode) if z_k else Cost()
         z_k = 0
     else:
         pre = pre + fused.fused_round_cost([shape, rows], [shape] if x_k else [])
-        zpath = wc + (trunc_cost(shape, mode) if z_k and iters >= 2 else Cost())
-        if iters >= 2:
+        zpath = wc + (trunc_cost(shape, mode) if z_k and (iters >= 2 or table_bits) else Cost())
+        if iters >= 2 or table_bits:
             z_k = 0
     last = fused.mul_cost(shape, z_k, rows, r_k)
     if commute:

@@ -429,7 +429,8 @@ _CALIBRATABLE = {
 
 def calibrate_goldschmidt(
     spec: ApproxSpec, lo: float, hi: float, target_rel_err: float = DEFAULT_TARGET_REL_ERR,
-    applied: Callable[[float], float] | None = None, table_seed: bool = True, **kwargs
+    applied: Callable[[float], float] | None = None, table_seed: bool = True,
+    features: int | None = None, **kwargs
 ) -> ApproxSpec:
     """A variant of a Goldschmidt-based spec with pre-scale and iterations chosen for [lo, hi].
 
@@ -450,7 +451,7 @@ def calibrate_goldschmidt(
         extra["gamma"] = seeded.gamma
     else:
         choice = choose_goldschmidt(lo, hi, target_rel_err, kind, **kwargs)
-    if table_seed and "table_bits" in spec.params:
+    if table_seed and "table_bits" in spec.params and spec.op == "softmax":
         from .table_seed import choose_table_reciprocal, table_rounds
 
         # a table seed where it takes fewer rounds than Goldschmidt's `iterations`
@@ -459,6 +460,15 @@ def calibrate_goldschmidt(
         if table is not None and table_rounds(table.iterations) < choice.iterations:
             choice = GoldschmidtChoice(table.prescale, table.iterations, table.achieved_err)
             extra = {"gamma": 2.0, "table_bits": table.table_bits}
+    elif table_seed and "table_bits" in spec.params and features:  # LayerNorm over `features`
+        from .table_seed import choose_table_rsqrt, table_rounds
+
+        table = choose_table_rsqrt(lo, hi, features, target_rel_err, headroom=kwargs.get("headroom", 1.5),
+                                   max_rounds=choice.iterations - 1)
+        if table is not None and table_rounds(table.iterations) < choice.iterations:
+            choice = GoldschmidtChoice(choice.prescale, table.iterations, table.achieved_err)
+            extra = {"gamma": 3.0, "table_bits": table.table_bits, "table_exp": table.table_exp,
+                     "table_width": features}
     margin = choice.achieved_err * 1.01 + 1e-15
     if spec.op == "softmax":
         return spec.derive(

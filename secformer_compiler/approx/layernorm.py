@@ -18,6 +18,7 @@ from .goldschmidt import GOLDSCHMIDT_DEFAULTS, rsqrt_goldschmidt
 from .goldschmidt import SOURCE as GOLDSCHMIDT_SOURCE
 from .iterative import CRYPTEN, PUMA, SPU_RSQRT_COEFFS, rsqrt_newton, rsqrt_spu
 from .spec import approximation
+from .table_seed import rsqrt_table
 
 _VAR = GOLDSCHMIDT_DEFAULTS["layernorm_var"]
 
@@ -61,7 +62,8 @@ def layernorm_exact(
     op="layernorm",
     method="goldschmidt",
     domain=(_VAR.lo, _VAR.hi),
-    params={"prescale": _VAR.choice.prescale, "iterations": _VAR.choice.iterations, "gamma": 3.0},
+    params={"prescale": _VAR.choice.prescale, "iterations": _VAR.choice.iterations, "gamma": 3.0,
+            "table_bits": 0, "table_exp": 0, "table_width": 0},
     declared_max_rel_err=8e-5,
     source=GOLDSCHMIDT_SOURCE,
     notes="default pre-scale/iterations cover var + eps in [1e-3, 1e3]; calibrate per "
@@ -76,9 +78,18 @@ def layernorm_secformer(
     prescale: float,
     iterations: int,
     gamma: float = 3.0,
+    table_bits: int = 0,
+    table_exp: int = 0,
+    table_width: int = 0,
 ) -> torch.Tensor:
     """LayerNorm with Goldschmidt 1/sqrt(var + eps) after the public pre-scale (gamma: the
-    first step's constant, goldschmidt.choose_seeded_goldschmidt)."""
+    first step's constant, goldschmidt.choose_seeded_goldschmidt); table_bits > 0: a table
+    seed and `iterations` Newton steps instead (table_seed.rsqrt_table), for the LayerNorm
+    width `table_width` the 2PC protocol reads var + eps at (a function of var + eps alone)."""
+    if table_bits:
+        return _layernorm(x, weight, bias, eps,
+                          lambda v: rsqrt_table(v, n=table_width, table_bits=table_bits,
+                                                table_exp=table_exp, iterations=iterations))
     return _layernorm(
         x,
         weight,

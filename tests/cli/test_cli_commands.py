@@ -87,15 +87,23 @@ def test_compile_override_picks_the_erf_gelu(ckpt_dir, tmp_path):
 
 def test_compile_fewer_rounds_is_kept_in_the_artifact(compiled, ckpt_dir, tmp_path):
     """--fewer-rounds marks the LayerNorms (passes/rounds.py); the loaded artifact's 2PC run
-    takes the fewer rounds its cost model says, for more bytes, with the same outputs."""
+    takes the fewer rounds its cost model says, for more bytes, with the same outputs. It
+    acts on Goldschmidt LayerNorms (--no-table-seeds); the default's table-seeded ones are
+    left alone, and their tables' parameters survive the artifact."""
     from secformer_compiler.artifact import load_artifact
     from secformer_compiler.cost import program_cost
     from secformer_compiler.demo import encode_texts
 
-    out = tmp_path / "fewer.sfa"
-    r = invoke("compile", ckpt_dir, "-o", out, "--seq-len", SEQ, "--samples", 4, "--fewer-rounds")
-    assert r.exit_code == 0, r.output
-    art, (_, plain) = load_artifact(out), compiled
+    default = compiled[1]
+    assert all(n.attrs["params"]["table_bits"] for n in default.graph if n.op == "layernorm")
+    arts = {}
+    for name, flags in (("plain", ["--no-table-seeds"]), ("fewer", ["--no-table-seeds", "--fewer-rounds"])):
+        out = tmp_path / f"{name}.sfa"
+        r = invoke("compile", ckpt_dir, "-o", out, "--seq-len", SEQ, "--samples", 4, *flags)
+        assert r.exit_code == 0, r.output
+        arts[name] = load_artifact(out)
+    art, plain = arts["fewer"], arts["plain"].compiled()
+    assert not any(n.attrs["params"].get("table_bits") for n in art.graph if n.op in ("layernorm", "softmax"))
     assert all(n.attrs.get("commute") == 1 for n in art.graph if n.op == "layernorm")
     cm = art.compiled()
     fewer, base = program_cost(cm.graph), program_cost(plain.graph)

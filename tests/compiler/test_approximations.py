@@ -306,7 +306,10 @@ def test_calibrate_goldschmidt_seeds_2quad_from_a_table_where_it_saves_rounds():
     wide = calibrate_goldschmidt(quad, 1.0, 8192.0)  # no table within 11 bits and 3 steps pays
     assert wide.params["table_bits"] == 0
     ln = calibrate_goldschmidt(get_approx("layernorm.secformer"), 1.0, 4.0)
-    assert "table_bits" not in ln.params
+    assert ln.params["table_bits"] == 0  # a LayerNorm's table needs its width
+    ln = calibrate_goldschmidt(get_approx("layernorm.secformer"), 0.69, 2.87, features=768)
+    assert ln.params["table_bits"] > 0 and ln.iterations == 1 and ln.params["table_exp"] % 2 == 0
+    assert measure_error(ln).max_rel <= ln.declared_max_rel_err
 
 
 # --- registry and spec data ----------------------------------------------------------------

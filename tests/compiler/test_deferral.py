@@ -24,6 +24,16 @@ ULP = 2.0 ** -16
 
 @pytest.fixture(scope="module")
 def bert():
+    return _tiny_bert()
+
+
+@pytest.fixture(scope="module")
+def bert_goldschmidt():
+    """The same model with Goldschmidt divisions only (no table seeds)."""
+    return _tiny_bert(table_seeds=False)
+
+
+def _tiny_bert(**kw):
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                      vocab_size=100, max_position_embeddings=64, attn_implementation="eager")
@@ -32,7 +42,7 @@ def bert():
     mask[1, 6:] = 0
     x = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": mask}
     cal = [{"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": mask}]
-    return sc.compile(model, x, calibration=cal), x
+    return sc.compile(model, x, calibration=cal, **kw), x
 
 
 def test_plan_marks_scores_and_layernorm_inputs(bert):
@@ -102,8 +112,26 @@ def test_seven_rounds_fewer_per_layer_and_one_per_raw_layernorm(bert, monkeypatc
     assert with_deferral == without - 7 * 2 - 4
 
 
-def test_fewer_rounds_layernorms_compute_the_linears_after_them(bert):
-    cm, x = bert
+def test_fewer_rounds_leaves_table_seeded_layernorms_alone(bert):
+    """A table-seeded LayerNorm's 1/sqrt takes 2 rounds: Z W could not open before it ends,
+    so compile(fewer_rounds=True)'s mark changes nothing there."""
+    cm, _ = bert
+    lns = [n for n in cm.graph if n.op == "layernorm"]
+    assert lns and all(n.attrs["params"]["table_bits"] for n in lns)
+    before = program_cost(cm.graph)
+    commute_layernorm_scaling(cm.graph)
+    try:
+        mpc_interp.plan_fixed(cm.graph, 16)
+        assert not any(n.meta.get("commute_into") for n in cm.graph)
+        assert program_cost(cm.graph).rounds == before.rounds
+    finally:
+        for n in lns:
+            n.attrs.pop("commute", None)
+        mpc_interp.plan_fixed(cm.graph, 16)
+
+
+def test_fewer_rounds_layernorms_compute_the_linears_after_them(bert_goldschmidt):
+    cm, x = bert_goldschmidt
     without = program_cost(cm.graph)
     assert not any(n.meta.get("commute_into") or n.meta.get("commuted") for n in cm.graph)
     res_without = cm.run(**x)

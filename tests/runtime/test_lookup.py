@@ -1,5 +1,7 @@
 """The one-round table lookup and the table-seeded reciprocal: both runtimes, whole range, cost."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,57 @@ def test_choose_table_reciprocal_prefers_fewer_rounds_then_a_smaller_table():
     assert choose_table_reciprocal(1.0, 8192.0, 1e-4, max_rounds=2) is None
     with pytest.raises(ValueError, match="lo <= hi"):
         choose_table_reciprocal(10.0, 1.0, 1e-4)
+
+
+@pytest.mark.parametrize("bits,steps,lo,half_exp", [(12, 1, 0.02, 0), (8, 2, 0.02, 3), (10, 1, 0.1, -2),
+                                                     (6, 3, 0.05, 0)])
+def test_rsqrt_table_core_over_its_range(cluster, bits, steps, lo, half_exp):
+    """2^-half_exp / sqrt(w) for w in [lo, 1): within the seed's bound after the steps
+    (|1 - w t^2| <= 1/(j + 1), then e -> 3e^2/4 + e^3/4; relative error about e/2) in 2PC and
+    the simulator, and what rsqrt_table_core_cost says."""
+    from secformer_compiler.runtime.protocols.lookup import rsqrt_table_core, rsqrt_table_core_cost, rsqrt_table_out_k
+
+    w_frac, out_frac = 44, 28
+    w = torch.cat([torch.from_numpy(np.geomspace(lo, 1 - 2 ** -20, 3000)),
+                   lo + (1 - lo) * torch.rand(1000, dtype=torch.float64)])
+    wi = torch.round(w * 2 ** w_frac).to(torch.int64)
+    shape = tuple(w.shape)
+
+    def program(ctx, wv):
+        s = yield from arith.share(ctx, wv, 0, shape)
+        r = yield from rsqrt_table_core(ctx, s, w_frac, bits, steps, half_exp, out_frac)
+        r = yield from finish(ctx, r)
+        return (yield from arith.reveal(ctx, r))
+
+    o0, o1, stats = cluster.run(program, (wi,), (None,))
+    assert torch.equal(o0, o1)
+    clear, counter = run_clear(program, wi, fxp=FX)
+    want = 2.0 ** -half_exp / torch.sqrt(wi.double() / 2 ** w_frac)
+    e = 1.0 / (math.floor(lo * 2 ** bits) - 1 + 1) + 2.0 ** -10  # the seed's bound at lo
+    for _ in range(steps):
+        e = 0.75 * e * e + 0.25 * e ** 3
+    for out in (o0, clear):
+        rel = (out.double() / 2 ** out_frac / want - 1).abs().max().item()
+        assert rel <= e / 2 + 2e-5, (rel, e)
+    declared = (arith.share_cost(shape) + rsqrt_table_core_cost(shape, bits, steps, "exact", w_frac)
+                + (trunc_cost(shape) if rsqrt_table_out_k(bits, half_exp, out_frac, "exact") else arith.Cost())
+                + arith.reveal_cost(shape))
+    assert stats.rounds == counter.rounds == declared.rounds == 3 + 1 + steps
+    assert stats.bytes_sent[0] == declared.bytes
+
+
+def test_choose_table_rsqrt():
+    """Fewest rounds, then the smallest table; an even exponent above headroom x hi; None
+    where w's bits would pass 2^61 or the output's 15 significant bits (raw) would not hold."""
+    from secformer_compiler.approx.table_seed import choose_table_rsqrt, ln_scale, table_rsqrt_error
+
+    c = choose_table_rsqrt(0.69, 2.87, 768, 1e-4)
+    assert c.iterations == 1 and c.table_exp % 2 == 0
+    assert 2.0 ** c.table_exp > 2.87 * 1.5 * ln_scale(768) > 2.0 ** (c.table_exp - 2)
+    assert table_rsqrt_error(0.69, 2.87, 768, c.table_exp, c.table_bits, 1) == pytest.approx(c.achieved_err)
+    smaller = choose_table_rsqrt(0.69, 2.87, 768, 1e-4, max_rounds=1)
+    assert smaller is None
+    assert choose_table_rsqrt(0.3, 10.0, 768, 1e-4).iterations == 2  # ratio 33: two steps
+    assert choose_table_rsqrt(0.05, 50.0, 768, 1e-4) is None  # ratio 1000: not within 3 steps
+    assert choose_table_rsqrt(40.0, 180.0, 1024, 1e-4) is None  # 2f + 2j + E = 62
+    assert choose_table_rsqrt(100.0, 700.0, 768, 1e-4) is None  # E = 12 > 10

@@ -14,7 +14,7 @@ from secformer_compiler.runtime.local import LocalCluster
 from secformer_compiler.runtime.protocols import arith
 from secformer_compiler.approx.table_seed import choose_table_reciprocal
 from secformer_compiler.runtime.protocols.goldschmidt import effective_prescale, prescale_const
-from secformer_compiler.runtime.protocols.trunc import begin, trunc_cost
+from secformer_compiler.runtime.protocols.trunc import begin, trunc, trunc_cost
 from secformer_compiler.runtime.protocols.nonlinear import (
     gelu_cmp_from_params, gelu_cmp_plan, gelu_secformer, gelu_secformer_cost,
     layernorm_effective_prescale, layernorm_goldschmidt, layernorm_needs_center_first,
@@ -223,6 +223,71 @@ def test_layernorm_goldschmidt(cluster, seed, sigma, weight_kind, center_first, 
     # +1 more for a pending x there: the mean needs it finished)
     assert cost.rounds == iters + (4 + pending if center_first else 3)
     print(f"  {cost.rounds} rounds, {cost.bytes / x.numel():.2f} bytes/element/party")
+
+
+@pytest.mark.parametrize("sigma,n,weight_kind,pending,raw", [
+    (1.3, 768, "fixed", False, False), (1.3, 768, "fixed", True, True), (0.2, 384, "none", False, False),
+    (5.0, 1024, "secret", True, False), (1.3, 768, "fixed", False, True),
+])
+def test_layernorm_table_seeded(cluster, seed, sigma, n, weight_kind, pending, raw):
+    """1/sqrt(var + eps) from a table seed and Newton steps (lookup.rsqrt_table_core), chosen
+    by table_seed.choose_table_rsqrt for the calibrated range: matches the float reference
+    (rsqrt_table) and the exact LayerNorm, in 2PC and the simulator, raw or truncated, and
+    costs what layernorm_goldschmidt_cost says: 4 + steps rounds (one fewer raw)."""
+    from secformer_compiler.approx.table_seed import choose_table_rsqrt, rsqrt_table
+
+    shape, eps = (8, n), 1e-12
+    calib = torch.randn(64, n, dtype=torch.float64) * sigma
+    var = calib.var(-1, unbiased=False) + eps
+    lo, hi = var.min().item() / 2, var.max().item() * 2
+    c = choose_table_rsqrt(lo, hi, n, 1e-4)
+    assert c is not None and c.iterations <= 2
+    x = torch.randn(shape, dtype=torch.float64) * sigma * (0.75 + 0.5 * torch.rand(shape[0], 1)) + 0.3
+    wf = 1 + 0.3 * torch.randn(n, dtype=torch.float64)
+    bf = 0.1 * torch.randn(n, dtype=torch.float64)
+    key = f"ln_weight_{next(_KEYS)}"
+
+    def program(ctx, xv, wv, bv):
+        s = yield from arith.share(ctx, xv, 0, shape)
+        if pending:
+            s = begin(ctx, s, FX.frac_bits)
+        w = yield from arith.share(ctx, wv, 0, (n,))
+        b = yield from arith.share(ctx, bv, 0, (n,))
+        if weight_kind == "fixed":
+            w = yield from arith.fix_operand(ctx, w, key)
+        elif weight_kind == "none":
+            w = b = None
+        y = yield from layernorm_goldschmidt(ctx, s, w, b, eps, 0.5, c.iterations, raw=raw,
+                                             table_bits=c.table_bits, table_exp=c.table_exp)
+        if raw:  # Raw at f + RAW_EXTRA + f bits: what the linear after it would truncate
+            y = yield from trunc(ctx, y.value, y.frac - FX.frac_bits)
+        return (yield from arith.reveal(ctx, y))
+
+    xe = FixedPoint(32).encode(x) if pending else FX.encode(x)
+    args = (xe, FX.encode(wf), FX.encode(bf))
+    o0, o1, stats = cluster.run(program, args, (None, None, None))
+    assert torch.equal(o0, o1)
+    clear, counter = run_clear(program, *args, fxp=FX)
+    xq = FixedPoint(32).decode(xe) if pending else FX.decode(xe)
+    w_, b_ = (None, None) if weight_kind == "none" else (FX.decode(args[1]), FX.decode(args[2]))
+    exact = torch.nn.functional.layer_norm(xq, (n,), w_, b_, eps)
+    approx = get_approx("layernorm.secformer").fn(
+        xq, w_, b_, eps, prescale=0.5, iterations=c.iterations, table_bits=c.table_bits,
+        table_exp=c.table_exp, table_width=n)
+    for o in (o0, clear):
+        got = FX.decode(o)
+        assert (got - approx).abs().max().item() < 4e-4
+        assert (got - exact).abs().max().item() < 4e-4
+    d = xq - xq.mean(-1, keepdim=True)
+    v = d.pow(2).mean(-1, keepdim=True) + eps
+    assert ((rsqrt_table(v, n=n, table_bits=c.table_bits, table_exp=c.table_exp, iterations=c.iterations)
+             * v.sqrt() - 1).abs().max().item() <= c.achieved_err * 1.01)
+    fix = arith.fix_operand_cost((n,)) if weight_kind == "fixed" else arith.Cost()
+    cost = layernorm_goldschmidt_cost(shape, 0.5, c.iterations, weight_kind, x_k=16 if pending else 0,
+                                      raw=raw, table_bits=c.table_bits, table_exp=c.table_exp)
+    extra = trunc_cost(shape) if raw else arith.Cost()  # the test's own truncation of the raw output
+    _check_cost(stats, counter, [shape, (n,), (n,)], shape, fix + cost + extra)
+    assert cost.rounds == 4 + c.iterations - (1 if raw else 0)
 
 
 @pytest.mark.parametrize("pending", [False, True])
