@@ -170,7 +170,10 @@ def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str,
             spec = approx.calibrate_goldschmidt(spec, float(lo), float(hi), target,
                                                 applied=_applied_prescale(n), table_seed=table_seeds,
                                                 features=_ln_features(n))
-        n.attrs.update(method=name, params=dict(spec.params))
+        params = dict(spec.params)
+        if table_seeds and name == "gelu.secformer":  # segment tests may be a lookup table
+            params["lookup"] = 1  # (runtime/protocols/nonlinear.py: gelu_table_from_params)
+        n.attrs.update(method=name, params=params)
         chosen[n.name] = spec
     if problems:
         raise CompileError(f"{len(problems)} approximation(s) could not be chosen:", problems,

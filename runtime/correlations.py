@@ -74,6 +74,11 @@ Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LINEAR_STREAM = 1
 
 
+def _dtypes(dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(sources' container, derived values' container) of a `correlated` dtype argument."""
+    return tuple(dtype) if isinstance(dtype, tuple) else (dtype, dtype)
+
+
 def _meta(shape: Sequence[int]) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=torch.int64, device="meta")
 
@@ -160,6 +165,9 @@ class Correlations(ABC):
         dtype: the container of the returned shares (every domain must fit it): int16 or
         int32 for the comparisons' narrow words, drawn and received without an int64 copy.
         The dealer's `derive` sees the sources in that container too (bit operations).
+        A pair (sources' container, derived values' container) gives the derived values
+        their own: uint8 for bytes of packed bit tables (lookup.lookup_bits), read and sent
+        without a widening copy.
         """
         self._zero_at_zero = zero_at_zero
         if keep is not None:
@@ -175,10 +183,10 @@ class Correlations(ABC):
         if derive is not None:
             if len(out_shapes) != len(out_doms):
                 raise ValueError("derive returned a different number of values than out_doms")
-        if dtype != torch.int64:
-            width = torch.iinfo(dtype).bits
-            if any(d.bits > width for _, d in sources) or any(d.bits > width for d in out_doms):
-                raise ValueError(f"correlated: a domain is wider than the {dtype} container")
+        src_dt, out_dt = _dtypes(dtype)
+        if any(d.bits > torch.iinfo(src_dt).bits for _, d in sources) or \
+                any(d.bits > torch.iinfo(out_dt).bits for d in out_doms):
+            raise ValueError(f"correlated: a domain is wider than the {dtype} container")
         return self._draw(sources, derive, out_doms, out_shapes, keep, dtype)
 
     @abstractmethod
@@ -283,6 +291,7 @@ class PartyCorrelations(Correlations):
         return True
 
     def _draw(self, sources, derive, out_doms, out_shapes, keep, dtype=torch.int64):
+        dtype, out_dt = _dtypes(dtype)
         out = []
         for shape, dom in sources:
             if dom.owner is None or dom.owner == self.party:
@@ -291,9 +300,9 @@ class PartyCorrelations(Correlations):
                 out.append(torch.zeros(tuple(shape), dtype=dtype))
         for shape, dom in zip(out_shapes, out_doms):
             if self.party == 0:
-                out.append(self.prg.ring(shape, dom.bits, dtype))
+                out.append(self.prg.ring(shape, dom.bits, out_dt))
             else:
-                out.append(self._take(shape, dom.bits, dtype))
+                out.append(self._take(shape, dom.bits, out_dt))
         return out
 
     def _take(self, shape: Shape, bits: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -426,6 +435,7 @@ class DealerCorrelations(Correlations):
         # comparisons' narrow words cost it as little as them
         if self._log is not None:
             self._log.append(("draw", sources, derive, out_doms, out_shapes, keep, dtype))
+        dtype, out_dt = _dtypes(dtype)
         secrets = []
         for shape, dom in sources:
             s0 = self.prg0.ring(shape, dom.bits, dtype) if dom.owner in (None, 0) else None
@@ -440,7 +450,7 @@ class DealerCorrelations(Correlations):
             self._fixed_values[keep] = secrets
         if derive is not None:
             for value, shape, dom in zip(derive(*secrets), out_shapes, out_doms):
-                self._emit(value, shape, dom, dtype)
+                self._emit(value, shape, dom, out_dt)
         return [_meta(s) for s, _ in sources] + [_meta(s) for s in out_shapes]
 
     def _emit(self, value: torch.Tensor, shape: Shape, dom: Dom,
@@ -481,6 +491,7 @@ class ClearCorrelations(Correlations):
     """The simulator's view: all sources zero, derived values held entirely by P0."""
 
     def _draw(self, sources, derive, out_doms, out_shapes, keep, dtype=torch.int64):
+        dtype, out_dt = _dtypes(dtype)
         zeros = [torch.zeros(tuple(s), dtype=torch.int64) for s, _ in sources]
         derived = []
         if derive is not None and self._zero_at_zero:
@@ -488,7 +499,7 @@ class ClearCorrelations(Correlations):
         elif derive is not None:
             for value, dom in zip(derive(*zeros), out_doms):
                 derived.append(mask_bits(value.to(torch.int64), dom.bits))
-        return [t.to(dtype) for t in zeros + derived]
+        return [t.to(dtype) for t in zeros] + [t.to(out_dt) for t in derived]
 
     def fixed_product(self, shape, key, op):
         out = self._product_shape(shape, key, op)

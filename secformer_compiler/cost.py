@@ -148,7 +148,11 @@ def _p(node) -> dict:
 
 @nonlinear_cost("gelu", "gelu.secformer", "gelu.secformer_erf")
 def _gelu_secformer_cost(n, ins, mode, f):
-    bits, drop = nl.gelu_cmp_from_params(_p(n), f)  # as the 2PC rule (mpc_nonlinear) runs it
+    table = nl.gelu_table_from_params(_p(n), f)  # as the 2PC rule (mpc_nonlinear) runs it
+    if table is not None:
+        return nl.gelu_secformer_table_cost(n.shape, *table, int(_p(n)["period"]), f, mode,
+                                            x_k=_pending_k(n, mode, f))
+    bits, drop = nl.gelu_cmp_from_params(_p(n), f)
     return nl.gelu_secformer_cost(n.shape, bits, mode, drop=drop, x_k=_pending_k(n, mode, f))
 
 

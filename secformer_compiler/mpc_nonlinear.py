@@ -60,6 +60,10 @@ nonlinear("softmax", "softmax.exact", "exact")(_exact(_sm_exact))
 
 @nonlinear("gelu", "gelu.secformer", "gelu.secformer_erf")
 def _gelu_secformer(ctx, node, ins, p) -> Protocol:
+    table = nl.gelu_table_from_params(p, ctx.f)
+    if table is not None:  # segment tests by a lookup table: 2 rounds (nonlinear.py)
+        return nl.gelu_secformer_table(ctx, ins[0], p["coeffs"], int(p["period"]), float(p["threshold"]),
+                                       *table, const=float(p.get("const", 0.0)))
     bits, drop = nl.gelu_cmp_from_params(p, ctx.f)
     # programs compiled before the even form existed hold erf coefficients and no "form"
     return nl.gelu_secformer(ctx, ins[0], p["coeffs"], int(p["period"]), float(p["threshold"]),

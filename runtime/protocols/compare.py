@@ -64,12 +64,14 @@ from typing import Sequence
 import torch
 
 from ..context import P0, Context
-from ..correlations import RING, Dom
+from ..correlations import RING, Dom, mod_dom
 from ..messages import Protocol, open_add, open_xor, parallel, swap
 from ..packing import packed_nbytes
 from ..ring import bit_select, signed_by_bit, wrap
 from .arith import numel
 from .cost import Cost
+from .fused import _and_times
+from .trunc import Pending, and_share, bit_sources, masked_bit
 
 
 def _ones(bits: int) -> int:
@@ -392,6 +394,49 @@ def bit_mul(ctx: Context, bits_list: Sequence[torch.Tensor], z: torch.Tensor) ->
 
 def bit_mul_cost(bit_shapes: Sequence, z_shape) -> Cost:
     return Cost(1, sum(packed_nbytes(numel(s), 1) for s in bit_shapes) + 8 * numel(z_shape))
+
+
+def bit_mul_pending(ctx: Context, bits_list: Sequence[torch.Tensor], z: Pending) -> Protocol:
+    """`bit_mul` for a z that is a pending truncation (trunc.Pending): its round is this
+    one (fused.py). With e~ = base - a opened and P = 2^(64-k) AB the truncation's
+    correction, z = e~ + P + a and r z = r e~ + r P + [r a]; r P comes from the dealer's
+    u r, v r, u v r (mod 2^k) for the truncation's private mask bits u, v (fused._and_times).
+    One round: 8 bytes, and a bit per bit and for the truncation, per element."""
+    if not z.pending:
+        return (yield from bit_mul(ctx, bits_list, z.base))
+    k = len(bits_list)
+    sources = [(b.shape, Dom("xor", 1)) for b in bits_list] + [(z.shape, RING)] + bit_sources(z)
+
+    def dealer(*v):
+        rs, a, u, w = v[:k], v[k], v[k + 1], v[k + 2]
+        out = list(rs) + [r * a for r in rs] + [u * w]
+        for r in rs:
+            out += [u * r, w * r, u * w * r]
+        return out
+
+    doms = [RING] * (2 * k) + [mod_dom(z.k)] * (1 + 3 * k)
+    out = ctx.corr.correlated(sources, dealer, doms)
+    r_xor, a, u, w = out[:k], out[k], out[k + 1], out[k + 2]
+    rest = out[k + 3:]
+    r_add, ra, uv, crs = rest[:k], rest[k:2 * k], rest[2 * k], rest[2 * k + 1:]
+    mine = masked_bit(ctx, z, u, w)
+    (e,), cs, (theirs,) = yield from parallel(
+        open_add(z.base - a), open_xor(*[b ^ r for b, r in zip(bits_list, r_xor)], bits=1),
+        swap(mine, bits=1))
+    ab = and_share(ctx, z, mine, theirs, uv)
+    sh = 64 - z.k
+    z_done = z.base + (ab << sh)
+    res = []
+    for j, (c, rj, raj) in enumerate(zip(cs, r_add, ra)):
+        um, vm, uvm = crs[3 * j:3 * j + 3]
+        rp = _and_times(ctx, mine, theirs, rj, um, vm, uvm) << sh
+        rz = rj * e + rp + raj
+        res.append(bit_select(c, z_done, rz))
+    return res
+
+
+def bit_mul_pending_cost(bit_shapes: Sequence, z_shape) -> Cost:
+    return bit_mul_cost(bit_shapes, z_shape) + Cost(0, packed_nbytes(numel(z_shape), 1))
 
 
 def select(ctx: Context, bit: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Protocol:

@@ -37,7 +37,7 @@ import math
 import torch
 
 from ..context import Context
-from ..correlations import RING, mod_dom
+from ..correlations import RING, Dom, mod_dom
 from ..domain import check_range
 from ..messages import ADD, Msg, Protocol
 from ..packing import packed_nbytes
@@ -262,3 +262,49 @@ def rsqrt_table_core_cost(shape, bits: int, steps: int, mode: str, w_frac: int) 
 def rsqrt_table_out_k(bits: int, half_exp: int, out_frac: int, mode: str) -> int:
     fw, ft = rsqrt_table_fracs(bits)
     return pending_k(fw + 3 * ft + 1 + half_exp - out_frac, mode)
+
+
+# --- bit tables (GeLU's segment tests) --------------------------------------------------------
+
+def _rotations(table: torch.Tensor) -> torch.Tensor:
+    """Row r: table rotated by r (entry z = table[z - r]), packed 8 entries per byte
+    (entry z at bit z % 8 of byte z // 8), as uint8."""
+    size = table.numel()
+    z = torch.arange(size)
+    rot = (table.to(torch.int64) & 1)[(z.unsqueeze(0) - z.unsqueeze(1)) % size]
+    weights = 1 << torch.arange(8)
+    return (rot.view(size, size // 8, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def lookup_bits(ctx: Context, x: torch.Tensor, shift: int, bits: int,
+                tables: list[torch.Tensor]) -> Protocol:
+    """XOR shares of tables[i][(floor(x / 2^shift) - c) mod 2^bits], c in {0, 1}: one round.
+
+    As `lookup`, with bit entries: the dealer sends P1 each rotated table packed 8 entries
+    to a byte (2^bits / 8 bytes per element and table), one r serves all tables, and a
+    party reads its bit straight from the packed row."""
+    if not 8 <= bits <= 16 or not 0 <= shift <= 64 - bits:
+        raise ValueError(f"lookup_bits: need 8 <= bits <= 16 and 0 <= shift <= 64 - bits, got {bits}, {shift}")
+    size, mask = 1 << bits, (1 << bits) - 1
+    if any(tuple(t.shape) != (size,) for t in tables):
+        raise ValueError(f"lookup_bits: a {bits}-bit index needs tables of {size} entries")
+    shape = tuple(x.shape)
+
+    def dealer(r: torch.Tensor) -> list[torch.Tensor]:
+        r = r.to(torch.int64)
+        return [_rotations(t)[r] for t in tables]
+
+    # the packed rows are bytes end to end (PRG, correction, wire): no widening copies
+    out = ctx.corr.correlated([(shape, mod_dom(bits))], dealer, [Dom("xor", 8)] * len(tables),
+                              out_shapes=[shape + (size // 8,)] * len(tables),
+                              dtype=(torch.int16, torch.uint8))
+    r, packed = out[0].to(torch.int64), out[1:]
+    idx = ((x >> shift) + r) & mask
+    (z,) = (yield [Msg([idx], ADD, bits)])[0]
+    z = z.to(torch.int64) & mask
+    byte, bit = (z >> 3).unsqueeze(-1), (z & 7)
+    return [((p.gather(-1, byte).squeeze(-1).to(torch.int64)) >> bit) & 1 for p in packed]
+
+
+def lookup_bits_dealer_bytes(shape, bits: int, tables: int) -> int:
+    return numel(shape) * tables * (1 << bits) // 8

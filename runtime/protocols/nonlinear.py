@@ -26,15 +26,17 @@ from ..domain import check_range
 from ..messages import Protocol, parallel
 from . import arith, fused
 from .arith import FixedOperand
-from .compare import bit_mul, bit_mul_cost, gt_public, lt_public, msb_cost, not_bit
+from .compare import (bit_mul, bit_mul_cost, bit_mul_pending, bit_mul_pending_cost, gt_public,
+                      lt_public, msb_cost, not_bit)
 from .cost import Cost
 from .fused import pending_k
-from .lookup import (reciprocal_table_core, reciprocal_table_core_cost, reciprocal_table_out_k,
+from .lookup import (lookup_bits, lookup_cost, reciprocal_table_core, reciprocal_table_core_cost, reciprocal_table_out_k,
                      rsqrt_table_core, rsqrt_table_core_cost, rsqrt_table_out_k, table_u_frac)
 from .goldschmidt import (SEED_ROBUST, fixed_const, prescale_const, recip_fracs, reciprocal_core,
                           reciprocal_core_cost, reciprocal_core_out_k,
                           rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
-from .sine import bits_times_x, bits_times_x_cost, x_cos_series, x_sine_series, x_sine_series_cost
+from .sine import (bits_times_x, bits_times_x_cost, x_cos_series, x_cos_series_cost, x_sine_series,
+                   x_sine_series_cost)
 from .trunc import Pending, Raw, begin, begin_rescale, finish, trunc, trunc_cost
 
 # --- GeLU -------------------------------------------------------------------------------------
@@ -184,6 +186,97 @@ def gelu_secformer_cost(shape, bits: int = 64, mode: str = "exact", drop: int = 
     g = ((trunc_cost(shape, mode) if x_k else Cost()) + x_sine_series_cost(shape)
          + trunc_cost(shape, mode))
     return pre + (cmp | cmp | g) + (bit_mul_cost([shape], shape) | bits_times_x_cost([shape]))
+
+
+# --- GeLU with table segment tests --------------------------------------------------------------
+
+# A segment-test table over x's high bits costs the dealer 2^b / 8 bytes per element and
+# table (two tables): 128 bytes at b = 9 (BERT-base's FFN1 bound of 17), 512 at b = 11; past
+# that the carry trees stay (an FFN1 of 393,216 elements would take 400 MB per layer).
+GELU_TABLE_MAX_BITS = 10
+
+
+def gelu_table_plan(f: int, threshold: float, input_bound: float, window: float) -> tuple[int, int] | None:
+    """(w, b) for `gelu_secformer_table`: the index reads x at 2^-w = window resolution,
+    b bits wide (signed, |x| + T + window below 2^(b-1-w)); None where the table would pass
+    GELU_TABLE_MAX_BITS or the threshold is not a multiple of the window."""
+    if not window > 0 or not input_bound > 0:
+        return None
+    w = -math.log2(window)
+    if w != int(w) or not 0 <= w <= f or threshold * 2 ** w != int(threshold * 2 ** w):
+        return None
+    w = int(w)
+    v = math.ceil((input_bound + threshold + window) * 2 ** w) + 1
+    b = max(8, v.bit_length() + 1)
+    return None if b > GELU_TABLE_MAX_BITS else (w, b)
+
+
+def gelu_segment_tables(threshold: float, w: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_hi, s_mid) over the b-bit index q = floor(x 2^w) or one below (lookup's carry):
+    s_hi = [q >= t - 1], s_mid = [-t <= q <= t - 2] for t = T 2^w (signed q). Then s_hi = 1
+    for every x > T and only for x >= T - 2^-w; s_mid = 1 only for |x| < T, and for every x
+    in [-T + 2^-w, T - 2^-w) (gelu_secformer's window, both ends)."""
+    t = round(threshold * 2 ** w)
+    q = torch.arange(1 << b, dtype=torch.int64)
+    q = torch.where(q >= 1 << (b - 1), q - (1 << b), q)
+    return (q >= t - 1).to(torch.int64), ((q >= -t) & (q <= t - 2)).to(torch.int64)
+
+
+def gelu_secformer_table(ctx: Context, x: torch.Tensor | Pending, coeffs: Sequence[float], period: int,
+                         threshold: float, w: int, b: int, const: float = 0.0) -> Protocol:
+    """SecFormer GeLU (the even form) in 2 rounds: its segment tests by one table lookup
+    (lookup.lookup_bits) instead of carry trees, and the series' truncation in the selection.
+
+      round 1: the lookup of (s_hi, s_mid) from x's high bits (x's base: a pending x is
+               x mod 2^(64-k) there, which is all the index reads), the series' opening of
+               x - a (its trig part reads e mod 2^(f + log2 P), which the pending
+               correction 2^(64-k) AB does not change), and x's own truncation round;
+      round 2: s_mid * xG (compare.bit_mul_pending: xG's truncation rides on it) and
+               s_hi * x (compare.bit_mul).
+    The thresholds move by at most 2^-w towards zero, as in `gelu_secformer` (its window)."""
+    f = ctx.f
+    fe = f + GELU_EVEN_EXTRA_FRAC
+    X = fused.as_pending(x)
+    mb = f + int(math.log2(period))
+    if X.pending and (X.k > 64 - max(mb, f - w + b)):
+        X = Pending((yield from finish(ctx, X)))
+    check_range(ctx, "GeLU's input |x| (its segment table's range)", X, f, 0.0,
+                2.0 ** (b - 1 - w) - threshold - 2.0 ** -w, magnitude=True)
+    hi_t, mid_t = gelu_segment_tables(threshold, w, b)
+    (s_hi, s_mid), (xg, _), x_done = yield from parallel(
+        lookup_bits(ctx, X.base, f - w, b, [hi_t, mid_t]),
+        x_cos_series(ctx, X.base, coeffs, period, const=const, x_coef=0.5, trig_frac=fe,
+                     scale_frac=fe),
+        finish(ctx, X))
+    # x_cos_series added x/2 from the base: add the pending correction's half too
+    xg = xg + (x_done - X.base) * (1 << (2 * fe - f - 1))
+    (mid,), (hi,) = yield from parallel(bit_mul_pending(ctx, [s_mid], begin(ctx, xg, 2 * fe - f)),
+                                        bit_mul(ctx, [s_hi], x_done))
+    return mid + hi
+
+
+def gelu_table_from_params(params, f: int) -> tuple[int, int] | None:
+    """(w, b) where a compiled gelu.secformer node runs `gelu_secformer_table` (2PC rule and
+    cost model): the even form, compiled with lookup tables allowed ("lookup"), an input
+    bound and a window that give a small enough table; None: the carry trees."""
+    if not params.get("lookup") or params.get("form") != "even" or "bits" in params:
+        return None
+    if "input_bound" not in params or "window" not in params:
+        return None
+    return gelu_table_plan(f, float(params["threshold"]), float(params["input_bound"]),
+                           float(params["window"]))
+
+
+def gelu_secformer_table_cost(shape, w: int, b: int, period: int, f: int = 16, mode: str = "exact",
+                              x_k: int = 0) -> Cost:
+    """Cost of `gelu_secformer_table`; x_k: the shift pending on x (0: finished)."""
+    pre = Cost()
+    if x_k and x_k > 64 - max(f + int(math.log2(period)), f - w + b):
+        pre, x_k = fused.fused_round_cost((), [shape]), 0
+    first = lookup_cost(shape, b) | x_cos_series_cost(shape) | fused.fused_round_cost((), [shape] if x_k else [])
+    k = pending_k(f + 2 * GELU_EVEN_EXTRA_FRAC, mode)  # xG at 2 fe bits to f
+    sel = (bit_mul_pending_cost([shape], shape) if k else bit_mul_cost([shape], shape)) | bit_mul_cost([shape], shape)
+    return pre + first + sel
 
 
 # --- LayerNorm --------------------------------------------------------------------------------

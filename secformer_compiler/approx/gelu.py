@@ -192,14 +192,16 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
 def gelu_fourier(
     x: torch.Tensor, *, period: float, threshold: float, coeffs: tuple[float, ...],
     input_bound: float = GELU_CMP_INPUT_BOUND, form: str = "erf", const: float = 0.0,
-    window: float = ERF_CMP_WINDOW,
+    window: float = ERF_CMP_WINDOW, lookup: int = 0,
 ) -> torch.Tensor:
     """SecFormer's segmented Fourier GeLU: 0 for x < -T, x for x > T, and in between
     form "erf": x/2 (1 + sum beta_k sin(2 pi k x / P)) (the paper's erf series), or
     form "even": x/2 + const + sum gamma_k cos(2 pi k x / P) (the even part's series).
 
-    input_bound and window are runtime parameters (the comparisons' width and how far they
-    may move a threshold); the float reference has no range limit and ignores both. Programs compiled before `form` existed hold erf
+    input_bound, window and lookup are runtime parameters (the comparisons' width, how far
+    they may move a threshold, and whether a lookup table may do them: the same segments
+    and window, runtime/protocols/nonlinear.py); the float reference has no range limit and
+    ignores them. Programs compiled before `form` existed hold erf
     coefficients and no form: the default reads them as such."""
     series = torch.zeros_like(x)
     if form == "erf":

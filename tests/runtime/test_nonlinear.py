@@ -16,7 +16,8 @@ from secformer_compiler.approx.table_seed import choose_table_reciprocal
 from secformer_compiler.runtime.protocols.goldschmidt import effective_prescale, prescale_const
 from secformer_compiler.runtime.protocols.trunc import begin, trunc, trunc_cost
 from secformer_compiler.runtime.protocols.nonlinear import (
-    gelu_cmp_from_params, gelu_cmp_plan, gelu_secformer, gelu_secformer_cost,
+    gelu_cmp_from_params, gelu_cmp_plan, gelu_secformer, gelu_secformer_cost, gelu_secformer_table,
+    gelu_secformer_table_cost, gelu_segment_tables, gelu_table_from_params, gelu_table_plan,
     layernorm_effective_prescale, layernorm_goldschmidt, layernorm_needs_center_first,
     layernorm_goldschmidt_cost, softmax_2quad, softmax_2quad_cost, softmax_2quad_matmul,
     softmax_2quad_matmul_cost, softmax_2quad_rows, softmax_2quad_rows_cost, attend_out_bound)
@@ -101,6 +102,71 @@ def test_gelu_secformer(cluster, seed, bits, drop, pending, form):
     print(f"gelu bits={bits} drop={drop}: {cost.rounds} rounds, {cost.bytes / n:.2f} bytes/element/party")
     # a pending x costs a round only where the comparisons need all 64 bits
     assert cost.rounds == {64: 7, 33: 6, 32: 6, 28: 5, 23: 5, 22: 4}[bits] + (pending and bits == 64)
+
+
+@pytest.mark.parametrize("bound,pending", [(17.3125, False), (17.3125, True), (40.0, True), (4.5, False)])
+def test_gelu_secformer_table(cluster, seed, bound, pending):
+    """The even-form GeLU with its segment tests from one table lookup (2 rounds): within
+    the declared 1.5e-4 of GeLU over the whole input bound (and next to both thresholds),
+    in 2PC and the simulator, x finished or pending (FFN1's deferred truncation), and the
+    cost gelu_secformer_table_cost declares."""
+    spec = get_approx("gelu.secformer")
+    w, b = gelu_table_plan(16, spec.threshold, bound, spec.params["window"])
+    t = spec.threshold
+    x = torch.cat([torch.linspace(-bound, bound, 8001, dtype=torch.float64),
+                   torch.linspace(t - 0.3, t + 0.3, 2001, dtype=torch.float64),
+                   torch.linspace(-t - 0.3, -t + 0.3, 2001, dtype=torch.float64),
+                   torch.randn(2000, dtype=torch.float64) * 2]).clamp(-bound, bound)
+    shape = tuple(x.shape)
+
+    def program(ctx, xv):
+        s = yield from arith.share(ctx, xv, 0, shape)
+        if pending:
+            s = begin(ctx, s, FX.frac_bits)
+        y = yield from gelu_secformer_table(ctx, s, spec.coeffs, spec.period, t, w, b,
+                                            const=spec.params["const"])
+        return (yield from arith.reveal(ctx, y))
+
+    xe = FixedPoint(32).encode(x) if pending else FX.encode(x)
+    o0, o1, stats = cluster.run(program, (xe,), (None,))
+    assert torch.equal(o0, o1)
+    clear, counter = run_clear(program, xe, fxp=FX)
+    xq = FixedPoint(32).decode(xe) if pending else FX.decode(xe)
+    want = torch.nn.functional.gelu(xq)
+    for o in (o0, clear):
+        assert (FX.decode(o) - want).abs().max().item() <= spec.declared_max_abs_err
+    cost = gelu_secformer_table_cost(shape, w, b, spec.period, x_k=16 if pending else 0)
+    _check_cost(stats, counter, [shape], shape, cost)
+    assert cost.rounds == 2
+
+
+def test_gelu_table_plan_and_segments():
+    """The table's index covers |x| + T + window; its segment tables honour the window for
+    both cells the lookup may read (q = floor(8x) or one below)."""
+    assert gelu_table_plan(16, 4.125, 17.3125, 2 ** -3) == (3, 9)
+    assert gelu_table_plan(16, 4.125, 60.0, 2 ** -3) is None  # 11 bits: the carry trees stay
+    assert gelu_table_plan(16, 4.1, 17.0, 2 ** -3) is None  # T not on the index's grid
+    assert gelu_table_plan(16, 4.0, 17.0, 0.0) is None
+    hi, mid = gelu_segment_tables(4.125, 3, 9)
+    x = torch.linspace(-30, 30, 200001, dtype=torch.float64)
+    for carry in (0, 1):
+        q = (torch.floor(x * 8).to(torch.int64) - carry) % 512
+        h, m = hi[q].bool(), mid[q].bool()
+        assert not (h & m).any()
+        assert h[x > 4.125].all() and not h[x < 4.0].any()
+        assert m[(x.abs() < 4.0)].all() and not m[x.abs() >= 4.125].any()
+        lo = ~h & ~m
+        assert lo[x < -4.125].all() and not lo[x > -4.0].any()
+
+
+def test_gelu_table_from_params():
+    spec = get_approx("gelu.secformer")
+    p = dict(spec.params, input_bound=17.3125)
+    assert gelu_table_from_params(p, 16) is None  # not compiled with lookup tables
+    assert gelu_table_from_params(dict(p, lookup=1), 16) == (3, 9)
+    assert gelu_table_from_params(dict(p, lookup=1, input_bound=1024.0), 16) is None
+    erf = get_approx("gelu.secformer_erf")
+    assert gelu_table_from_params(dict(erf.params, lookup=1, input_bound=17.0), 16) is None
 
 
 @pytest.mark.parametrize("f, bound, window, plan", [
