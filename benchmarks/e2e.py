@@ -84,8 +84,11 @@ def main() -> None:
                     help="compile(fewer_rounds=True): LayerNorms compute the linear layers after them, "
                          "one round fewer each for more bytes (passes/rounds.py)")
     ap.add_argument("--no-table-seeds", dest="table_seeds", action="store_false",
-                    help="compile(table_seeds=False): 2Quad's division by Goldschmidt's iterations only, "
-                         "no lookup-table seed (what every run before 2026-11-27 21:00 UTC measured)")
+                    help="compile(table_seeds=False): 2Quad's division and LayerNorm's 1/sqrt by "
+                         "Goldschmidt's iterations only, no lookup-table seed (what every run before "
+                         "2026-11-27 21:00 UTC measured)")
+    ap.add_argument("--gelu-lookup", action="store_true",
+                    help="compile(gelu_lookup=True): GeLU's segment tests by one table lookup (2 rounds)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     try:
@@ -104,7 +107,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cm = sc.compile(model, (x,), preset=args.preset, calibration=[(c,) for c in cal], trunc=args.trunc,
                     overrides=overrides or None, fewer_rounds=args.fewer_rounds,
-                    table_seeds=args.table_seeds)
+                    table_seeds=args.table_seeds, gelu_lookup=args.gelu_lookup)
     compile_s = time.perf_counter() - t0
     with torch.no_grad():
         ts = []
@@ -147,6 +150,7 @@ def main() -> None:
         "model": f"bert-{args.model}", "seq_len": args.seq, "layers": cfg.num_hidden_layers,
         "preset": args.preset, "overrides": overrides, "batch": 1, "runs": args.runs, "offline_mode": args.offline,
         "trunc": args.trunc, "fewer_rounds": args.fewer_rounds, "table_seeds": args.table_seeds,
+        "gelu_lookup": args.gelu_lookup,
         "wall_s": statistics.median(walls), "wall_s_runs": walls,
         # each party's own input-independent phase (A_i @ F of every linear layer), run before
         # the online clock starts; `secformer party` runs it between requests

@@ -62,15 +62,17 @@ def need_gib(model: str, layers: int | None) -> float:
 
 
 def ours(model: str, seq: int, layers: int | None = None, runs: int = 1, offline: str = "stream",
-         trunc: str = "exact", fewer_rounds: bool = False) -> dict:
+         trunc: str = "exact", fewer_rounds: bool = False, gelu_lookup: bool = False) -> dict:
     suffix = (f"_l{layers}" if layers else "") + ("_ahead" if offline == "ahead" else "") + \
-        ("_local" if trunc == "local" else "") + ("_fewer_rounds" if fewer_rounds else "")
+        ("_local" if trunc == "local" else "") + ("_fewer_rounds" if fewer_rounds else "") + \
+        ("_gelu_lookup" if gelu_lookup else "")
     path = f"benchmarks/results/e2e_{model}_{seq}{suffix}.json"
     argv = [OURS_PY, "benchmarks/e2e.py", "--model", model, "--seq", str(seq), "--runs", str(runs)]
     argv += (["--layers", str(layers)] if layers else []) + (["--offline", offline] if offline != "stream" else [])
     argv += (["--trunc", trunc] if trunc != "exact" else []) + (["--fewer-rounds"] if fewer_rounds else [])
+    argv += ["--gelu-lookup"] if gelu_lookup else []
     return dict(name=f"{model}-{seq}{suffix.replace('_', '-')}", side="ours", model=model, seq=seq, layers=layers,
-                offline=offline, trunc=trunc, fewer_rounds=fewer_rounds, json=path, argv=argv + ["--json", path], need_gib=need_gib(model, layers))
+                offline=offline, trunc=trunc, fewer_rounds=fewer_rounds, gelu_lookup=gelu_lookup, json=path, argv=argv + ["--json", path], need_gib=need_gib(model, layers))
 
 
 def crypten(seq: int, layers: int | None = None, kernel: str = "torch", model: str = "base") -> dict:
@@ -104,8 +106,10 @@ LARGE = [crypten(128, kernel="colmajor", model="large"), crypten(128, layers=6, 
 # Our runtime with CrypTen's two-party truncation (local, probabilistic; DESIGN "Arithmetic"):
 # the rounds our operators need when truncation costs none, as on CrypTen's side.
 TRUNC = [ours("base", 128, trunc="local")]
-# compile(fewer_rounds=True) (passes/rounds.py): 23 rounds fewer for 61 MiB more per party
-ROUNDS = [ours("base", 128, runs=3, fewer_rounds=True)]
+# compile(gelu_lookup=True): GeLU's segment tests by one table lookup, 24 rounds fewer for
+# more bytes and dealer traffic. (compile(fewer_rounds=True), passes/rounds.py, was this
+# suite until the table-seeded LayerNorms left it nothing to commute: e2e_base_128_fewer_rounds.json.)
+ROUNDS = [ours("base", 128, runs=3, gelu_lookup=True)]
 SUITES = {"quick": [ours("base", 32, layers=2), crypten(32, layers=2), ours("tiny", 32)],
           "scaling": SCALING, "crypten": CRYPTEN, "offline": OFFLINE, "large": LARGE, "trunc": TRUNC,
           "rounds": ROUNDS, "all": SCALING + OFFLINE + TRUNC + ROUNDS + CRYPTEN + LARGE}
@@ -171,6 +175,9 @@ def combine(jobs: list[dict]) -> list[dict]:
             continue
         if job.get("fewer_rounds"):
             rec["ours_fewer_rounds"] = data[-1]
+            continue
+        if job.get("gelu_lookup"):
+            rec["ours_gelu_lookup"] = data[-1]
             continue
         if job["side"] == "ours":
             r = data[-1]
@@ -700,6 +707,16 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
                      f"{fmt_s(b['ours_fewer_rounds']['wall_s'])} s, err {b['ours_fewer_rounds']['max_abs_err']:.4g} | "
                      f"{ok(b['ours_fewer_rounds']['rounds'] / sf['rounds'] <= 1 / 3)} |"]
                     if b.get("ours_fewer_rounds") else []),
+                  *([f"| rounds, compiled with `gelu_lookup=True` (GeLU's segment tests by one table lookup, "
+                     f"`e2e_base_128_gelu_lookup.json`; not our default: more bytes and dealer traffic, slower on "
+                     f"this host) | {b['ours_gelu_lookup']['rounds']} / {sf['rounds']} = "
+                     f"{b['ours_gelu_lookup']['rounds'] / sf['rounds']:.3f}; bytes "
+                     f"{fmt_mib(b['ours_gelu_lookup']['bytes_sent_per_party'])} MiB "
+                     f"({b['ours_gelu_lookup']['bytes_sent_per_party'] / sf['bytes_sent_per_party']:.3f}), dealer "
+                     f"{fmt_mib(b['ours_gelu_lookup']['dealer_bytes'])} MiB; time "
+                     f"{fmt_s(b['ours_gelu_lookup']['wall_s'])} s, err {b['ours_gelu_lookup']['max_abs_err']:.4g} | "
+                     f"{ok(b['ours_gelu_lookup']['rounds'] / sf['rounds'] <= 1 / 3)} |"]
+                    if b.get("ours_gelu_lookup") else []),
                   f"| max error ≤ 0.05 vs the float model with the same approximations | {b['max_abs_err']:.4f} | "
                   f"{ok(b['max_abs_err'] <= 0.05)} |",
                   large_goal_row(recs), "",

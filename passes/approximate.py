@@ -126,14 +126,16 @@ def check_override(op: str, method: str) -> None:
 @register_pass("approximate")
 def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str, str] | None = None,
                 calibration: Mapping[str, Any] | None = None,
-                target_rel_err: float | None = None, table_seeds: bool = True) -> Graph:
+                target_rel_err: float | None = None, table_seeds: bool = True,
+                gelu_lookup: bool = False) -> Graph:
     """Attach method and params to every gelu / layernorm / softmax / tanh node.
 
     calibration: {node: (lo, hi)} input ranges of the Goldschmidt steps; each calibrated step
     gets the prescale and fewest iterations that meet `target_rel_err` there (None:
     `approx.CALIBRATION_TARGET_REL_ERR`, 1e-4 relative). table_seeds: a calibrated 2Quad
-    division may be a table seed and Newton steps where that takes fewer rounds
-    (approx/table_seed.py)."""
+    division or LayerNorm 1/sqrt may be a table seed and Newton steps where that takes fewer
+    rounds (approx/table_seed.py). gelu_lookup: gelu.secformer gets params["lookup"] = 1 (its
+    segment tests by a table where the bound allows, nonlinear.gelu_table_from_params)."""
     approx = _registry()
     target = approx.CALIBRATION_TARGET_REL_ERR if target_rel_err is None else float(target_rel_err)
     if not 0 < target < 0.5:
@@ -171,7 +173,7 @@ def approximate(graph: Graph, preset: str = "secformer", overrides: Mapping[str,
                                                 applied=_applied_prescale(n), table_seed=table_seeds,
                                                 features=_ln_features(n))
         params = dict(spec.params)
-        if table_seeds and name == "gelu.secformer":  # segment tests may be a lookup table
+        if gelu_lookup and name == "gelu.secformer":  # segment tests may be a lookup table
             params["lookup"] = 1  # (runtime/protocols/nonlinear.py: gelu_table_from_params)
         n.attrs.update(method=name, params=params)
         chosen[n.name] = spec

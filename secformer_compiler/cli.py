@@ -214,7 +214,7 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
                        batch: int = 1, calibrate: Path | None = None, samples: int = 16, frac_bits: int = 16,
                        trunc: str = "exact", force: bool = False, range_margin: float | None = None,
                        goldschmidt_target: float | None = None, overrides: list[str] | None = None,
-                       fewer_rounds: bool = False, table_seeds: bool = True,
+                       fewer_rounds: bool = False, table_seeds: bool = True, gelu_lookup: bool = False,
                        log: Callable[[str], None] = _note) -> Any:
     """Checkpoint -> compiled program -> artifact folder at `out` (written atomically).
 
@@ -249,7 +249,7 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
         f"text(s) from {calibrate or 'built-in sentences'})")
     cm = sf_compile(model, chunks[0], preset=preset, calibration=chunks, frac_bits=frac_bits, trunc=trunc,
                     range_margin=margin, goldschmidt_target=goldschmidt_target, overrides=per_op or None,
-                    fewer_rounds=fewer_rounds, table_seeds=table_seeds)
+                    fewer_rounds=fewer_rounds, table_seeds=table_seeds, gelu_lookup=gelu_lookup)
     calib = {"source": str(calibrate) if calibrate else "built-in sentences", "texts": len(texts),
              "range_margin": margin, "goldschmidt_target": cm.graph.meta.get("goldschmidt_target")}
     save_artifact(cm, out, tokenizer=tok, task=task, seq_len=seq_len, batch=batch, labels=labels,
@@ -289,16 +289,20 @@ def compile_cmd(
                                                   "after them (one round fewer each; BERT-base: 335 rounds instead "
                                                   "of 358, 357 MiB per party instead of 296). For high-latency, "
                                                   "high-bandwidth links."),
-    table_seeds: bool = typer.Option(True, help="Let 2Quad's division start from a dealer's lookup table and "
-                                                "one Newton step where that meets the target (2 rounds instead "
-                                                "of Goldschmidt's 4 or 5); --no-table-seeds keeps Goldschmidt."),
+    table_seeds: bool = typer.Option(True, help="Let 2Quad's division and LayerNorm's 1/sqrt start from a "
+                                                "dealer's lookup table and one Newton step where that meets the "
+                                                "target (fewer rounds, more dealer traffic); --no-table-seeds "
+                                                "keeps Goldschmidt."),
+    gelu_lookup: bool = typer.Option(False, help="GeLU's segment tests by one table lookup where its bound "
+                                                 "allows (2 rounds instead of 4, more bytes and dealer traffic): "
+                                                 "for high-latency links."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Compile a checkpoint into an artifact folder (program.onnx, weights, tokenizer, manifest)."""
     compile_checkpoint(checkpoint, out, task=task.value, preset=preset, seq_len=seq_len, batch=batch,
                        calibrate=calibrate, samples=samples, frac_bits=frac_bits, trunc=trunc, force=force,
                        range_margin=range_margin, goldschmidt_target=goldschmidt_target, overrides=override,
-                       fewer_rounds=fewer_rounds, table_seeds=table_seeds)
+                       fewer_rounds=fewer_rounds, table_seeds=table_seeds, gelu_lookup=gelu_lookup)
 
 
 @app.command()

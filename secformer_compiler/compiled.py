@@ -199,7 +199,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             calibration: Sequence[Any] | None = None, frac_bits: int = 16, trunc: str = "exact",
             overrides: Mapping[str, str] | None = None, range_margin: float | None = None,
             goldschmidt_target: float | None = None, fewer_rounds: bool = False,
-            table_seeds: bool = True, **per_op: str) -> CompiledModel:
+            table_seeds: bool = True, gelu_lookup: bool = False, **per_op: str) -> CompiledModel:
     """Compile `model` for 2PC inference.
 
     Args:
@@ -225,10 +225,15 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             followed by a linear (BERT-base, seq 128: 335 rounds instead of 358) for more
             bytes (357 MiB per party instead of 296) and CPU. Worth it only where the
             round trip times the bandwidth exceeds about 22 Mbit (40 ms at 1 Gbit/s).
-        table_seeds: a calibrated 2Quad division starts from a dealer's lookup table (one
-            round) and takes one Newton step where that meets the target, instead of
-            Goldschmidt's iterations (approx/table_seed.py; BERT-base, seq 128: 5 rounds
-            fewer per layer). False keeps Goldschmidt everywhere.
+        table_seeds: calibrated 2Quad divisions and LayerNorm inverse square roots start
+            from a dealer's lookup table (one round) and take one Newton step where that
+            meets the target, instead of Goldschmidt's iterations (runtime/protocols/lookup.py,
+            approx/table_seed.py; BERT-base, seq 128: 277 rounds instead of 358, the same
+            time, 167 MiB more from the dealer). False keeps Goldschmidt everywhere.
+        gelu_lookup: the even-form GeLU's segment tests become one lookup of two bit tables
+            where its input bound allows (2 rounds instead of 4: BERT-base 253 rounds), for
+            16 MiB more per party and 566 MiB more from the dealer, about 0.5 s slower on
+            this 2-core host: worth it only on high-latency links, so not the default.
         per_op / overrides: per-op methods, e.g. softmax="puma".
     """
     from .calibrate import resolve_margin
@@ -249,7 +254,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
         ranges = measure_ranges(graph, calibration, hi_margin=range_margin)
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
                          calibration=ranges, goldschmidt_target=goldschmidt_target,
-                         table_seeds=table_seeds, **per_op)
+                         table_seeds=table_seeds, gelu_lookup=gelu_lookup, **per_op)
     if fewer_rounds:
         from .passes import run_passes
         graph = run_passes(graph, ["commute_layernorm_scaling"])

@@ -172,7 +172,8 @@ def _op_name(target: Any) -> str:
 def build_ir(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secformer",
              overrides: Mapping[str, str] | None = None, calibration: Mapping[str, Any] | None = None,
              public_inputs: Sequence[str] = DEFAULT_PUBLIC_INPUTS, pipeline: Sequence[Any] | None = None,
-             goldschmidt_target: float | None = None, table_seeds: bool = True, **per_op: str) -> Graph:
+             goldschmidt_target: float | None = None, table_seeds: bool = True,
+             gelu_lookup: bool = False, **per_op: str) -> Graph:
     """Compile `model` to the verified MPC IR.
 
     Args:
@@ -188,8 +189,11 @@ def build_ir(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secf
         pipeline: pass names or callables replacing `passes.DEFAULT_PIPELINE`.
         goldschmidt_target: relative error each calibrated Goldschmidt step must meet on its
             range (None: `approx.CALIBRATION_TARGET_REL_ERR`, 1e-4).
-        table_seeds: let a calibrated 2Quad division start from a lookup table and Newton
-            steps where that takes fewer rounds than Goldschmidt (approx/table_seed.py).
+        table_seeds: let calibrated 2Quad divisions and LayerNorm inverse square roots start
+            from a lookup table and Newton steps where that takes fewer rounds than
+            Goldschmidt (approx/table_seed.py).
+        gelu_lookup: let the even-form GeLU's segment tests be one table lookup where its
+            input bound allows (runtime/protocols/nonlinear.py: 2 rounds instead of 4).
     Raises:
         CompileError (UnsupportedOpsError) listing every op without an MPC lowering at once.
     """
@@ -199,7 +203,7 @@ def build_ir(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secf
     graph = import_program(ep, example_inputs, public_inputs)
     options = {"approximate": {"preset": preset, "overrides": {**(overrides or {}), **per_op},
                                "calibration": calibration, "target_rel_err": goldschmidt_target,
-                               "table_seeds": table_seeds}}
+                               "table_seeds": table_seeds, "gelu_lookup": gelu_lookup}}
     return PassManager(pipeline or DEFAULT_PIPELINE, options).run(graph)
 
 

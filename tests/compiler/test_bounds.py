@@ -43,7 +43,7 @@ def test_the_bound_holds_for_any_input_and_is_what_the_weights_give(make_tiny_be
 
 def test_tightened_bound_takes_a_round_off_each_gelu(make_tiny_bert):
     model, x = make_tiny_bert()
-    cm = sc.compile(model, x, table_seeds=False)  # the carry trees (no lookup table)
+    cm = sc.compile(model, x)  # the default: carry trees (no lookup table)
     for g in _gelus(cm.graph):
         bits, drop = gelu_cmp_from_params(g.attrs["params"], 16)
         assert bits - drop - 1 == 8  # 8-bit carry trees (16 at the declared 1024)
@@ -61,18 +61,18 @@ def test_tightened_bound_takes_a_round_off_each_gelu(make_tiny_bert):
 
 
 def test_tightened_bound_lets_gelu_use_a_lookup_table(make_tiny_bert):
-    """With table seeds (the default) a tight bound makes the segment tests one table lookup:
-    GeLU in 2 rounds (against 4 with 8-bit carry trees); at the declared 1024 the table would
-    be too large and the carry trees stay. The 2PC run takes what the cost model says."""
+    """With compile(gelu_lookup=True) a tight bound makes the segment tests one table lookup:
+    GeLU in 2 rounds (against 4 with 8-bit carry trees, the default); at the declared 1024 the
+    table would be too large and the carry trees stay. The 2PC run takes what the cost model
+    says."""
     from secformer_compiler.runtime.protocols.nonlinear import gelu_table_from_params
 
     model, x = make_tiny_bert()
-    cm = sc.compile(model, x)
+    cm = sc.compile(model, x, gelu_lookup=True)
     assert all(gelu_table_from_params(g.attrs["params"], 16) == (3, 8) for g in _gelus(cm.graph))  # |x| < 1
     table = program_cost(cm.graph)
-    trees = sc.compile(model, x, table_seeds=False)
-    for g in _gelus(trees.graph):  # the same program but its GeLUs: segment tests by carry trees
-        g.attrs["params"].pop("lookup", None)
+    trees = sc.compile(model, x)  # the default: segment tests by carry trees
+    assert all(gelu_table_from_params(g.attrs["params"], 16) is None for g in _gelus(trees.graph))
     for g, h in zip(_gelus(cm.graph), _gelus(trees.graph)):
         assert table.by_node[g.name].rounds == 2 and program_cost(trees.graph).by_node[h.name].rounds == 4
     res = cm.run(**x)
