@@ -1,10 +1,11 @@
-"""A one-round table lookup of a shared value's high bits, and the table-seeded reciprocal.
+"""One-round table lookups of a shared value's high bits, and the table-seeded Newton steps.
 
 Why: Goldschmidt from a public start (goldschmidt.py) needs as many rounds as iterations,
-five for BERT-base's 2Quad row sums, because its first iterate is only as good as the
-input range is narrow. A seed good to 1% lets one Newton step reach 1e-4 (the relative
-error squares), and a lookup table gives that seed in one round. 2Quad's reciprocal then
-takes 2 rounds instead of 5, on a few values per attention row.
+five for BERT-base's 2Quad row sums and four for its LayerNorms, because its first iterate
+is only as good as the input range is narrow. A seed good to 1% lets one Newton step reach
+1e-4 (the relative error squares), and a lookup table gives that seed in one round, on a
+few values per attention or LayerNorm row. GeLU's segment tests are table lookups too
+(`lookup_bits`, nonlinear.gelu_secformer_table), in place of multi-round carry trees.
 
 Lookup (a dealer's one-time truth table, as in Ishai et al., "On the Power of Correlated
 Randomness in Secure Computation", TCC 2013): x is shared additively mod 2^64. Each party
@@ -13,20 +14,21 @@ with c in {0, 1} (the carry of the dropped low parts; the 2^64 wrap of the share
 2^(64-k), which vanishes mod 2^b for k <= 64 - b). The dealer draws r uniform mod 2^b
 (shared) and shares of the rotated table T_r[z] = table[(z - r) mod 2^b] for every z.
 The parties open z = idx + r mod 2^b, b bits each way, and each outputs its share of
-T_r[z] = table[idx]. So a table entry must suit both floor(x / 2^k) and the one above it.
+T_r[z] = table[idx]. So a table entry must suit both floor(x / 2^k) and the one below.
 
 Security: z is uniform and independent of x (r is fresh and uniform mod 2^b, used once);
 each party's table share is uniform (P0's is drawn from its seed, P1's is the table minus
-it). Nothing else is sent. Cost: one round, b bits per element each way (int16 on the
-wire); the dealer sends P1 2^b ring values per element, so it is for small counts (one
-per attention row).
+it, or XOR it for bit tables). Nothing else is sent. Cost: one round, b bits per element
+each way (int16 on the wire); the dealer sends P1 2^b ring values per element (2^b / 8
+bytes per bit table), so ring tables are for small counts (one per row).
 
 Reciprocal: u = p sum in (0, 2), p the 2Quad pre-scale. The table indexed by
 j = floor(u 2^(b-1)) (or one below) holds the seed t_j = 2^(b-1) / (j + 1), the minimax
 constant on [j h, (j + 2) h) for h = 2^-(b-1): |1 - u t_j| <= 1 / (j + 1). Each Newton
 step y <- y (2 - u y) squares that error and never overshoots 1/u, as Goldschmidt. One
 step is one round that opens u and y against fresh masks: u y^2 from the masks' products
-(dealer: c^2, a c, a c^2).
+(dealer: c^2, a c, a c^2). Inverse square root: w in (0, 1), t_j = 1/sqrt((j + 1) 2^-b),
+steps y <- y (3 - w y^2) / 2 (`rsqrt_table_core`).
 """
 
 from __future__ import annotations
