@@ -116,6 +116,29 @@ def test_compile_fewer_rounds_is_kept_in_the_artifact(compiled, ckpt_dir, tmp_pa
     assert (res.outputs[0] - plain.run(x).outputs[0]).abs().max() < 0.01
 
 
+def test_compile_gelu_lookup_is_kept_in_the_artifact(ckpt_dir, tmp_path):
+    """--gelu-lookup marks the GeLUs (params lookup=1, kept in the artifact); where the bound
+    allows, the loaded program's GeLUs take 2 rounds, and its 2PC run takes what the cost
+    model says."""
+    from secformer_compiler.artifact import load_artifact
+    from secformer_compiler.cost import program_cost
+    from secformer_compiler.demo import encode_texts
+    from secformer_compiler.runtime.protocols.nonlinear import gelu_table_from_params
+
+    out = tmp_path / "gelu.sfa"
+    r = invoke("compile", ckpt_dir, "-o", out, "--seq-len", SEQ, "--samples", 4, "--gelu-lookup")
+    assert r.exit_code == 0, r.output
+    art = load_artifact(out)
+    gelus = [n for n in art.graph if n.op == "gelu"]
+    assert gelus and all(n.attrs["params"].get("lookup") == 1 for n in gelus)
+    cm = art.compiled()
+    cost = program_cost(cm.graph)
+    tabled = [n for n in gelus if gelu_table_from_params(n.attrs["params"], 16)]
+    assert tabled and all(cost.by_node[n.name].rounds == 2 for n in tabled)
+    res = cm.run(encode_texts(art, ["the man is playing guitar"]))
+    assert res.stats.rounds == cost.rounds and res.stats.bytes_sent[0] == cost.bytes_per_party
+
+
 def test_calibration_file_formats(tmp_path):
     from secformer_compiler.cli import read_texts
 
