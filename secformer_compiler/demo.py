@@ -386,8 +386,9 @@ def _preset_note(preset: str) -> str:
     return {"secformer": "2Quad softmax replaces softmax, which changes the undistilled model; SecFormer "
                          "distills the model to recover accuracy",
             "mpcformer": "Quad GeLU and 2Quad softmax change the undistilled model: they need distillation",
-            "secformer-exact-softmax": "SecFormer's Fourier GeLU and Goldschmidt LayerNorm, softmax by exp and "
-                                       "a Newton reciprocal: no distillation needed"}.get(
+            "secformer-exact-softmax": "SecFormer's Fourier GeLU and LayerNorm (its 1/sqrt from a lookup table "
+                                       "and a Newton step where calibration allows, else Goldschmidt), softmax by "
+                                       "exp and a Newton reciprocal: no distillation needed"}.get(
         preset, "approximations of the exact functions")
 
 
