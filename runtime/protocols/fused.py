@@ -165,13 +165,13 @@ def correction(rnd: Round, o: int, mon: int | None = None, power: int = 1) -> to
 
 
 def power_times(ctx: Context, rnd: Round, o: int, j: int, mon: int | None = None) -> torch.Tensor:
-    """Shares of e^j * m for opened entry `o` (e = e~ + P) and monomial `mon` (None: 1).
+    """Shares of e^j * m for opened entry `o` (e = e~ + P) and monomial `mon` (None: 1), j >= 0.
 
     e^j = sum_i C(j, i) e~^(j - i) P^i; the i = 0 term times m is e~^j m (public times a
     share; public alone when m = 1), the others come from `correction`.
     """
     e = rnd.opened[o].e
-    ej = e ** j if j > 1 else e
+    ej = e if j == 1 else e ** j  # j = 0: ones (just m, or the public 1)
     out = ctx.add_public(torch.zeros_like(e), ej) if mon is None else ej * rnd.mons[mon]
     for i in range(1, j + 1):
         c = correction(rnd, o, mon, i)

@@ -80,11 +80,6 @@ def lookup_cost(shape, bits: int) -> Cost:
     return Cost(1, packed_nbytes(numel(shape), bits))
 
 
-def lookup_dealer_bytes(shape, bits: int) -> int:
-    """What the dealer sends P1 for one lookup: a rotated table share per element."""
-    return 8 * numel(shape) << bits
-
-
 # --- reciprocal from a table seed --------------------------------------------------------------
 
 def table_fracs(bits: int) -> tuple[int, int]:
@@ -141,19 +136,12 @@ def _power_round(ctx: Context, u: Pending | torch.Tensor, y: Pending | torch.Ten
             term = pub * (eu_part + a_part)
         else:  # e_u is public
             eu = rnd.opened[0].e
-            yc = _pt(ctx, rnd, 1, m - i, C(i))
-            ya = _pt(ctx, rnd, 1, m - i, AC(i))
+            yc = fused.power_times(ctx, rnd, 1, m - i, C(i))
+            ya = fused.power_times(ctx, rnd, 1, m - i, AC(i))
             term = coef * (eu * yc + ya)
         total = term if total is None else total + term
     u_done, y_done = rnd.values
     return u_done, y_done, total
-
-
-def _pt(ctx, rnd, o, j, mon):
-    """Shares of e_o^j * mon (mon None: 1), j >= 0."""
-    if j == 0:
-        return rnd.mons[mon] if mon is not None else ctx.add_public(torch.zeros_like(rnd.opened[o].e), 1)
-    return fused.power_times(ctx, rnd, o, j, mon)
 
 
 def _newton_round(ctx: Context, u: Pending | torch.Tensor, y: Pending | torch.Tensor,
@@ -183,23 +171,24 @@ def reciprocal_table_core(ctx: Context, s: torch.Tensor, s_frac: int, u0: Pendin
     return begin_rescale(ctx, y * mult, fu + 2 * ft + shift, out_frac)
 
 
+def _seeded_steps_cost(shape, bits: int, steps: int, first_k: int, later_k: int) -> Cost:
+    """The lookup, then `steps` rounds that each open the input and the iterate: the first
+    finishes the input's pending shift first_k, each later one the iterate's later_k."""
+    total = lookup_cost(shape, bits) + fused.fused_round_cost([shape, shape], [shape] if first_k else [])
+    for _ in range(steps - 1):
+        total = total + fused.fused_round_cost([shape, shape], [shape] if later_k else [])
+    return total
+
+
 def reciprocal_table_core_cost(shape, bits: int, steps: int, mode: str, u0_k: int) -> Cost:
     """Cost of `reciprocal_table_core` up to its pending result; u0_k: u0's pending shift."""
     fu, ft = table_fracs(bits)
-    total = lookup_cost(shape, bits) + fused.fused_round_cost([shape, shape], [shape] if u0_k else [])
-    k = pending_k(fu + ft, mode)
-    for _ in range(steps - 1):
-        total = total + fused.fused_round_cost([shape, shape], [shape] if k else [])
-    return total
+    return _seeded_steps_cost(shape, bits, steps, u0_k, pending_k(fu + ft, mode))
 
 
 def reciprocal_table_out_k(bits: int, shift: int, out_frac: int, mode: str) -> int:
     fu, ft = table_fracs(bits)
     return pending_k(fu + 2 * ft + shift - out_frac, mode)
-
-
-def table_u_frac(bits: int) -> int:
-    return table_fracs(bits)[0]
 
 
 
@@ -253,12 +242,7 @@ def rsqrt_table_core(ctx: Context, w: torch.Tensor, w_frac: int, bits: int, step
 def rsqrt_table_core_cost(shape, bits: int, steps: int, mode: str, w_frac: int) -> Cost:
     """Cost of `rsqrt_table_core` up to its pending result."""
     fw, ft = rsqrt_table_fracs(bits)
-    k0 = pending_k(w_frac - fw, mode)
-    total = lookup_cost(shape, bits) + fused.fused_round_cost([shape, shape], [shape] if k0 else [])
-    k = pending_k(fw + 2 * ft + 1, mode)
-    for _ in range(steps - 1):
-        total = total + fused.fused_round_cost([shape, shape], [shape] if k else [])
-    return total
+    return _seeded_steps_cost(shape, bits, steps, pending_k(w_frac - fw, mode), pending_k(fw + 2 * ft + 1, mode))
 
 
 def rsqrt_table_out_k(bits: int, half_exp: int, out_frac: int, mode: str) -> int:
@@ -307,6 +291,3 @@ def lookup_bits(ctx: Context, x: torch.Tensor, shift: int, bits: int,
     byte, bit = (z >> 3).unsqueeze(-1), (z & 7)
     return [((p.gather(-1, byte).squeeze(-1).to(torch.int64)) >> bit) & 1 for p in packed]
 
-
-def lookup_bits_dealer_bytes(shape, bits: int, tables: int) -> int:
-    return numel(shape) * tables * (1 << bits) // 8

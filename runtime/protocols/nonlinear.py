@@ -31,7 +31,7 @@ from .compare import (bit_mul, bit_mul_cost, bit_mul_pending, bit_mul_pending_co
 from .cost import Cost
 from .fused import pending_k
 from .lookup import (lookup_bits, lookup_cost, reciprocal_table_core, reciprocal_table_core_cost, reciprocal_table_out_k,
-                     rsqrt_table_core, rsqrt_table_core_cost, rsqrt_table_out_k, table_u_frac)
+                     rsqrt_table_core, rsqrt_table_core_cost, rsqrt_table_out_k, table_fracs)
 from .goldschmidt import (SEED_ROBUST, fixed_const, prescale_const, recip_fracs, reciprocal_core,
                           reciprocal_core_cost, reciprocal_core_out_k,
                           rsqrt_core, rsqrt_core_cost, rsqrt_core_out_k, rsqrt_frac)
@@ -659,7 +659,7 @@ def _row_reciprocal_cost(rows, mult: int, shift: int, iters: int, r_frac: int, f
                          gamma: float, table_bits: int) -> tuple[Cost, int]:
     """(cost up to the pending result, the result's pending shift) of `_row_reciprocal`."""
     if table_bits:
-        u0_k = pending_k(2 * f + shift - table_u_frac(table_bits), mode)
+        u0_k = pending_k(2 * f + shift - table_fracs(table_bits)[0], mode)
         return (reciprocal_table_core_cost(rows, table_bits, iters, mode, u0_k),
                 reciprocal_table_out_k(table_bits, shift, r_frac, mode))
     y0_k, r_k = _recip_pending_ks(mult, shift, iters, r_frac, f, mode, gamma)
@@ -683,7 +683,7 @@ def softmax_2quad_rows(ctx: Context, x: torch.Tensor | Pending, dim: int = -1, c
     s = q2.sum(-1, keepdim=True) * mult  # p' sum at 2f + shift bits
     # y0's truncation round is the reciprocal's first opening (fused.py)
     if table_bits:
-        y0 = begin_rescale(ctx, s, 2 * f + shift, table_u_frac(table_bits))
+        y0 = begin_rescale(ctx, s, 2 * f + shift, table_fracs(table_bits)[0])
         return QuadRows(q2, y0, mult, shift, iters, dim, gamma, table_bits, s)
     y0 = begin_rescale(ctx, s, 2 * f + shift, recip_fracs(f, mult, iters, gamma)[0])
     return QuadRows(q2, y0, mult, shift, iters, dim, gamma)

@@ -451,24 +451,22 @@ def calibrate_goldschmidt(
         extra["gamma"] = seeded.gamma
     else:
         choice = choose_goldschmidt(lo, hi, target_rel_err, kind, **kwargs)
-    if table_seed and "table_bits" in spec.params and spec.op == "softmax":
-        from .table_seed import choose_table_reciprocal, table_rounds
+    if table_seed and "table_bits" in spec.params and (spec.op == "softmax" or features):
+        from .table_seed import choose_table_reciprocal, choose_table_rsqrt
 
         # a table seed where it takes fewer rounds than Goldschmidt's `iterations`
-        table = choose_table_reciprocal(lo, hi, target_rel_err, headroom=kwargs.get("headroom", 1.5),
-                                        max_rounds=choice.iterations - 1)
-        if table is not None and table_rounds(table.iterations) < choice.iterations:
-            choice = GoldschmidtChoice(table.prescale, table.iterations, table.achieved_err)
-            extra = {"gamma": 2.0, "table_bits": table.table_bits}
-    elif table_seed and "table_bits" in spec.params and features:  # LayerNorm over `features`
-        from .table_seed import choose_table_rsqrt, table_rounds
-
-        table = choose_table_rsqrt(lo, hi, features, target_rel_err, headroom=kwargs.get("headroom", 1.5),
-                                   max_rounds=choice.iterations - 1)
-        if table is not None and table_rounds(table.iterations) < choice.iterations:
-            choice = GoldschmidtChoice(choice.prescale, table.iterations, table.achieved_err)
-            extra = {"gamma": 3.0, "table_bits": table.table_bits, "table_exp": table.table_exp,
-                     "table_width": features}
+        opts = dict(headroom=kwargs.get("headroom", 1.5), max_rounds=choice.iterations - 1)
+        if spec.op == "softmax":
+            table = choose_table_reciprocal(lo, hi, target_rel_err, **opts)
+            if table is not None:
+                choice = GoldschmidtChoice(table.prescale, table.iterations, table.achieved_err)
+                extra = {"gamma": 2.0, "table_bits": table.table_bits}
+        else:  # a LayerNorm over `features`
+            table = choose_table_rsqrt(lo, hi, features, target_rel_err, **opts)
+            if table is not None:
+                choice = GoldschmidtChoice(choice.prescale, table.iterations, table.achieved_err)
+                extra = {"gamma": 3.0, "table_bits": table.table_bits, "table_exp": table.table_exp,
+                         "table_width": features}
     margin = choice.achieved_err * 1.01 + 1e-15
     if spec.op == "softmax":
         return spec.derive(

@@ -92,12 +92,6 @@ def choose_table_reciprocal(lo: float, hi: float, target_rel_err: float, *, head
     return None
 
 
-def table_rounds(steps: int) -> int:
-    """Rounds of the table-seeded reciprocal: the lookup and one per Newton step."""
-    return 1 + steps
-
-
-
 # --- 1/sqrt(var + eps) for LayerNorm -----------------------------------------------------------
 #
 # The 2PC LayerNorm holds V = n^2 var at 2f bits; with j = floor(log2 n) its w = (var + eps)

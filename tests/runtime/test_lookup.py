@@ -119,9 +119,15 @@ def test_reciprocal_table_over_its_range(cluster, lo, hi):
         assert rel <= choice.achieved_err + 2e-5, (rel, choice)
     assert choice.achieved_err <= 1e-4
     assert table_reciprocal_error(lo, hi, p, bits, steps) == pytest.approx(choice.achieved_err)
-    k = 16 + shift - fu
-    declared = (arith.share_cost(shape) + reciprocal_table_core_cost(shape, bits, steps, "exact", k)
-                + (trunc_cost(shape) if reciprocal_table_out_k(bits, shift, out_frac, "exact") else arith.Cost())
+    _check_core_cost(stats, counter, shape, steps,
+                     reciprocal_table_core_cost(shape, bits, steps, "exact", 16 + shift - fu),
+                     reciprocal_table_out_k(bits, shift, out_frac, "exact"))
+
+
+def _check_core_cost(stats, counter, shape, steps, core, out_k):
+    """Share, the core (the lookup and its steps), its result's truncation, the reveal: the
+    declared cost is the transport's count."""
+    declared = (arith.share_cost(shape) + core + (trunc_cost(shape) if out_k else arith.Cost())
                 + arith.reveal_cost(shape))
     assert stats.rounds == counter.rounds == declared.rounds == 3 + 1 + steps
     assert stats.bytes_sent[0] == declared.bytes
@@ -185,11 +191,8 @@ def test_rsqrt_table_core_over_its_range(cluster, bits, steps, lo, half_exp):
     for out in (o0, clear):
         rel = (out.double() / 2 ** out_frac / want - 1).abs().max().item()
         assert rel <= e / 2 + 2e-5, (rel, e)
-    declared = (arith.share_cost(shape) + rsqrt_table_core_cost(shape, bits, steps, "exact", w_frac)
-                + (trunc_cost(shape) if rsqrt_table_out_k(bits, half_exp, out_frac, "exact") else arith.Cost())
-                + arith.reveal_cost(shape))
-    assert stats.rounds == counter.rounds == declared.rounds == 3 + 1 + steps
-    assert stats.bytes_sent[0] == declared.bytes
+    _check_core_cost(stats, counter, shape, steps, rsqrt_table_core_cost(shape, bits, steps, "exact", w_frac),
+                     rsqrt_table_out_k(bits, half_exp, out_frac, "exact"))
 
 
 def test_choose_table_rsqrt():

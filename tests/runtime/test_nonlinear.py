@@ -234,7 +234,9 @@ def _calibrate_ln(xs, n, eps, center_first=False):
 _KEYS = itertools.count()  # fixed-operand keys persist in the module's cluster
 
 
-def _ln_program(shape, weight_kind, eps, p, iters, center_first, pending=False, gamma=3.0):
+def _ln_program(shape, weight_kind, eps, p, iters, center_first, pending=False, gamma=3.0, **kw):
+    """kw: layernorm_goldschmidt's raw, table_bits, table_exp (a raw output is truncated here,
+    as the linear layer after it would)."""
     n = shape[-1]
     key = f"ln_weight_{next(_KEYS)}"
 
@@ -248,7 +250,9 @@ def _ln_program(shape, weight_kind, eps, p, iters, center_first, pending=False, 
             w = yield from arith.fix_operand(ctx, w, key)
         elif weight_kind == "none":
             w = b = None
-        y = yield from layernorm_goldschmidt(ctx, s, w, b, eps, p, iters, center_first, gamma)
+        y = yield from layernorm_goldschmidt(ctx, s, w, b, eps, p, iters, center_first, gamma, **kw)
+        if kw.get("raw"):  # Raw at f + RAW_EXTRA + f bits: what the linear after it would truncate
+            y = yield from trunc(ctx, y.value, y.frac - FX.frac_bits)
         return (yield from arith.reveal(ctx, y))
     return program
 
@@ -311,23 +315,8 @@ def test_layernorm_table_seeded(cluster, seed, sigma, n, weight_kind, pending, r
     x = torch.randn(shape, dtype=torch.float64) * sigma * (0.75 + 0.5 * torch.rand(shape[0], 1)) + 0.3
     wf = 1 + 0.3 * torch.randn(n, dtype=torch.float64)
     bf = 0.1 * torch.randn(n, dtype=torch.float64)
-    key = f"ln_weight_{next(_KEYS)}"
-
-    def program(ctx, xv, wv, bv):
-        s = yield from arith.share(ctx, xv, 0, shape)
-        if pending:
-            s = begin(ctx, s, FX.frac_bits)
-        w = yield from arith.share(ctx, wv, 0, (n,))
-        b = yield from arith.share(ctx, bv, 0, (n,))
-        if weight_kind == "fixed":
-            w = yield from arith.fix_operand(ctx, w, key)
-        elif weight_kind == "none":
-            w = b = None
-        y = yield from layernorm_goldschmidt(ctx, s, w, b, eps, 0.5, c.iterations, raw=raw,
-                                             table_bits=c.table_bits, table_exp=c.table_exp)
-        if raw:  # Raw at f + RAW_EXTRA + f bits: what the linear after it would truncate
-            y = yield from trunc(ctx, y.value, y.frac - FX.frac_bits)
-        return (yield from arith.reveal(ctx, y))
+    program = _ln_program(shape, weight_kind, eps, 0.5, c.iterations, False, pending, raw=raw,
+                          table_bits=c.table_bits, table_exp=c.table_exp)
 
     xe = FixedPoint(32).encode(x) if pending else FX.encode(x)
     args = (xe, FX.encode(wf), FX.encode(bf))
