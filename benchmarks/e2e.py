@@ -81,8 +81,9 @@ def main() -> None:
                     help="per-op approximation override, e.g. gelu=gelu.secformer_erf (the paper's "
                          "erf-series GeLU; repeatable)")
     ap.add_argument("--fewer-rounds", action="store_true",
-                    help="compile(fewer_rounds=True): LayerNorms compute the linear layers after them, "
-                         "one round fewer each for more bytes (passes/rounds.py)")
+                    help="compile(fewer_rounds=True): LayerNorms fold their gain into the linear layers "
+                         "after them and compute those, one round fewer each, and GeLU's tests by lookup: "
+                         "fewer rounds for more bytes and CPU (passes/rounds.py)")
     ap.add_argument("--no-table-seeds", dest="table_seeds", action="store_false",
                     help="compile(table_seeds=False): 2Quad's division and LayerNorm's 1/sqrt by "
                          "Goldschmidt's iterations only, no lookup-table seed (what every run before "
@@ -107,7 +108,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cm = sc.compile(model, (x,), preset=args.preset, calibration=[(c,) for c in cal], trunc=args.trunc,
                     overrides=overrides or None, fewer_rounds=args.fewer_rounds,
-                    table_seeds=args.table_seeds, gelu_lookup=args.gelu_lookup)
+                    table_seeds=args.table_seeds, gelu_lookup=True if args.gelu_lookup else None)
     compile_s = time.perf_counter() - t0
     with torch.no_grad():
         ts = []
@@ -150,7 +151,7 @@ def main() -> None:
         "model": f"bert-{args.model}", "seq_len": args.seq, "layers": cfg.num_hidden_layers,
         "preset": args.preset, "overrides": overrides, "batch": 1, "runs": args.runs, "offline_mode": args.offline,
         "trunc": args.trunc, "fewer_rounds": args.fewer_rounds, "table_seeds": args.table_seeds,
-        "gelu_lookup": args.gelu_lookup,
+        "gelu_lookup": bool(args.gelu_lookup or args.fewer_rounds),  # --fewer-rounds implies it
         "wall_s": statistics.median(walls), "wall_s_runs": walls,
         # each party's own input-independent phase (A_i @ F of every linear layer), run before
         # the online clock starts; `secformer party` runs it between requests

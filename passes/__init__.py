@@ -16,8 +16,10 @@ The default pipeline, from an imported `aten`-level graph to the approximated MP
 8. `fuse_sibling_linears`: linear layers reading the same secret input (attention's query,
    key and value) become one, so their input is opened once.
 
-Not in the default pipeline: `commute_layernorm_scaling` (compile(fewer_rounds=True)) marks
-LayerNorms to compute the linear layers after them, one round sooner for more bytes.
+Not in the default pipeline (compile(fewer_rounds=True) runs them): `fold_layernorm_affine`
+moves each LayerNorm's gain and shift into the linear layers after it, and
+`commute_layernorm_scaling` marks LayerNorms to compute those layers, one round sooner for
+more bytes.
 
 The `PassManager` verifies the graph after every pass and names the pass that broke it.
 """

@@ -214,7 +214,7 @@ def compile_checkpoint(ckpt: Path, out: Path, *, task: str = "auto", preset: str
                        batch: int = 1, calibrate: Path | None = None, samples: int = 16, frac_bits: int = 16,
                        trunc: str = "exact", force: bool = False, range_margin: float | None = None,
                        goldschmidt_target: float | None = None, overrides: list[str] | None = None,
-                       fewer_rounds: bool = False, table_seeds: bool = True, gelu_lookup: bool = False,
+                       fewer_rounds: bool = False, table_seeds: bool = True, gelu_lookup: bool | None = None,
                        log: Callable[[str], None] = _note) -> Any:
     """Checkpoint -> compiled program -> artifact folder at `out` (written atomically).
 
@@ -285,17 +285,18 @@ def compile_cmd(
     override: Optional[list[str]] = typer.Option(None, help="Per-op approximation over the preset's, OP=METHOD; "
                                                             "repeatable. E.g. gelu=gelu.secformer_erf (the "
                                                             "paper's erf series), softmax=puma."),
-    fewer_rounds: bool = typer.Option(False, help="Trade bytes for rounds: LayerNorms compute the linear layers "
-                                                  "after them (one round fewer each; BERT-base: 335 rounds instead "
-                                                  "of 358, 357 MiB per party instead of 296). For high-latency, "
-                                                  "high-bandwidth links."),
+    fewer_rounds: bool = typer.Option(False, help="Trade bytes and CPU for rounds: LayerNorms fold their gain into "
+                                                  "the linear layers after them and compute those (one round fewer "
+                                                  "each), and GeLU's tests by lookup unless --no-gelu-lookup. For "
+                                                  "high-latency links (README, Fewer rounds)."),
     table_seeds: bool = typer.Option(True, help="Let 2Quad's division and LayerNorm's 1/sqrt start from a "
                                                 "dealer's lookup table and one Newton step where that meets the "
                                                 "target (fewer rounds, more dealer traffic); --no-table-seeds "
                                                 "keeps Goldschmidt."),
-    gelu_lookup: bool = typer.Option(False, help="GeLU's segment tests by one table lookup where its bound "
-                                                 "allows (2 rounds instead of 4, more bytes and dealer traffic): "
-                                                 "for high-latency links."),
+    gelu_lookup: Optional[bool] = typer.Option(None, "--gelu-lookup/--no-gelu-lookup",
+                                               help="GeLU's segment tests by one table lookup where its bound "
+                                                    "allows (2 rounds instead of 4, more bytes and dealer "
+                                                    "traffic): for high-latency links. Default: as --fewer-rounds."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Compile a checkpoint into an artifact folder (program.onnx, weights, tokenizer, manifest)."""

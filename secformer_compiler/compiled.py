@@ -199,7 +199,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             calibration: Sequence[Any] | None = None, frac_bits: int = 16, trunc: str = "exact",
             overrides: Mapping[str, str] | None = None, range_margin: float | None = None,
             goldschmidt_target: float | None = None, fewer_rounds: bool = False,
-            table_seeds: bool = True, gelu_lookup: bool = False, **per_op: str) -> CompiledModel:
+            table_seeds: bool = True, gelu_lookup: bool | None = None, **per_op: str) -> CompiledModel:
     """Compile `model` for 2PC inference.
 
     Args:
@@ -220,11 +220,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             1/sqrt, 2Quad's 1/sum) must meet over its range (default
             `approx.CALIBRATION_TARGET_REL_ERR`, 1e-4). 1e-3 saves about one round per
             LayerNorm, for less margin outside the calibrated range (see that constant).
-        fewer_rounds: LayerNorms compute the linear layers after them with their 1/sigma
-            applied after the product (passes/rounds.py): one round fewer per LayerNorm
-            followed by a linear (BERT-base, seq 128: 335 rounds instead of 358) for more
-            bytes (357 MiB per party instead of 296) and CPU. Worth it only where the
-            round trip times the bandwidth exceeds about 22 Mbit (40 ms at 1 Gbit/s).
+        fewer_rounds: every trade of bytes and CPU for rounds: LayerNorms fold their gain
+            and shift into the linear layers after them and compute those layers with their
+            1/sigma applied after the product (passes/rounds.py: one round fewer per
+            LayerNorm followed by a linear), and GeLU's segment tests by lookup (unless
+            gelu_lookup=False). Worth it on high-latency links; see README, "Fewer rounds".
         table_seeds: calibrated 2Quad divisions and LayerNorm inverse square roots start
             from a dealer's lookup table (one round) and take one Newton step where that
             meets the target, instead of Goldschmidt's iterations (runtime/protocols/lookup.py,
@@ -234,6 +234,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
             where its input bound allows (2 rounds instead of 4: BERT-base 253 rounds), for
             16 MiB more per party and 566 MiB more from the dealer, about 0.5 s slower on
             this 2-core host: worth it only on high-latency links, so not the default.
+            None (default): as fewer_rounds.
         per_op / overrides: per-op methods, e.g. softmax="puma".
     """
     from .calibrate import resolve_margin
@@ -254,10 +255,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, preset: str = "secfo
         ranges = measure_ranges(graph, calibration, hi_margin=range_margin)
         graph = build_ir(model, example_inputs, preset=preset, overrides=overrides,
                          calibration=ranges, goldschmidt_target=goldschmidt_target,
-                         table_seeds=table_seeds, gelu_lookup=gelu_lookup, **per_op)
+                         table_seeds=table_seeds, gelu_lookup=fewer_rounds if gelu_lookup is None else gelu_lookup,
+                         **per_op)
     if fewer_rounds:
         from .passes import run_passes
-        graph = run_passes(graph, ["commute_layernorm_scaling"])
+        graph = run_passes(graph, ["fold_layernorm_affine", "commute_layernorm_scaling"])
     release_free_memory()  # calibration's float64 runs are done (runtime/memory.py)
     return CompiledModel(graph, FixedPoint(frac_bits), trunc, preset)
 

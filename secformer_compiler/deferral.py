@@ -149,11 +149,14 @@ def _plan_raw_layernorms(graph: Graph, users: dict, outputs: set, nodes: dict, f
         us = users.get(n.name, [])
         if raw_frac is None or not us:
             continue
-        linears, adds = [], []
+        linears, adds, gains = [], [], []
         for u in us:
             if u.op == "linear" and u.inputs[0] == n.name and n.name not in u.inputs[1:] \
                     and u.meta.get("fixed", {}).get(1) is not None:
                 linears.append(u)
+            elif u.op == "mul" and u.inputs[0] == n.name and n.name not in u.inputs[1:] \
+                    and u.meta.get("fixed", {}).get(1) is not None:
+                gains.append(u)  # N(x) gamma after fold_layernorm_affine: truncates by more
             elif u.op == "add" and u.meta.get("pending_in") is not None \
                     and u.inputs[1 - u.meta["pending_in"]] == n.name \
                     and "defer" in nodes[u.inputs[u.meta["pending_in"]]].meta \
@@ -165,9 +168,13 @@ def _plan_raw_layernorms(graph: Graph, users: dict, outputs: set, nodes: dict, f
             if not linears:
                 continue
             params = n.attrs.get("params") or {}
-            # a table-seeded 1/sqrt (2 rounds) finishes before Z W could open: nothing to gain
-            commute = bool(n.attrs.get("commute")) and not params.get("table_bits") and \
-                layernorm_commutes(int(params.get("iterations", 0)))
+            # a table-seeded 1/sqrt (2 rounds) finishes before Z W could open unless Z is
+            # ready in round 2: no gain to multiply first (passes/rounds.py)
+            if params.get("table_bits"):
+                gainful = len(n.inputs) == 1
+            else:
+                gainful = layernorm_commutes(int(params.get("iterations", 0)))
+            commute = bool(n.attrs.get("commute")) and gainful
             extra = raw_frac - f  # bits above f (a commuted product carries as many)
             n.meta["raw"] = raw_frac
             if commute:
@@ -180,6 +187,8 @@ def _plan_raw_layernorms(graph: Graph, users: dict, outputs: set, nodes: dict, f
                     for c in users.get(u.name, []):
                         if c.meta.get("pending_in") == 0:
                             c.meta["pending_shift"] = c.meta.get("pending_shift", 0) + extra
+            for g in gains:
+                g.meta["raw_in"] = raw_frac
             for a in adds:
                 lin = nodes[a.inputs[a.meta["pending_in"]]]
                 del lin.meta["defer"]

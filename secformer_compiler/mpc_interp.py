@@ -174,6 +174,10 @@ def _product(ctx, node, ins, op, fixed_op, public_op):
     """Secret x secret (Beaver), secret x weight (fixed operand), secret x public (local)."""
     a, b = ins
     na, nb = node.meta["in_nodes"]
+    in_frac = ctx.f
+    if node.meta.get("raw_in"):  # a raw LayerNorm output times its gain (deferral.py)
+        raw = a.raw if isinstance(a, nl.Commuted) else a
+        a, in_frac = raw.value, raw.frac
     if na.secret and nb.secret:
         key = _fixed_key(node, 1)
         if key is not None:
@@ -181,8 +185,8 @@ def _product(ctx, node, ins, op, fixed_op, public_op):
         else:
             z = yield from op(ctx, a, b)
         if "defer" in node.meta:  # the consumer's first round finishes it (deferral.py)
-            return T.begin(ctx, z, ctx.f + node.meta["defer"])
-        return (yield from T.trunc(ctx, z))
+            return T.begin(ctx, z, in_frac + node.meta["defer"])
+        return (yield from T.trunc(ctx, z, in_frac))
     sec, pub, pub_node, pub_first = (a, b, nb, False) if na.secret else (b, a, na, True)
     if _int_valued(pub_node):
         p = pub.to(torch.int64) if pub.device.type != "meta" else torch.empty(pub.shape, dtype=torch.int64, device="meta")

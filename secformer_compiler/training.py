@@ -326,6 +326,7 @@ def with_weights(graph: Graph, weights: Mapping[str, torch.Tensor] | TrainingVie
         for name, parts in fused_parts(graph).items():  # a state dict names the model's weights
             if name not in values and all(p in values for p, _ in parts):
                 values[name] = torch.cat([values[p].detach().float() for p, _ in parts], dim=0)
+    _refold(graph, values, given_view=isinstance(weights, TrainingView))
     g = graph.copy()
     g.weights = {k: (values[k].detach().float().clone() if k in values else v) for k, v in graph.weights.items()}
     for k, v in g.weights.items():
@@ -333,6 +334,32 @@ def with_weights(graph: Graph, weights: Mapping[str, torch.Tensor] | TrainingVie
             raise ValueError(f"weight {k}: shape {tuple(v.shape)} != {tuple(graph.weights[k].shape)}")
     from .passes.bounds import bound_gelu_inputs
     return bound_gelu_inputs(g)  # GeLU's comparison range follows the weights before it
+
+
+def _refold(graph: Graph, values: dict[str, torch.Tensor], given_view: bool) -> None:
+    """Redo fold_layernorm_affine's weights (passes/rounds.py) from new values of their sources,
+    in `values`; refuse a new gain or shift whose linear layers' own weights are not given
+    (their folded weights would keep the old one)."""
+    from .passes.rounds import LN_FOLDS, fold_value
+
+    for name, recipe in graph.meta.get(LN_FOLDS, {}).items():
+        if name not in graph.weights:
+            continue
+        sources = [recipe[k] for k in ("weight", "gain", "bias", "shift") if recipe.get(k)]
+        if recipe["weight"] in values and not given_view:
+            have = {k: values[k] if k in values else graph.weights.get(k) for k in sources}
+            missing = [k for k, v in have.items() if v is None]
+            if missing:
+                raise ValueError(f"weight {name} is folded from {sources}; give {missing} too")
+            values[name] = fold_value(recipe, have)
+            continue
+        changed = [k for k in sources if k in values and k in graph.weights
+                   and not torch.equal(values[k].detach().float(), graph.weights[k].float())]
+        if changed:
+            raise ValueError(f"{changed} changed, but weight {name} was folded from them at compile time "
+                             "(compile(fewer_rounds=True), passes.rounds.fold_layernorm_affine): train "
+                             "the program compiled without fewer_rounds, then compile the trained model "
+                             f"with it, or give {recipe['weight']} as well")
 
 
 # -- calibration on the approximated program ---------------------------------------------------

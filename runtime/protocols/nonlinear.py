@@ -397,7 +397,8 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
                on the next round's product);
       round iters + 2: Z * r (Beaver, r broadcast; r's last truncation rides on it);
       round iters + 3: its truncation; + bias (local).
-    commute (raw only, iters >= 3): {name: W} of the linear layers that read the output.
+    commute (raw only; iters >= 3, or a table seed without weight): {name: W} of the linear
+    layers that read the output.
     Their products come back with the raw output (`Commuted`) one round sooner: with
     LN(x) = Z r + beta (r per row), LN(x) W = r (Z W) + beta W, so Z W (and beta W
     beside them, a one-row product: each opens only its input minus a mask) runs in round 4,
@@ -419,11 +420,15 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
     k = 46 - f, then d = x - mean; var < 3 2^27 / n; d^2 and D' * weight in one round; a
     pending x is finished first, in a round of its own).
 
-    table_bits > 0 (one pass only, no commute): 1/sqrt from a table seed and `iters` Newton
+    table_bits > 0 (one pass only): 1/sqrt from a table seed and `iters` Newton
     steps (lookup.rsqrt_table_core) instead of Goldschmidt: w = (var + eps) (n/2^j)^2 /
     2^table_exp is V + eps n^2 2^(2f) read at 2f + 2j + table_exp bits (no constant to
     round), and r = 2^(-table_exp/2) / sqrt(w) = (2^j / n) / sqrt(var + eps) as above.
     Rounds 1 + (1 + iters) + 1 (+ 1 unless raw): the lookup opens in round 2 beside D' w.
+    With a table, commute needs weight None (passes/rounds.py, fold_layernorm_affine moves
+    the gain into the linear layers): Z = trunc(D') by j finishes in round 2 beside the
+    lookup, Z W opens in round 3 beside the Newton step, and r (Z W) comes with Z r in
+    round 2 + iters (with a gain, Z's product and truncation end in round 3: no gain).
     """
     f = ctx.f
     X = fused.as_pending(x)
@@ -435,8 +440,11 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
                          f"(gamma {gamma}) was calibrated for {prescale:g}: calibrate it without a seed "
                          "(gamma 3) or for a larger prescale")
     fx = rsqrt_frac(f)
-    if table_bits and (center_first or commute):
-        raise ValueError("a table-seeded LayerNorm runs one pass and does not commute its scaling")
+    if table_bits and (center_first or (commute and weight is not None)):
+        raise ValueError("a table-seeded LayerNorm runs one pass, and commutes its scaling only "
+                         "without a gain (passes/rounds.py: fold_layernorm_affine)")
+    if commute and not raw:
+        raise ValueError("a LayerNorm commutes its scaling past linear layers only with a raw output")
     if X.pending and (center_first or X.k > 32):  # see _variance_round; the mean needs x
         X = Pending((yield from finish(ctx, X)))
     if center_first:
@@ -467,8 +475,12 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
     if table_bits:
         r_frac = f + (RAW_EXTRA if raw else _R_EXTRA)
         w = ctx.add_public(v, round(eps * n * n * 2.0 ** (2 * f)))  # n^2 (var + eps) at 2f bits
+        if commute:  # Z (no gain: a truncation, round 2), Z W in round 3, beside the rsqrt
+            zpath = _commuted_products(ctx, zpath, bias, commute)
         z, r = yield from parallel(zpath, rsqrt_table_core(ctx, w, 2 * f + 2 * plan["j"] + table_exp,
                                                            table_bits, iters, table_exp // 2, r_frac))
+        if commute:
+            return (yield from _commuted_out(ctx, z, r, bias, r_frac, f))
         out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
         if raw:
             return Raw(out if bias is None else out + (bias << r_frac), f + r_frac)
@@ -480,22 +492,14 @@ def layernorm_goldschmidt(ctx: Context, x: torch.Tensor | Pending,
     x0 = begin(ctx, vs, 2 * f + plan["var_shift"] - fx)
     r_frac = _ln_r_frac(plan, prescale, f, raw)
     if commute:
-        if not raw or not layernorm_commutes(iters):
-            raise ValueError("a LayerNorm commutes its scaling past linear layers only with a raw "
-                             f"output and 3 or more rsqrt iterations (raw={raw}, iters={iters})")
+        if not layernorm_commutes(iters):
+            raise ValueError("a Goldschmidt LayerNorm commutes its scaling past linear layers only "
+                             f"with 3 or more rsqrt iterations (iters={iters})")
         zpath = _commuted_products(ctx, zpath, bias, commute)
     z, r = yield from parallel(zpath, rsqrt_core(ctx, x0, plan["y_mult"], plan["y_shift"],
                                                  iters, r_frac, gamma))
     if commute:
-        z, products = z
-        names = list(products)
-        # r's pending rescale is finished in this round by each product that reads it
-        out, *scaled = yield from parallel(fused.mul(ctx, z, r),
-                                           *(fused.mul(ctx, products[k][0], r) for k in names))
-        # beta W (2f bits) to the products' 2f + r_frac
-        res = {k: v if products[k][1] is None else v + (products[k][1] << r_frac)
-               for k, v in zip(names, scaled)}
-        return Commuted(Raw(out if bias is None else out + (bias << r_frac), f + r_frac), res)
+        return (yield from _commuted_out(ctx, z, r, bias, r_frac, f))
     out = yield from fused.mul(ctx, z, r)  # finishes r's pending rescale in the same round
     if raw:  # Z (f bits) times r (r_frac bits), for the consumer to truncate
         return Raw(out if bias is None else out + (bias << r_frac), f + r_frac)
@@ -510,6 +514,19 @@ def _ln_r_frac(plan: dict, prescale: float, f: int, raw: bool) -> int:
         raise ValueError(f"a raw LayerNorm output needs f <= 16 and a prescale >= {RAW_MIN_PRESCALE:g} "
                          f"(got f = {f}, prescale {prescale:g})")
     return f + RAW_EXTRA
+
+
+def _commuted_out(ctx: Context, z, r, bias: torch.Tensor | None, r_frac: int, f: int) -> Protocol:
+    """The commuted LayerNorm's last round: Z r (its raw output) and r (Z W) for each linear."""
+    z, products = z
+    names = list(products)
+    # r's pending rescale is finished in this round by each product that reads it
+    out, *scaled = yield from parallel(fused.mul(ctx, z, r),
+                                       *(fused.mul(ctx, products[k][0], r) for k in names))
+    # beta W (2f bits) to the products' 2f + r_frac
+    res = {k: v if products[k][1] is None else v + (products[k][1] << r_frac)
+           for k, v in zip(names, scaled)}
+    return Commuted(Raw(out if bias is None else out + (bias << r_frac), f + r_frac), res)
 
 
 def _commuted_products(ctx: Context, zpath: Protocol, bias: torch.Tensor | None,

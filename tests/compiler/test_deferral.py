@@ -113,8 +113,9 @@ def test_seven_rounds_fewer_per_layer_and_one_per_raw_layernorm(bert, monkeypatc
 
 
 def test_fewer_rounds_leaves_table_seeded_layernorms_alone(bert):
-    """A table-seeded LayerNorm's 1/sqrt takes 2 rounds: Z W could not open before it ends,
-    so compile(fewer_rounds=True)'s mark changes nothing there."""
+    """A table-seeded LayerNorm's 1/sqrt takes 2 rounds: with a gain, Z W could not open
+    before it ends, so the commute mark alone changes nothing there (compile(fewer_rounds=
+    True) folds the gain first: tests/compiler/test_fold.py)."""
     cm, _ = bert
     lns = [n for n in cm.graph if n.op == "layernorm"]
     assert lns and all(n.attrs["params"]["table_bits"] for n in lns)
