@@ -271,9 +271,26 @@ def same_day(b: dict) -> dict[str, dict]:
     for o in ours:
         days.setdefault((o.get("started_utc") or "2026-11-25")[:10], {"ours": o, "crypten": {}})
     for c in crs:
-        if _cdate(c) in days:
-            days[_cdate(c)]["crypten"][c["config"] + ("" if c["int64_matmul"] == "torch" else "_" + c["int64_matmul"])] = c
+        day = _near(c, days) or _cdate(c)
+        if day in days:
+            days[day]["crypten"][c["config"] + ("" if c["int64_matmul"] == "torch" else "_" + c["int64_matmul"])] = c
     return dict(sorted(days.items()))
+
+
+def _near(c: dict, days: dict[str, dict], hours: float = 3.0) -> str | None:
+    """The day of the ours run started within `hours` of CrypTen run `c` (a series may cross
+    midnight), or None."""
+    def t(r):
+        try:
+            return datetime.datetime.fromisoformat(r["started_utc"])
+        except (KeyError, TypeError, ValueError):
+            return None
+    tc = t(c)
+    for day, d in days.items():
+        to = t(d["ours"])
+        if tc and to and abs((tc - to).total_seconds()) <= hours * 3600:
+            return day
+    return None
 
 
 def _cdate(c: dict) -> str:
@@ -355,7 +372,10 @@ def plots(recs: list[dict]) -> list[str]:
             a.bar_label(bars, [f"{v:,.0f}" for v in vals], fontsize=8)
             a.set_title(f"{t} (x{vals[1] / vals[0]:.2f})", fontsize=9)
             a.grid(axis="y", alpha=0.3)
-        fig.suptitle(f"BERT-base vs BERT-large ({how}), seq 128, ours (2PC, 3 processes)", fontsize=10)
+        tb, tl = (b.get("ours") or {}).get("started_utc") or "?", (l.get("ours") or {}).get("started_utc") or "?"
+        when = "" if tb[:13] == tl[:13] else (f"; base started {tb[:16]}, large {tl[:16]}: times from different "
+                                              "runs (maybe hosts) are not comparable")
+        fig.suptitle(f"BERT-base vs BERT-large ({how}), seq 128, ours (2PC, 3 processes){when}", fontsize=9)
         fig.tight_layout()
         fig.savefig(RES / "base_vs_large.png", dpi=110)
         plt.close(fig)
@@ -380,7 +400,10 @@ def summary(recs: list[dict], title: str) -> list[str]:
         ld = b["ours"]["load"]["bytes_sent_per_party"]
         L.append(f"- **Against CrypTen-SecFormer**: bytes x{b['bytes_sent_per_party'] / sf['bytes_sent_per_party']:.3f} "
                  f"per inference of a session, x{(b['bytes_sent_per_party'] + ld) / sf['bytes_sent_per_party']:.2f} for a single "
-                 f"inference with our one-time weight load (goal ≤ 0.2), rounds x{b['rounds'] / sf['rounds']:.2f} (goal ≤ 0.33), time (goal ≤ 0.2), ours / CrypTen "
+                 f"inference with our one-time weight load (goal ≤ 0.2), rounds x{b['rounds'] / sf['rounds']:.2f} (goal ≤ 0.33"
+                 + (f"; x{b['ours_fewer_rounds']['rounds'] / sf['rounds']:.3f} with `fewer_rounds=True`, whose time is "
+                    f"{fmt_s(b['ours_fewer_rounds']['wall_s'])} s" if b.get("ours_fewer_rounds") else "")
+                 + "), time (goal ≤ 0.2), ours / CrypTen "
                  "measured on the same day: " + "; ".join(
                      f"x{d['ours']['wall_s'] / c['wall_s']:.2f} on {day} ({'column-major' if 'colmajor' in n else 'as-installed'} "
                      f"int64 matmul: {fmt_s(d['ours']['wall_s'])} s against {fmt_s(c['wall_s'])} s)"
@@ -399,7 +422,8 @@ def summary(recs: list[dict], title: str) -> list[str]:
     lg = large_128(recs)
     if lg:
         ll, k_l, how = lg
-        L.append(f"- **BERT-large, seq 128** ({how}): {'≈' if k_l != 1 else ''}{fmt_s(ll['wall_s'] * k_l)} s, "
+        L.append(f"- **BERT-large, seq 128** ({how}, started {(ll['ours'].get('started_utc') or '?')[:16]}): "
+                 f"{'≈' if k_l != 1 else ''}{fmt_s(ll['wall_s'] * k_l)} s, "
                  f"{ll['rounds'] * k_l:.0f} rounds, {fmt_mib(ll['bytes_sent_per_party'] * k_l)} MiB per party.")
     prof = RES / "profile_base_l2_128.json"
     if prof.exists():
@@ -517,25 +541,28 @@ def _rounds_by_length(base: list[dict]) -> str:
     return "rounds " + ", ".join(f"{r['rounds']} (seq {r['seq_len']})" for r in base)
 
 
-def committed_pairs() -> list[tuple[str, float, float, float | None]]:
+def committed_pairs() -> list[tuple[str, float, float, float | None, float | None]]:
     """Every committed same-series pair of BERT-base seq 128 (`results/series_*/` folders that
     hold ours and CrypTen-SecFormer column-major): (folder, ours default s, CrypTen s, ours
-    ahead s or None). The goal rows quote them all, not only the latest pair: CrypTen's own
-    time moves by a third between runs on this shared host."""
+    ahead s or None, ours fewer_rounds s or None). The goal rows quote them all, not only the
+    latest pair: CrypTen's own time moves by a third between runs on this shared host."""
+    def first(path):
+        if not path.exists():
+            return None
+        v = json.loads(path.read_text())
+        return v[0] if isinstance(v, list) else v
+
     out = []
     for d in sorted(RES.glob("series_*")):
-        ours, cryp, ahead = d / "e2e_base_128.json", d / "crypten_bert_base_colmajor.json", d / "e2e_base_128_ahead.json"
-        if not (ours.exists() and cryp.exists()):
-            continue
         try:
-            o, c = json.loads(ours.read_text()), json.loads(cryp.read_text())
-            o, c = (o[0] if isinstance(o, list) else o), (c[0] if isinstance(c, list) else c)
-            a = json.loads(ahead.read_text()) if ahead.exists() else None
-            a = (a[0] if isinstance(a, list) else a) if a else None
+            o, c = first(d / "e2e_base_128.json"), first(d / "crypten_bert_base_colmajor.json")
+            if not (o and c):
+                continue
+            a, fr = first(d / "e2e_base_128_ahead.json"), first(d / "e2e_base_128_fewer_rounds.json")
             if o.get("model") != "bert-base" or o.get("layers") != 12 or o.get("seq_len") != 128:
                 continue
             out.append((o.get("started_utc") or "", d.name, float(o["wall_s"]), float(c["wall_s"]),
-                        float(a["wall_s"]) if a else None))
+                        float(a["wall_s"]) if a else None, float(fr["wall_s"]) if fr else None))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             continue  # an incomplete folder is not a pair
     return [row[1:] for row in sorted(out)]  # in the order they were measured
@@ -547,12 +574,15 @@ def pairs_rows(last: int = 8) -> list[str]:
     if not pairs:
         return []
     cells = "; ".join(f"{n.replace('series_', '')}: {o / c:.3f}" + (f" / {a / c:.3f}" if a else "")
-                      for n, o, c, a in pairs)
-    met = sum(o / c <= 0.2 for _, o, c, _ in pairs)
-    with_ahead = [(c, a) for _, _, c, a in pairs if a]
+                      + (f" / fewer rounds {fr / c:.3f}" if fr else "") for n, o, c, a, fr in pairs)
+    met = sum(o / c <= 0.2 for _, o, c, _, _ in pairs)
+    with_ahead = [(c, a) for _, _, c, a, _ in pairs if a]
     met_ahead = sum(a / c <= 0.2 for c, a in with_ahead)
+    with_fr = [(c, fr) for _, _, c, _, fr in pairs if fr]
+    met_fr = f"; fewer_rounds: {sum(fr / c <= 0.2 for c, fr in with_fr)} of {len(with_fr)} met" if with_fr else ""
     return [f"| time, the last {len(pairs)} committed same-series pairs (`results/series_*/`, ratio default / "
-            f"ahead) | {cells} | default: {met} of {len(pairs)} met; ahead: {met_ahead} of {len(with_ahead)} met |"]
+            f"ahead, where run) | {cells} | default: {met} of {len(pairs)} met; ahead: {met_ahead} of "
+            f"{len(with_ahead)} met{met_fr} |"]
 
 
 def fewer_rounds_row(fr: dict, c: dict, c_time: dict | None = None) -> str:
@@ -565,7 +595,8 @@ def fewer_rounds_row(fr: dict, c: dict, c_time: dict | None = None) -> str:
         fr["rounds"] / c["rounds"]
     return (f"| compiled with `fewer_rounds=True` (LayerNorms fold their gain into the linear layers after "
             f"them and compute those, GeLU's segment tests by lookup: passes/rounds.py; "
-            f"`e2e_{fr.get('model', 'base')}_128_fewer_rounds.json`, started {fr.get('started_utc', '?')[:16]}; "
+            f"`e2e_{fr.get('model', 'bert-base').replace('bert-', '')}_128_fewer_rounds.json`, started "
+            f"{fr.get('started_utc', '?')[:16]}; "
             f"not our default: more bytes, dealer traffic and CPU) | rounds {fr['rounds']} / {c['rounds']} = "
             f"{rr:.3f}; bytes {fmt_mib(fr['bytes_sent_per_party'])} MiB ({rb:.3f}), dealer "
             f"{fmt_mib(fr['dealer_bytes'])} MiB; time {fmt_s(fr['wall_s'])} s / {fmt_s(ct['wall_s'])} s = {rt:.3f}; "
@@ -611,10 +642,11 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
          f"{', AVX-512' if mach.get('avx512') else ''}. "
          "**The host changed between sessions**: every run up to 2026-11-26 22:03 UTC was on an AMD EPYC "
          "of family 23 model 1 (Zen 1: no AVX-512, 128-bit FMA units), every run from 2026-11-26 23:41 on "
-         "an AMD EPYC of family 25 model 17 (Zen 4, AVX-512). CrypTen-SecFormer's BERT-base run went from "
+         "an AMD EPYC of family 25 model 17 (Zen 4, AVX-512), and every run from 2026-11-27 23:36 on an AMD "
+         "EPYC of family 25 model 1 (Zen 3: AVX2, no AVX-512). CrypTen-SecFormer's BERT-base run went from "
          "99.1-112.6 s to 35.9 s (its int64 matmuls gain most from AVX-512), ours less (ahead mode: 20.3 s "
-         "to 8.1 s), so time ratios of different hosts must not be compared; `results/e2e_notes.md` (ninth "
-         "series) has both. **The 2 cores are shared** with other jobs: the 2026-11-25 runs had a 1-minute "
+         "to 8.1 s), and on the third host to 168.1 s against our 17.7 s, so time ratios of different hosts "
+         "must not be compared; `results/e2e_notes.md` (ninth and twenty-fourth series) has them. **The 2 cores are shared** with other jobs: the 2026-11-25 runs had a 1-minute "
          "load average of 3 to 10, the 2026-11-26 runs up to 13:00 UTC 4 to 7; the later series had the "
          "machine to themselves (load 1.0 to 2.6: their own 2 or 3 processes). Load slows CrypTen more than "
          "ours, and so does a slow spell of the shared host that the load average does not show, so only "

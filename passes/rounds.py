@@ -58,7 +58,8 @@ def commute_layernorm_scaling(graph: Graph) -> Graph:
 
 
 def _foldable_linear(graph: Graph, ln: Node, u: Node) -> bool:
-    """A linear layer reading the LayerNorm as its input, with weights (and bias) read by nothing else."""
+    """A linear layer reading the LayerNorm as its input, with model weights (and bias) that the
+    fold can read (it makes new ones: any other reader of W keeps the original)."""
     if u.op != "linear" or u.inputs[0] != ln.name or ln.name in u.inputs[1:]:
         return False
     return all(graph[i].op == "weight" for i in u.inputs[1:])

@@ -42,6 +42,7 @@ from typing import Any, Iterator
 import torch
 
 from .passes.fuse import FUSED_WEIGHTS
+from .passes.rounds import LN_FOLDS
 
 FORMAT = "secformer-artifact"
 FORMAT_VERSION = 1
@@ -184,6 +185,7 @@ def save_artifact(cm: Any, out: str | Path, *, tokenizer: Any = None, task: str 
             "assumptions": list(graph.meta.get("assumptions", [])),
             "approximation_notes": list(graph.meta.get("approximation_notes", [])),
             FUSED_WEIGHTS: graph.meta.get(FUSED_WEIGHTS, {}),
+            LN_FOLDS: graph.meta.get(LN_FOLDS, {}),
             "source": source or {},
             "files": files,
         }
@@ -351,6 +353,7 @@ def load_artifact(path: str | Path, *, weights: bool = True) -> Artifact:
         graph.weights = {}
     graph.meta["approximations"] = _specs(manifest.get("approximations") or {})
     graph.meta[FUSED_WEIGHTS] = manifest.get(FUSED_WEIGHTS) or {}
+    graph.meta[LN_FOLDS] = manifest.get(LN_FOLDS) or {}
     return Artifact(path, manifest, graph, digest, has_weights and weights)
 
 

@@ -86,10 +86,11 @@ def test_compile_override_picks_the_erf_gelu(ckpt_dir, tmp_path):
 
 
 def test_compile_fewer_rounds_is_kept_in_the_artifact(compiled, ckpt_dir, tmp_path):
-    """--fewer-rounds marks the LayerNorms (passes/rounds.py); the loaded artifact's 2PC run
-    takes the fewer rounds its cost model says, for more bytes, with the same outputs. It
-    acts on Goldschmidt LayerNorms (--no-table-seeds); the default's table-seeded ones are
-    left alone, and their tables' parameters survive the artifact."""
+    """--fewer-rounds folds the LayerNorms' gains into the linear layers after them and marks
+    the LayerNorms (passes/rounds.py); the loaded artifact's 2PC run takes the fewer rounds its
+    cost model says, for more bytes, with the same outputs: on Goldschmidt LayerNorms
+    (--no-table-seeds) and on the default's table-seeded ones, whose tables' parameters and
+    folds survive the artifact."""
     from secformer_compiler.artifact import load_artifact
     from secformer_compiler.cost import program_cost
     from secformer_compiler.demo import encode_texts
@@ -97,7 +98,9 @@ def test_compile_fewer_rounds_is_kept_in_the_artifact(compiled, ckpt_dir, tmp_pa
     default = compiled[1]
     assert all(n.attrs["params"]["table_bits"] for n in default.graph if n.op == "layernorm")
     arts = {}
-    for name, flags in (("plain", ["--no-table-seeds"]), ("fewer", ["--no-table-seeds", "--fewer-rounds"])):
+    for name, flags in (("plain", ["--no-table-seeds"]),
+                        ("fewer", ["--no-table-seeds", "--fewer-rounds", "--no-gelu-lookup"]),
+                        ("fewer_tables", ["--fewer-rounds"])):
         out = tmp_path / f"{name}.sfa"
         r = invoke("compile", ckpt_dir, "-o", out, "--seq-len", SEQ, "--samples", 4, *flags)
         assert r.exit_code == 0, r.output
@@ -105,6 +108,8 @@ def test_compile_fewer_rounds_is_kept_in_the_artifact(compiled, ckpt_dir, tmp_pa
     art, plain = arts["fewer"], arts["plain"].compiled()
     assert not any(n.attrs["params"].get("table_bits") for n in art.graph if n.op in ("layernorm", "softmax"))
     assert all(n.attrs.get("commute") == 1 for n in art.graph if n.op == "layernorm")
+    from secformer_compiler.passes.rounds import LN_FOLDS  # the folds' recipes survive too
+    assert art.graph.meta[LN_FOLDS] and set(art.graph.meta[LN_FOLDS]) <= set(art.graph.weights)
     cm = art.compiled()
     fewer, base = program_cost(cm.graph), program_cost(plain.graph)
     # the embeddings' LayerNorm (into Q/K/V), and per layer the one into FFN1; the next
@@ -114,6 +119,15 @@ def test_compile_fewer_rounds_is_kept_in_the_artifact(compiled, ckpt_dir, tmp_pa
     res = cm.run(x)
     assert res.stats.rounds == fewer.rounds and res.stats.bytes_sent[0] == fewer.bytes_per_party
     assert (res.outputs[0] - plain.run(x).outputs[0]).abs().max() < 0.01
+    # with table seeds (the default) --fewer-rounds folds the gains and implies --gelu-lookup
+    tables = arts["fewer_tables"].compiled()
+    assert all(n.attrs["params"].get("lookup") == 1 for n in tables.graph if n.op == "gelu")
+    assert sum(bool(n.meta.get("commute_into")) for n in tables.graph) == 2 * 2  # 2 layers
+    cost = program_cost(tables.graph)
+    assert cost.rounds < program_cost(default.graph).rounds
+    res = tables.run(x)
+    assert res.stats.rounds == cost.rounds and res.stats.bytes_sent[0] == cost.bytes_per_party
+    assert (res.outputs[0] - default.run(x).outputs[0]).abs().max() < 0.01
 
 
 def test_compile_gelu_lookup_is_kept_in_the_artifact(ckpt_dir, tmp_path):
