@@ -585,11 +585,15 @@ def pairs_rows(last: int = 8) -> list[str]:
             f"{len(with_ahead)} met{met_fr} |"]
 
 
+def ok(cond: bool) -> str:
+    """A goal's status cell."""
+    return "**met**" if cond else "**missed**"
+
+
 def fewer_rounds_row(fr: dict, c: dict, c_time: dict | None = None) -> str:
     """The goals table's row for compile(fewer_rounds=True) against CrypTen-SecFormer `c` (time
     against `c_time`, the column-major kernel's run, where given): all three ratios; a time
     beside a CrypTen run of another hour is only indicative (e2e_notes.md has the pairs)."""
-    ok = lambda cond: "**met**" if cond else "**missed**"  # noqa: E731
     ct = c_time or c
     rt, rb, rr = fr["wall_s"] / ct["wall_s"], fr["bytes_sent_per_party"] / c["bytes_sent_per_party"], \
         fr["rounds"] / c["rounds"]
@@ -717,7 +721,6 @@ def report(recs: list[dict], mach: dict, cmd: str, pngs: list[str], title: str) 
             rt, rb, rr = (ratio(b["wall_s"], sf["wall_s"]), ratio(b["bytes_sent_per_party"], sf["bytes_sent_per_party"]),
                           ratio(b["rounds"], sf["rounds"]))
             rtc = ratio(b["wall_s"], sfc["wall_s"]) if sfc else None
-            ok = lambda c: "**met**" if c else "**missed**"  # noqa: E731
             tpairs = {f"{day}, {'colmajor' if 'colmajor' in n else 'as installed'}": (d["ours"]["wall_s"], c["wall_s"])
                       for day, d in same_day(b).items() for n, c in d["crypten"].items() if n.startswith("secformer")}
             bo, bc = b["ours"]["breakdown_by_layer_type"], sf["breakdown_party0"]

@@ -20,7 +20,6 @@ make up each fused one, row by row, so the training view still trains (and
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
@@ -67,17 +66,16 @@ def fuse_sibling_linears(graph: Graph) -> Graph:
     fused = {n.name for v in groups.values() for n in v}
     rw = Rewriter(graph)
     rw.dst.meta[FUSED_WEIGHTS] = dict(graph.meta.get(FUSED_WEIGHTS, {}))
-    weights = dict(graph.weights)
+    rw.dst.weights = dict(graph.weights)
     for n in graph:
         if n.name in first:
-            _emit_fused(rw, graph, first[n.name], weights)
+            _emit_fused(rw, graph, first[n.name])
         elif n.name not in fused:
             rw.copy(n)
-    rw.dst.weights = weights
     return rw.finish()
 
 
-def _emit_fused(rw: Rewriter, graph: Graph, group: list[Node], weights: dict[str, torch.Tensor]) -> None:
+def _emit_fused(rw: Rewriter, graph: Graph, group: list[Node]) -> None:
     """One linear over the concatenated weights (and biases), then one slice per member.
     Emitted where the group's first member stood: every member's input exists by then, and
     the slices only have to precede the members' users, which follow their members."""
@@ -87,13 +85,11 @@ def _emit_fused(rw: Rewriter, graph: Graph, group: list[Node], weights: dict[str
     for pos in range(1, len(like.inputs)):
         names = [graph[m.inputs[pos]].attrs["name"] for m in group]
         name = _fused_name(names)
-        weights[name] = torch.cat([graph.weights[k] for k in names], dim=0).contiguous()
         # where its rows came from: the training view trains the model's own parameters
         # (training.py), and artifacts keep the map
         rw.dst.meta.setdefault(FUSED_WEIGHTS, {})[name] = [[k, int(graph.weights[k].shape[0])] for k in names]
-        ins.append(rw.emit("weight", [], {"name": name}, like=graph[like.inputs[pos]],
-                           name="p_" + re.sub(r"\W+", "_", name).strip("_"), shape=tuple(weights[name].shape),
-                           secret=True))
+        ins.append(rw.weight(name, torch.cat([graph.weights[k] for k in names], dim=0).contiguous(),
+                             like=graph[like.inputs[pos]]))
     paths = [m.module_path.split(".") for m in group]
     path = ".".join(os.path.commonprefix(paths))
     out = rw.emit("linear", ins, like=like, name=f"{like.name}_fused", module_path=path)

@@ -36,8 +36,6 @@ no gain, or 3 or more Goldschmidt rsqrt iterations.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ..ir import Graph, Node, Rewriter
@@ -92,9 +90,8 @@ def fold_layernorm_affine(graph: Graph) -> Graph:
             targets[n.name] = lins
     if not targets:
         return graph
-    weights = dict(graph.weights)
     rw = Rewriter(graph)
-    rw.dst.weights = weights
+    rw.dst.weights = weights = dict(graph.weights)
     rw.dst.meta = dict(graph.meta)
     folds = dict(graph.meta.get(LN_FOLDS, {}))
     folded_linears = {u.name: ln for ln, us in targets.items() for u in us}
@@ -118,12 +115,12 @@ def fold_layernorm_affine(graph: Graph) -> Graph:
             shift = graph[ln.inputs[2]].attrs["name"] if len(ln.inputs) > 2 else None
             new_w = FOLD_PREFIX + w_name
             folds[new_w] = {"kind": "weight", "weight": w_name, "gain": gain}
-            ins.append(_weight(rw, graph[n.inputs[1]], new_w, fold_value(folds[new_w], weights)))
+            ins.append(rw.weight(new_w, fold_value(folds[new_w], weights), like=graph[n.inputs[1]]))
             if b_name is not None or shift is not None:
                 new_b = FOLD_PREFIX + (b_name or w_name + ".bias")
                 folds[new_b] = {"kind": "bias", "weight": w_name, "bias": b_name, "shift": shift}
-                ins.append(_weight(rw, graph[n.inputs[2]] if b_name else graph[n.inputs[1]], new_b,
-                                   fold_value(folds[new_b], weights)))
+                ins.append(rw.weight(new_b, fold_value(folds[new_b], weights),
+                                     like=graph[n.inputs[2]] if b_name else graph[n.inputs[1]]))
             rw.bind(n.name, rw.emit("linear", ins, dict(n.attrs), like=n, name=n.name))
         else:
             rw.copy(n)
@@ -141,8 +138,3 @@ def fold_value(recipe: dict, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         b = b + w @ weights[recipe["shift"]].double()
     return b.float().contiguous()
 
-
-def _weight(rw: Rewriter, like: Node, name: str, value: torch.Tensor) -> str:
-    rw.dst.weights[name] = value
-    return rw.emit("weight", [], {"name": name}, like=like, name="p_" + re.sub(r"\W+", "_", name).strip("_"),
-                   shape=tuple(value.shape), secret=True)

@@ -244,10 +244,7 @@ def fold_public(graph: Graph) -> Graph:
         elif c == CONST:
             new = rw.constant(values[old], n, name=n.name)
         elif c == WEIGHT:
-            key = f"folded.{n.name}"
-            rw.dst.weights[key] = values[old].detach().float()
-            new = rw.emit("weight", [], {"name": key}, like=n, name=n.name, shape=tuple(values[old].shape),
-                          dtype="f32", secret=True)
+            new = rw.weight(f"folded.{n.name}", values[old].detach().float(), like=n, node=n.name)
         elif c == PUBLIC:
             new = _materialize_public(graph, rw, n, values, materialize)
         else:

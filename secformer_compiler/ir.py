@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -567,6 +568,15 @@ class Rewriter:
         t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float32)
         return self.emit("constant", [], {"value": t}, like=like, name=name or f"{like.name}_c",
                          shape=tuple(t.shape), dtype=dtype_tag(t.dtype), secret=False)
+
+    def weight(self, name: str, value: torch.Tensor, like: Node, node: str | None = None) -> str:
+        """A new model weight `name` (a compile-time tensor, stored in the new graph's weights)
+        and the secret `weight` node reading it, named `node` or p_<name>. The new graph must
+        own its weights dict (copy the source's first: Rewriter shares it)."""
+        self.dst.weights[name] = value
+        return self.emit("weight", [], {"name": name}, like=like,
+                         name=node or "p_" + re.sub(r"\W+", "_", name).strip("_"),
+                         shape=tuple(value.shape), secret=True)
 
     def bind(self, old: str, new: str) -> None:
         self.env[old] = new
