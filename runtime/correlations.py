@@ -29,7 +29,7 @@ import torch
 
 from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG
-from .ring import SplitOperand, public_operand, ring_matmul
+from .ring import SplitOperand, compact_limbs, public_operand, ring_matmul
 
 Shape = tuple[int, ...]
 
@@ -344,6 +344,7 @@ class DealerCorrelations(Correlations):
         # B of each fixed matmul operand prepared once for the matmul kernel (ring.SplitOperand):
         # every inference's C = A @ B reuses it
         self._fixed_split: dict[str, SplitOperand] = {}
+        self._compact: bool | None = None  # whether they are kept compact (ring.compact_limbs)
         self.corrections: list[torch.Tensor] = []  # without `flush`: the stream so far, in pieces
         self.correction_bytes = 0
         # Stream P1's corrections in chunks so neither side holds a whole model's worth
@@ -480,7 +481,10 @@ class DealerCorrelations(Correlations):
         if key in self._fixed_split:  # B is kept prepared only (ring.SplitOperand)
             b = self._fixed_split[key] if op is ring_matmul else self._fixed_split[key].value
         elif op is ring_matmul and b.device.type != "meta":
-            b = self._fixed_split[key] = SplitOperand(b)
+            if self._compact is None:  # decided once, by all the weights loaded (ring.compact_limbs)
+                self._compact = compact_limbs(sum(v[0].numel() for v in self._fixed_values.values()
+                                                  if v[0] is not None and v[0].dim() >= 2))
+            b = self._fixed_split[key] = SplitOperand(b, self._compact)
             self._fixed_values[key][0] = None  # the prepared operand holds B: do not keep it twice
         value = op(a, b)  # C = A op B; the dealer never sees F
         self._emit(value, tuple(value.shape), RING)

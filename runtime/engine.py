@@ -25,7 +25,7 @@ from .messages import ADD, SWAP, XOR, Counter, Msg, Protocol
 from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG, new_seed
 from .protocols.arith import FIXED_OPERANDS
-from .ring import FixedPoint, ring_matmul
+from .ring import FixedPoint, compact_limbs, ring_matmul
 from .transport import PeerError, Transport
 
 
@@ -232,10 +232,13 @@ class Role:
         self.ctx.corr.prepare_products(requests)
         # Prepare this party's weight shares for the matmul kernel now rather than in the
         # first request's online phase (kept for every later request: ring.SplitOperand).
+        # All of them compact or none, by the total (ring.compact_limbs: BERT-large's full
+        # limbs do not fit beside the other two roles on one 24 GB machine).
         fixed = self.ctx.state.get(FIXED_OPERANDS, {})
-        for key, _shape, op in requests:
-            if op is ring_matmul and key in fixed:
-                fixed[key].split_share()
+        operands = {key: fixed[key] for key, _shape, op in requests if op is ring_matmul and key in fixed}
+        compact = compact_limbs(sum(w.share.numel() for w in operands.values() if w.split is None))
+        for w in operands.values():
+            w.split_share(compact)
         self._prepared = True
 
     MAX_PLANS = 16  # recorded passes kept (programs x shapes; accuracy runs use a few buckets)

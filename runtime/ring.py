@@ -55,6 +55,9 @@ _MAX_K_CHUNK = 2048  # 2^42 * 2^11 = 2^53: float64 sums of limb products stay ex
 _MID_K_CHUNK = 512  # 2^44 * 2^9 = 2^53: the same for the Karatsuba product (a0 + a1)(b0 + b1)
 _TILE = 256  # int64 kernels: tile edge for a right operand dim over _TILE_ABOVE (module docstring)
 _TILE_ABOVE = 768
+_COMPACT_COLUMNS = 1024  # limbs kernel, compact operand: columns widened to float64 at a time
+_FULL_BYTES = 32  # limbs kernel: bytes an element of a full SplitOperand (4 float64; compact: 3 float32)
+LIMB_BUDGET_ENV = "SECFORMER_LIMB_BUDGET_MIB"
 
 
 @dataclass(frozen=True)
@@ -195,12 +198,19 @@ def colmajor(b: torch.Tensor) -> torch.Tensor:
     return b.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-def _split_limbs(b: torch.Tensor) -> tuple:
+def _split_limbs(b: torch.Tensor, compact: bool = False) -> tuple:
+    """b's limbs per K chunk: (l0, l1, l2, l0 + l1) in float64, or with `compact` only
+    (l0, l1, l2) in float32, which holds them exactly (|limb| <= 2^21 < 2^24)."""
     k = b.shape[-2]
+    if compact:
+        return tuple(tuple(limb.to(torch.float32) for limb in _limbs(b[..., s:s + _MAX_K_CHUNK, :])[:3])
+                     for s in range(0, k, _MAX_K_CHUNK))
     return tuple(tuple(_limbs(b[..., s:s + _MAX_K_CHUNK, :])) for s in range(0, k, _MAX_K_CHUNK))
 
 
 def _matmul_limbs(a: torch.Tensor, chunks: tuple | None, b: torch.Tensor | None = None) -> torch.Tensor:
+    if chunks is not None and len(chunks[0]) == 3:
+        return _matmul_compact(a, chunks)
     k = a.shape[-1]
     acc = None
     for i, s in enumerate(range(0, k, _MAX_K_CHUNK)):
@@ -211,26 +221,54 @@ def _matmul_limbs(a: torch.Tensor, chunks: tuple | None, b: torch.Tensor | None 
     return acc
 
 
+def _matmul_compact(a: torch.Tensor, chunks: tuple) -> torch.Tensor:
+    """a @ b mod 2^64 for b kept as float32 limbs (`_split_limbs(compact=True)`): each block
+    of _COMPACT_COLUMNS columns is widened to float64 just before its five GEMMs, so the
+    widened copy is at most 4 x 2048 x 1024 x 8 bytes (64 MiB; each tensor 16 MiB, below
+    glibc's mmap threshold, so the blocks reuse heap pages instead of faulting in fresh ones:
+    runtime/memory.py)."""
+    k, n = a.shape[-1], chunks[0][0].shape[-1]
+    if sum(chunk[0].shape[-2] for chunk in chunks) != k:
+        raise RuntimeError(f"ring_matmul: shapes {tuple(a.shape)} and "
+                           f"({sum(c[0].shape[-2] for c in chunks)}, {n}) cannot be multiplied")
+    la = [_limbs(a[..., s:s + _MAX_K_CHUNK]) for s in range(0, k, _MAX_K_CHUNK)]
+    out = None
+    for c in range(0, n, _COMPACT_COLUMNS):
+        acc = None
+        for i, chunk in enumerate(chunks):
+            lb = [limb[..., c:c + _COMPACT_COLUMNS].to(torch.float64) for limb in chunk]
+            lb.append(lb[0] + lb[1])
+            part = _combine(la[i], lb, torch.matmul)
+            acc = part if acc is None else acc.add_(part)
+        if c == 0 and acc.shape[-1] == n:
+            return acc
+        if out is None:
+            out = torch.empty(acc.shape[:-1] + (n,), dtype=torch.int64)
+        out[..., c:c + _COMPACT_COLUMNS] = acc
+    return out
+
+
 class SplitOperand:
     """A right operand of `ring_matmul` prepared once for the process's kernel.
 
     limbs: 4 float64 values per element, per chunk of K (three limbs and the sum of the two
-    low ones: 32 bytes); int64 kernels: the operand in the kernel's layout (`int64_layout`,
-    8 bytes), as 256 x 256 tiles when a dim of a matrix is over 768 (`tile_sizes`; the
-    module docstring says why). A party keeps one of these per weight matrix for the whole
-    session and not the plain int64 tensor beside it. `value` gives the int64 operand back
-    exactly when some other use needs it.
+    low ones: 32 bytes), or with `compact` the three limbs as float32 (12 bytes; widened a
+    block of columns at a time in each product: `compact_limbs` says when); int64 kernels:
+    the operand in the kernel's layout (`int64_layout`, 8 bytes), as 256 x 256 tiles when a
+    dim of a matrix is over 768 (`tile_sizes`; the module docstring says why). A party keeps
+    one of these per weight matrix for the whole session and not the plain int64 tensor
+    beside it. `value` gives the int64 operand back exactly when some other use needs it.
     """
 
     __slots__ = ("shape", "chunks", "dense", "tiles")
 
-    def __init__(self, value: torch.Tensor) -> None:
+    def __init__(self, value: torch.Tensor, compact: bool = False) -> None:
         if value.dim() < 2:
             raise ValueError(f"a matmul right operand needs 2 or more dims, got shape {tuple(value.shape)}")
         self.shape = value.shape
         self.chunks, self.dense, self.tiles = None, None, None
         if matmul_kernel() == "limbs":
-            self.chunks = _split_limbs(value)
+            self.chunks = _split_limbs(value, compact)
             return
         tk, tn = tile_sizes(value.shape)
         if (tk, tn) == tuple(value.shape[-2:]):
@@ -248,8 +286,57 @@ class SplitOperand:
         if self.tiles is not None:
             return torch.cat([torch.cat(col, dim=-2) for col in self.tiles[2]], dim=-1)
         parts = [(l0.to(torch.int64) + (l1.to(torch.int64) << _LIMB_BITS) + (l2.to(torch.int64) << (2 * _LIMB_BITS)))
-                 for l0, l1, l2, _ in self.chunks]
+                 for l0, l1, l2, *_ in self.chunks]
         return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+
+    @property
+    def compact(self) -> bool:
+        """Kept as float32 limbs (12 bytes an element) rather than float64 ones (32)."""
+        return self.chunks is not None and len(self.chunks[0]) == 3
+
+    @property
+    def nbytes(self) -> int:
+        """The memory this operand keeps."""
+        if self.chunks is not None:
+            return sum(t.numel() * t.element_size() for chunk in self.chunks for t in chunk)
+        tensors = [self.dense] if self.dense is not None else [t for col in self.tiles[2] for t in col]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def limb_budget_bytes() -> int:
+    """How much memory a process may spend on full (float64) limbs of its kept matmul
+    operands: $SECFORMER_LIMB_BUDGET_MIB, else a sixth of the machine's physical memory.
+
+    Why a sixth: a benchmark or the `secformer run` launcher puts P0, P1 and the dealer on
+    one machine, and each keeps its weight shares' limbs (the parties their shares and the
+    public F beside them, the dealer its B) next to its activations and correlation stream.
+    BERT-base's 85 M encoder weights take 2.7 GB of full limbs, under a sixth of 24 GB; BERT-
+    large's 302 M take 9.7 GB, which ran this 24 GB machine out of memory (a party at 9.6 GB,
+    2026-11-27) and take 3.6 GB compact."""
+    raw = os.environ.get(LIMB_BUDGET_ENV, "").strip()
+    if raw:
+        try:
+            mib = int(raw)
+        except ValueError:
+            mib = -1
+        if mib < 0:
+            raise ValueError(f"{LIMB_BUDGET_ENV} must be a whole number of MiB >= 0, got {raw!r}")
+        return mib << 20
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 6
+    except (ValueError, OSError, AttributeError):  # no sysconf: assume the 24 GB this was sized on
+        return 4 << 30
+
+
+def compact_limbs(elements: int) -> bool:
+    """Whether a process that keeps `elements` matmul-operand elements in all (its weight
+    shares) should keep them compact: only under the limbs kernel, and only when their full
+    limbs would pass `limb_budget_bytes`. Compact operands cost a widening per product
+    (about 10 to 20% of a weight product's time here, benchmarks/e2e_notes.md) and save 20
+    bytes an element. One decision for all of a process's weights, so that a model is
+    either all fast or all small."""
+    return matmul_kernel() == "limbs" and _FULL_BYTES * elements > limb_budget_bytes()
 
 
 def tile_sizes(shape: torch.Size | tuple) -> tuple[int, int]:

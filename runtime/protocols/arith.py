@@ -137,14 +137,15 @@ class FixedOperand:
     share: torch.Tensor | None
     split: SplitOperand | None = None  # the share prepared for ring_matmul, once it is a matmul operand
 
-    def split_share(self) -> SplitOperand | torch.Tensor:
-        """The share as a matmul right operand: prepared (ring.SplitOperand) on first use, then reused
-        by every later inference (ring.SplitOperand; meta shares are not split). The int64
-        share is dropped then: for a BERT-base party that is 0.68 GB of 4."""
+    def split_share(self, compact: bool = False) -> SplitOperand | torch.Tensor:
+        """The share as a matmul right operand: prepared (ring.SplitOperand, `compact` as
+        ring.compact_limbs decides for all of a party's weights) on first use, then reused by
+        every later inference (meta shares are not split). The int64 share is dropped then:
+        for a BERT-base party that is 0.68 GB of 4."""
         if self.split is None:
             if self.share.device.type == "meta":
                 return self.share
-            self.split = SplitOperand(self.share)
+            self.split = SplitOperand(self.share, compact)
             self.share = None
         return self.split
 

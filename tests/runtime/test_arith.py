@@ -8,6 +8,7 @@ from secformer_compiler.runtime.engine import run_clear
 from secformer_compiler.runtime.local import LocalCluster
 from secformer_compiler.runtime.protocols import arith
 from secformer_compiler.runtime.protocols.trunc import trunc, trunc_cost
+from secformer_compiler.runtime import ring as arith_ring
 from secformer_compiler.runtime.ring import FixedPoint, SplitOperand
 
 FX = FixedPoint(16)
@@ -231,6 +232,28 @@ def test_prepare_splits_matmul_weight_shares_before_the_request(seed):
     assert p0.ctx.state["fw"].split is None
     p0.prepare(_fixed_program, x, None, False)
     assert p0.ctx.state["fw"].split is not None and p0.ctx.state["fg"].split is None
+
+
+@pytest.mark.parametrize("budget_mib,compact", [("0", True), ("1024", False)])
+def test_weights_kept_compact_past_the_limb_budget(seed, monkeypatch, budget_mib, compact):
+    """Past ring.limb_budget_bytes every matmul weight share (the parties') and mask (the
+    dealer's) is kept as compact limbs, decided once for all of them; the products are the
+    same function (within truncation carries of the float reference)."""
+    monkeypatch.setattr(arith_ring, "_KERNEL", "limbs")
+    monkeypatch.setenv(arith_ring.LIMB_BUDGET_ENV, budget_mib)
+    xf = torch.randn(4, 8, dtype=torch.float64) * 3
+    wf = torch.randn(8, 5, dtype=torch.float64)
+    c = LocalCluster(FX)
+    c.run(_fixed_program, (None, None, True), (None, FX.encode(wf), True))
+    for _ in range(2):  # the second request reuses the kept operands
+        o0, o1, _ = c.run(_fixed_program, (FX.encode(xf), None, False), (None, None, False))
+        assert all(torch.equal(a, b) for a, b in zip(o0, o1))
+        z, g = (FX.decode(t) for t in o0)
+        assert (z - xf @ wf).abs().max() < 1e-3
+        assert (g - (xf @ wf) * wf[0]).abs().max() < 1e-2
+    for r in c.roles[:2]:
+        assert r.ctx.state["fw"].split.compact is compact
+    assert c.roles[2].ctx.corr._fixed_split["w_prep"].compact is compact
 
 
 def _square_program(ctx, x, w, load):

@@ -64,6 +64,56 @@ def test_split_operand_gives_the_same_product(shapes, kernel):
         assert kept.is_contiguous()
 
 
+@pytest.mark.parametrize("shapes", [((7, 33), (33, 5)), ((3, 8, 4200), (4200, 2100)), ((2, 4, 9), (2, 9, 6)),
+                                    ((5,), (5, 1030))])
+def test_compact_limbs_give_the_same_product_in_12_bytes(shapes, monkeypatch):
+    """Compact limbs (float32, widened a block of 1024 columns at a time) are exact across K
+    chunks (4200), column blocks (2100, 1030: a last block narrower) and batch dims, keep
+    12 bytes an element against the full limbs' 32, and rebuild the operand exactly."""
+    monkeypatch.setattr(ring, "_KERNEL", "limbs")
+    g = PRG()
+    a, b = g.ring(shapes[0]), g.ring(shapes[1])
+    small, full = SplitOperand(b, compact=True), SplitOperand(b)
+    assert small.compact and not full.compact
+    assert small.nbytes == 12 * b.numel() and full.nbytes == 32 * b.numel()
+    assert torch.equal(ring_matmul(a, small), torch.matmul(a, b))
+    assert torch.equal(small.value, b)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        ring_matmul(g.ring(shapes[0][:-1] + (shapes[0][-1] + 1,)), small)
+
+
+def test_compact_limbs_exact_at_the_limb_extremes(monkeypatch):
+    """float32 holds every limb exactly (|limb| <= 2^21 < 2^24): limbs at the bottom of their
+    range, where the widened Karatsuba factor l0 + l1 reaches -2^22, still give the exact product."""
+    monkeypatch.setattr(ring, "_KERNEL", "limbs")
+    g = torch.Generator().manual_seed(1)
+
+    def extreme(shape):
+        low = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
+        mid = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
+        top = torch.randint(-(2 ** 19), 2 ** 19, shape, generator=g)
+        return low + (mid << 22) + (top << 44)
+
+    a, b = extreme((6, 2048)), extreme((2048, 1100))
+    assert torch.equal(ring_matmul(a, SplitOperand(b, compact=True)), torch.matmul(a, b))
+
+
+def test_compact_only_when_full_limbs_pass_the_budget(kernel, monkeypatch):
+    """One decision per process by the total: full limbs (32 bytes an element) up to the
+    budget, compact past it, and never under an int64 kernel (8 bytes an element anyway)."""
+    monkeypatch.setenv(ring.LIMB_BUDGET_ENV, "1")  # 1 MiB: 32768 full elements
+    assert ring.limb_budget_bytes() == 1 << 20
+    assert not ring.compact_limbs(32768)
+    assert ring.compact_limbs(32769) == (kernel == "limbs")
+    if kernel != "limbs":
+        assert not SplitOperand(PRG().ring((40, 30)), compact=True).compact
+    monkeypatch.setenv(ring.LIMB_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match="whole number of MiB"):
+        ring.limb_budget_bytes()
+    monkeypatch.delenv(ring.LIMB_BUDGET_ENV)
+    assert 0 < ring.limb_budget_bytes() < 1 << 50  # a sixth of this machine's memory
+
+
 @pytest.mark.parametrize("shape", [(1000, 300), (300, 1800), (1000, 1800), (769, 769)])
 def test_int64_kernels_tile_a_large_operand_exactly(shape, kernel):
     """Under an int64 kernel a matrix with a dim over 768 is kept as 256 x 256 tiles (the
