@@ -21,6 +21,7 @@ import torch
 
 from .context import CLEAR, DEALER, DEALER_MODE, P0, P1, PARTY, ROLE_NAMES, Context, clear_context
 from .correlations import DealerCorrelations, PartyCorrelations, RecordingCorrelations
+from .memory import release_free_memory
 from .messages import ADD, SWAP, XOR, Counter, Msg, Protocol
 from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG, new_seed
@@ -237,8 +238,11 @@ class Role:
         fixed = self.ctx.state.get(FIXED_OPERANDS, {})
         operands = {key: fixed[key] for key, _shape, op in requests if op is ring_matmul and key in fixed}
         compact = compact_limbs(sum(w.share.numel() for w in operands.values() if w.split is None))
-        for w in operands.values():
+        fresh = [w for w in operands.values() if w.split is None]
+        for w in fresh:
             w.split_share(compact)
+        if fresh:  # a one-off phase: give its temporaries and the freed int64 shares back
+            release_free_memory()
         self._prepared = True
 
     MAX_PLANS = 16  # recorded passes kept (programs x shapes; accuracy runs use a few buckets)

@@ -20,6 +20,12 @@ additions and elementwise products of shares are native. Two things are not:
   A right operand used again and again (a party's share of a fixed weight) can be split
   once (`SplitOperand`): splitting a (768 x 3072) share costs about a quarter of one
   (128 x 768) @ (768 x 3072) product here, paid on every call otherwise.
+  Those full limbs take 32 bytes per element against the int64 share's 8: for BERT-large
+  (302 M encoder weights) 9.7 GB in each party and in the dealer, which ran a 24 GB machine
+  holding all three out of memory (2026-11-27). Past a memory budget (`compact_limbs`,
+  `limb_budget_bytes`) a process keeps its operands compact instead: the three limbs as
+  float32, which holds them exactly (|limb| <= 2^21 < 2^24), 12 bytes per element, widened
+  to float64 a block of columns at a time in each product.
 * Which is fastest depends on the CPU, so each process measures once (`matmul_kernel`):
   the limbs, torch's int64 matmul with the right operand as it is stored ("int64",
   row-major) and with it column-major ("int64-colmajor"). On a core without AVX-512 (AMD
@@ -56,6 +62,7 @@ _MID_K_CHUNK = 512  # 2^44 * 2^9 = 2^53: the same for the Karatsuba product (a0 
 _TILE = 256  # int64 kernels: tile edge for a right operand dim over _TILE_ABOVE (module docstring)
 _TILE_ABOVE = 768
 _COMPACT_COLUMNS = 1024  # limbs kernel, compact operand: columns widened to float64 at a time
+_SPLIT_ROWS = 256  # rows of an operand split into compact limbs at a time (`_compact_chunk`)
 _FULL_BYTES = 32  # limbs kernel: bytes an element of a full SplitOperand (4 float64; compact: 3 float32)
 LIMB_BUDGET_ENV = "SECFORMER_LIMB_BUDGET_MIB"
 
@@ -203,9 +210,19 @@ def _split_limbs(b: torch.Tensor, compact: bool = False) -> tuple:
     (l0, l1, l2) in float32, which holds them exactly (|limb| <= 2^21 < 2^24)."""
     k = b.shape[-2]
     if compact:
-        return tuple(tuple(limb.to(torch.float32) for limb in _limbs(b[..., s:s + _MAX_K_CHUNK, :])[:3])
-                     for s in range(0, k, _MAX_K_CHUNK))
+        return tuple(_compact_chunk(b[..., s:s + _MAX_K_CHUNK, :]) for s in range(0, k, _MAX_K_CHUNK))
     return tuple(tuple(_limbs(b[..., s:s + _MAX_K_CHUNK, :])) for s in range(0, k, _MAX_K_CHUNK))
+
+
+def _compact_chunk(b: torch.Tensor) -> tuple:
+    """(l0, l1, l2) of one K chunk as float32, split _SPLIT_ROWS rows at a time: the int64 and
+    float64 temporaries of a whole (2048 x 4096) chunk would be 64 MiB each, past glibc's mmap
+    threshold, and this is the path taken when memory is short (`compact_limbs`)."""
+    out = torch.empty((3,) + tuple(b.shape), dtype=torch.float32)
+    for r in range(0, b.shape[-2], _SPLIT_ROWS):
+        for limb, part in zip(out, _limbs(b[..., r:r + _SPLIT_ROWS, :])):
+            limb[..., r:r + _SPLIT_ROWS, :] = part
+    return tuple(out)
 
 
 def _matmul_limbs(a: torch.Tensor, chunks: tuple | None, b: torch.Tensor | None = None) -> torch.Tensor:
