@@ -172,6 +172,7 @@ def main() -> None:
         "cpu_s_runs": cpus,
         "offline_s": st.offline_s, "rounds": st.rounds, "bytes_sent_per_party": st.bytes_sent[0],
         "dealer_bytes": st.dealer_bytes, "peak_rss_mib": st.peak_rss_mib,
+        "operand_form": {ROLE[r]: v for r, v in st.operand_form.items()},
         # this process: it compiles, simulates and splits the weights (Linux: KiB)
         "parent_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_wall_s": torch_s, "compile_s": compile_s,

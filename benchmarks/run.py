@@ -50,8 +50,11 @@ MIB = 2 ** 20
 # plus 18 bytes per weight (its weight share and the opened W - B, each in the matmul
 # kernel's layout), the dealer ~0.6 GiB plus 14 (its split weight masks), the compiling
 # parent ~0.5 GiB plus 16 at its peak (simulating the program in the clear). Before the
-# grouped loading a party held ~41 bytes per weight at its peak. Jobs that do not fit are
-# skipped rather than run into the OOM killer.
+# grouped loading a party held ~41 bytes per weight at its peak. Under the limbs kernel a
+# model this large keeps its shares as compact limbs (runtime/ring.py, compact_limbs): 20
+# bytes per weight in a party, 12 in the dealer; whole BERT-large peaked at 7.4 / 7.7 / 4.7
+# GB and the parent at 2.9 (2026-11-28), 21 GiB in all, as this estimate gives. Jobs that
+# do not fit are skipped rather than run into the OOM killer.
 PARAMS_M = {"base": 7.1, "large": 12.6, "tiny": 0.05}  # encoder weights per layer, millions
 LAYERS = {"base": 12, "large": 24, "tiny": 2}
 

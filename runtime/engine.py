@@ -26,7 +26,7 @@ from .messages import ADD, SWAP, XOR, Counter, Msg, Protocol
 from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG, new_seed
 from .protocols.arith import FIXED_OPERANDS
-from .ring import FixedPoint, compact_limbs, ring_matmul
+from .ring import FixedPoint, compact_limbs, matmul_kernel, ring_matmul
 from .transport import PeerError, Transport
 
 
@@ -237,13 +237,27 @@ class Role:
         # limbs do not fit beside the other two roles on one 24 GB machine).
         fixed = self.ctx.state.get(FIXED_OPERANDS, {})
         operands = {key: fixed[key] for key, _shape, op in requests if op is ring_matmul and key in fixed}
-        compact = compact_limbs(sum(w.share.numel() for w in operands.values() if w.split is None))
         fresh = [w for w in operands.values() if w.split is None]
+        compact = compact_limbs(sum(w.share.numel() for w in fresh))
         for w in fresh:
             w.split_share(compact)
         if fresh:  # a one-off phase: give its temporaries and the freed int64 shares back
             release_free_memory()
         self._prepared = True
+
+    def operand_form(self) -> str:
+        """How this role keeps its weight matmul operands: its ring kernel (ring.matmul_kernel),
+        with "compact" where its limbs are kept compact (ring.compact_limbs). Recorded by a
+        benchmark beside its memory figures."""
+        kernel = matmul_kernel()
+        if self.ctx is None:
+            return kernel
+        if self.rank == DEALER:
+            compact = bool(getattr(self.ctx.corr, "_compact", False))
+        else:
+            compact = any(w.split is not None and w.split.compact
+                          for w in self.ctx.state.get(FIXED_OPERANDS, {}).values())
+        return f"{kernel} compact" if compact else kernel
 
     MAX_PLANS = 16  # recorded passes kept (programs x shapes; accuracy runs use a few buckets)
 

@@ -104,6 +104,7 @@ def _run_one(role: Role, payload: bytes | memoryview, offline: str = "stream") -
     ru = resource.getrusage(resource.RUSAGE_SELF)
     stats["peak_rss_mib"] = ru.ru_maxrss / 1024  # peak resident memory so far (Linux: KiB)
     stats["minor_faults"] = ru.ru_minflt - faults0  # fresh pages touched (zeroed by the kernel)
+    stats["operand_form"] = role.operand_form()
     stats["rounds"] = role.engine.counter.rounds - rounds0
     stats["replayed"] = role.replayed
     by_tag = {}
@@ -283,6 +284,7 @@ class ProcessCluster:
             replayed={r: st[r].get("replayed", False) for r in RANKS},
             cpu_s={r: st[r]["cpu_s"] for r in RANKS},
             minor_faults={r: st[r]["minor_faults"] for r in RANKS},
+            operand_form={r: st[r]["operand_form"] for r in RANKS},
             online_cpu_s={P0: st[P0]["online_cpu_s"], P1: st[P1]["online_cpu_s"]},
         )
         return replies[P0][1], replies[P1][1], stats

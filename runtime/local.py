@@ -41,6 +41,9 @@ class RunStats:
     cpu_s: dict[int, float] = field(default_factory=dict)
     online_cpu_s: dict[int, float] = field(default_factory=dict)
     minor_faults: dict[int, int] = field(default_factory=dict)  # per role over the run
+    # operand_form[role]: its ring kernel, "compact" where it keeps its weights' limbs compact
+    # (engine.Role.operand_form; the memory figures depend on it)
+    operand_form: dict[int, str] = field(default_factory=dict)
 
 
 def combine_stats(runs: Sequence[RunStats]) -> RunStats:
@@ -68,7 +71,7 @@ def combine_stats(runs: Sequence[RunStats]) -> RunStats:
                       for k in {k for r in runs for k, v in r.peak_rss_mib.items() if v is not None}},
         replayed={k: all(r.replayed.get(k, False) for r in runs) for k in runs[-1].replayed},
         cpu_s=add([r.cpu_s for r in runs]), online_cpu_s=add([r.online_cpu_s for r in runs]),
-        minor_faults=add([r.minor_faults for r in runs]))
+        minor_faults=add([r.minor_faults for r in runs]), operand_form=dict(runs[-1].operand_form))
 
 
 class LocalCluster:

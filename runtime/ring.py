@@ -350,9 +350,10 @@ def compact_limbs(elements: int) -> bool:
     """Whether a process that keeps `elements` matmul-operand elements in all (its weight
     shares) should keep them compact: only under the limbs kernel, and only when their full
     limbs would pass `limb_budget_bytes`. Compact operands cost a widening per product
-    (about 10 to 20% of a weight product's time here, benchmarks/e2e_notes.md) and save 20
-    bytes an element. One decision for all of a process's weights, so that a model is
-    either all fast or all small."""
+    (10 to 20% of a weight product's time on the host of 2026-11-28; end to end,
+    benchmarks/results/e2e_notes.md, twenty-fifth series) and save 20 bytes an element.
+    One decision for all of a process's weights, so that a model is either all fast or all
+    small."""
     return matmul_kernel() == "limbs" and _FULL_BYTES * elements > limb_budget_bytes()
 
 

@@ -253,6 +253,7 @@ def test_weights_kept_compact_past_the_limb_budget(seed, monkeypatch, budget_mib
         assert (g - (xf @ wf) * wf[0]).abs().max() < 1e-2
     for r in c.roles[:2]:
         assert r.ctx.state["fw"].split.compact is compact
+    assert {r.operand_form() for r in c.roles} == {"limbs compact" if compact else "limbs"}
     assert c.roles[2].ctx.corr._fixed_split["w_prep"].compact is compact
 
 

@@ -274,6 +274,10 @@ def test_process_session_replays_its_offline_passes_from_the_second_request(seed
         assert (r.outputs[0] - cm.simulate(x + i)[0]).abs().max() < 5e-3
         assert r.stats.rounds == runs[0].stats.rounds and r.stats.bytes_sent == runs[0].stats.bytes_sent
         assert r.stats.dealer_bytes == runs[0].stats.dealer_bytes
+    # each role says how it keeps its weight operands (a tiny model: full limbs, if limbs)
+    from secformer_compiler.runtime.ring import KERNELS
+    assert set(runs[-1].stats.operand_form) == {0, 1, 2}
+    assert all(form in KERNELS for form in runs[-1].stats.operand_form.values())
 
 
 def streaming_program(ctx, path, n):
