@@ -26,7 +26,7 @@ from .messages import ADD, SWAP, XOR, Counter, Msg, Protocol
 from .packing import mask_bits, pack, packed_nbytes, unpack
 from .prg import PRG, new_seed
 from .protocols.arith import FIXED_OPERANDS
-from .ring import FixedPoint, compact_limbs, matmul_kernel, ring_matmul
+from .ring import FixedPoint, chosen_kernel, compact_limbs, ring_matmul
 from .transport import PeerError, Transport
 
 
@@ -246,10 +246,10 @@ class Role:
         self._prepared = True
 
     def operand_form(self) -> str:
-        """How this role keeps its weight matmul operands: its ring kernel (ring.matmul_kernel),
-        with "compact" where its limbs are kept compact (ring.compact_limbs). Recorded by a
-        benchmark beside its memory figures."""
-        kernel = matmul_kernel()
+        """How this role keeps its weight matmul operands: its ring kernel (ring.matmul_kernel;
+        "none" before its first ring product), with "compact" where its limbs are kept compact
+        (ring.compact_limbs). Recorded by a benchmark beside its memory figures."""
+        kernel = chosen_kernel() or "none"  # "none": no ring product yet (not measured for this)
         if self.ctx is None:
             return kernel
         if self.rank == DEALER:

@@ -160,6 +160,11 @@ def matmul_kernel() -> str:
     return _KERNEL
 
 
+def chosen_kernel() -> str | None:
+    """The kernel this process chose, or None if it has not needed one yet (no measuring)."""
+    return _KERNEL
+
+
 def int64_layout(b: torch.Tensor) -> torch.Tensor:
     """b in the layout the process's int64 kernel wants (no copy when it already is; plain
     contiguous under the limbs kernel, which splits its operands anyway)."""
@@ -354,7 +359,8 @@ def compact_limbs(elements: int) -> bool:
     benchmarks/results/e2e_notes.md, twenty-fifth series) and save 20 bytes an element.
     One decision for all of a process's weights, so that a model is either all fast or all
     small."""
-    return matmul_kernel() == "limbs" and _FULL_BYTES * elements > limb_budget_bytes()
+    # the budget first: measuring the kernels takes a moment a small program should not pay
+    return _FULL_BYTES * elements > limb_budget_bytes() and matmul_kernel() == "limbs"
 
 
 def tile_sizes(shape: torch.Size | tuple) -> tuple[int, int]:
