@@ -44,18 +44,22 @@ TRIM_THRESHOLD = 1 << 30  # free() never trims below this much free space at the
 TOP_PAD = 64 << 20  # grow the heap in steps of at least this (fewer brk calls)
 
 
-def _keep_free_bytes() -> int:
-    raw = os.environ.get("SECFORMER_KEEP_FREE_MIB", "2048")
+def env_mib_bytes(name: str, default_mib: int | None = None) -> int | None:
+    """Bytes from the environment variable `name`, given in whole MiB (>= 0); `default_mib`
+    (None: None) when it is unset or blank. A malformed value is an error naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None if default_mib is None else default_mib << 20
     try:
         mib = int(raw)
     except ValueError:
         mib = -1
     if mib < 0:
-        raise ValueError(f"SECFORMER_KEEP_FREE_MIB must be a whole number of MiB >= 0, got {raw!r}")
+        raise ValueError(f"{name} must be a whole number of MiB >= 0, got {raw!r}")
     return mib << 20
 
 
-KEEP_FREE_BYTES = _keep_free_bytes()
+KEEP_FREE_BYTES = env_mib_bytes("SECFORMER_KEEP_FREE_MIB", 2048)
 
 
 class _MallInfo2(ctypes.Structure):

@@ -55,6 +55,8 @@ from typing import Callable
 
 import torch
 
+from .memory import env_mib_bytes
+
 RING_BITS = 64
 _LIMB_BITS = 22
 _MAX_K_CHUNK = 2048  # 2^42 * 2^11 = 2^53: float64 sums of limb products stay exact
@@ -336,15 +338,9 @@ def limb_budget_bytes() -> int:
     BERT-base's 85 M encoder weights take 2.7 GB of full limbs, under a sixth of 24 GB; BERT-
     large's 302 M take 9.7 GB, which ran this 24 GB machine out of memory (a party at 9.6 GB,
     2026-11-27) and take 3.6 GB compact."""
-    raw = os.environ.get(LIMB_BUDGET_ENV, "").strip()
-    if raw:
-        try:
-            mib = int(raw)
-        except ValueError:
-            mib = -1
-        if mib < 0:
-            raise ValueError(f"{LIMB_BUDGET_ENV} must be a whole number of MiB >= 0, got {raw!r}")
-        return mib << 20
+    budget = env_mib_bytes(LIMB_BUDGET_ENV)
+    if budget is not None:
+        return budget
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 6
     except (ValueError, OSError, AttributeError):  # no sysconf: assume the 24 GB this was sized on

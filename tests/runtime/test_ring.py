@@ -16,6 +16,15 @@ def kernel(request, monkeypatch):
     return request.param
 
 
+def _extreme(shape, g):
+    """Ring values whose two low limbs sit at the bottom of their range (-2^21 + a little):
+    the Karatsuba factor l0 + l1 is then as large as it gets (2^22)."""
+    low = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
+    mid = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
+    top = torch.randint(-(2 ** 19), 2 ** 19, shape, generator=g)
+    return low + (mid << 22) + (top << 44)
+
+
 def test_encode_decode_negative_values_round_trip(seed):
     fx = FixedPoint(16)
     x = torch.tensor([-1.0, -0.5, -2 ** -16, 0.0, 2 ** -16, 3.25, -1000.125])
@@ -87,14 +96,7 @@ def test_compact_limbs_exact_at_the_limb_extremes(monkeypatch):
     range, where the widened Karatsuba factor l0 + l1 reaches -2^22, still give the exact product."""
     monkeypatch.setattr(ring, "_KERNEL", "limbs")
     g = torch.Generator().manual_seed(1)
-
-    def extreme(shape):
-        low = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
-        mid = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
-        top = torch.randint(-(2 ** 19), 2 ** 19, shape, generator=g)
-        return low + (mid << 22) + (top << 44)
-
-    a, b = extreme((6, 2048)), extreme((2048, 1100))
+    a, b = _extreme((6, 2048), g), _extreme((2048, 1100), g)
     assert torch.equal(ring_matmul(a, SplitOperand(b, compact=True)), torch.matmul(a, b))
 
 
@@ -190,14 +192,7 @@ def test_ring_matmul_exact_at_the_limb_extremes(kernel):
     large as they get (2^22 each): a full K chunk (2048) of them is exact only because their
     product is summed over at most 512 terms at a time (1024 would pass 2^53 and round)."""
     g = torch.Generator().manual_seed(0)
-
-    def extreme(shape):
-        low = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
-        mid = -(2 ** 21) + torch.randint(0, 64, shape, generator=g)
-        top = torch.randint(-(2 ** 19), 2 ** 19, shape, generator=g)
-        return low + (mid << 22) + (top << 44)
-
-    a, b = extreme((6, 2048)), extreme((2048, 5))
+    a, b = _extreme((6, 2048), g), _extreme((2048, 5), g)
     assert torch.equal(ring_matmul(a, b), torch.matmul(a, b))
     assert torch.equal(ring_matmul(a, SplitOperand(b)), torch.matmul(a, b))
 
